@@ -1,0 +1,193 @@
+# Copyright 2026 The hf-slim developers. Licensed under the Apache License, Version 2.0.
+"""SlimMoe model configuration.
+
+This file is copied next to the weights by `hf_slim.hub.save_for_hub`, so it imports nothing from hf_slim.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+
+QK_NORM_TYPES = ("head", "full")
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+MLP_LAYER_TYPES = ("sparse", "dense")
+
+
+@strict
+class SlimMoeConfig(PreTrainedConfig):
+    r"""
+    Configuration of a SlimMoe model: Qwen3-MoE-style decoder blocks (GQA attention with q/k RMSNorm and RoPE, softmax
+    top-k routed experts stored as fused 3D tensors, optional sigmoid-gated shared expert, optional dense layers) plus
+    optional multi-token-prediction (MTP) heads in the DeepSeek-V3 / Qwen3-Next layout.
+
+    The fields that stock MoE families spell differently are spelled here as in Qwen3-MoE, so that converters and the
+    pruning/elastic axes specs can name them the same way for every family.
+
+    Args:
+        vocab_size (`int`): Vocabulary size.
+        hidden_size (`int`): Width of the residual stream.
+        intermediate_size (`int`): Width of the FFN of dense layers (see `mlp_layer_types`).
+        num_hidden_layers (`int`): Number of decoder blocks.
+        num_attention_heads (`int`): Number of query heads.
+        num_key_value_heads (`int`): Number of key/value heads (GQA); must divide `num_attention_heads`.
+        head_dim (`int`, *optional*): Per-head width; defaults to `hidden_size // num_attention_heads`.
+        hidden_act (`str`): Activation of the gated FFNs.
+        max_position_embeddings (`int`): Longest sequence the RoPE tables are built for.
+        initializer_range (`float`): Std of the normal init.
+        rms_norm_eps (`float`): RMSNorm epsilon.
+        use_cache (`bool`): Whether generation uses a KV cache.
+        tie_word_embeddings (`bool`): Share the input embedding and the LM head.
+        rope_parameters (`dict`, *optional*): RoPE settings as in transformers (`rope_type`, `rope_theta`, ...).
+        attention_bias (`bool`): Bias on the q/k/v projections.
+        attention_output_bias (`bool`): Bias on the output projection.
+        qk_norm (`str`, *optional*): `"head"` (per-head RMSNorm, Qwen3), `"full"` (RMSNorm over the whole projected
+            width, OLMoE) or `None`.
+        clip_qkv (`float`, *optional*): Clamp q/k/v to [-clip_qkv, clip_qkv] (OLMoE).
+        sliding_window (`int`, *optional*): Window of the `"sliding_attention"` layers.
+        layer_types (`list[str]`, *optional*): Per layer `"full_attention"` or `"sliding_attention"`.
+        attention_dropout (`float`): Dropout on attention probabilities.
+        num_experts (`int`): Routed experts per sparse layer.
+        num_experts_per_tok (`int`): Experts each token is routed to (top-k).
+        moe_intermediate_size (`int`): FFN width of one routed expert.
+        norm_topk_prob (`bool`): Renormalise the top-k routing weights to sum to one.
+        shared_expert_intermediate_size (`int`): FFN width of the sigmoid-gated shared expert; 0 means none.
+        mlp_layer_types (`list[str]`, *optional*): Per layer `"sparse"` (MoE) or `"dense"`; defaults to all sparse.
+        router_aux_loss_coef (`float`): Weight of the load-balancing loss added to the loss when router logits are
+            returned.
+        output_router_logits (`bool`): Return router logits (and the aux loss) by default.
+        num_mtp_heads (`int`): Number D >= 0 of multi-token-prediction depths.
+        mtp_loss_weight (`float`): Weight of the mean MTP loss in `loss` when labels are given.
+        elastic (`dict`, *optional*): Nested elastic variants (see `hf_slim.elastic`); stored as plain JSON.
+    """
+
+    model_type = "slim_moe"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    default_theta = 1000000.0
+
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.experts.down_proj": "rowwise",
+        "layers.*.mlp.experts": "moe_tp_experts",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = 4
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    attention_bias: bool = False
+    attention_output_bias: bool = False
+    qk_norm: str | None = "head"
+    clip_qkv: float | int | None = None
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    attention_dropout: float | int = 0.0
+    num_experts: int = 128
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 768
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0
+    mlp_layer_types: list[str] | None = None
+    router_aux_loss_coef: float = 0.001
+    output_router_logits: bool = False
+    num_mtp_heads: int = 0
+    mtp_loss_weight: float = 0.3
+    elastic: dict | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads > 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.mlp_layer_types is None:
+            self.mlp_layer_types = ["sparse"] * self.num_hidden_layers
+        if self.layer_types is None:
+            kind = "full_attention" if self.sliding_window is None else "sliding_attention"
+            self.layer_types = [kind] * self.num_hidden_layers
+        self._check_fields()
+        super().__post_init__(**kwargs)
+
+    def _check_fields(self) -> None:
+        # Raised as plain ValueError (not a strict-dataclass validator) so users see the field name directly.
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "num_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"SlimMoeConfig.{name} must be a positive integer, got {value!r}.")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"SlimMoeConfig.num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
+                f"({self.num_attention_heads}); valid values are the divisors of {self.num_attention_heads}."
+            )
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(
+                f"SlimMoeConfig.num_experts_per_tok ({self.num_experts_per_tok}) is larger than num_experts "
+                f"({self.num_experts}); it must be between 1 and num_experts."
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"SlimMoeConfig.head_dim must be even for RoPE, got {self.head_dim}.")
+        for name in ("shared_expert_intermediate_size", "num_mtp_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"SlimMoeConfig.{name} must be an integer >= 0, got {value!r}.")
+        if self.qk_norm is not None and self.qk_norm not in QK_NORM_TYPES:
+            raise ValueError(f"SlimMoeConfig.qk_norm must be one of {QK_NORM_TYPES} or None, got {self.qk_norm!r}.")
+        for name, allowed in (("mlp_layer_types", MLP_LAYER_TYPES), ("layer_types", ATTENTION_LAYER_TYPES)):
+            values = getattr(self, name)
+            if len(values) != self.num_hidden_layers:
+                raise ValueError(
+                    f"SlimMoeConfig.{name} has {len(values)} entries but num_hidden_layers is "
+                    f"{self.num_hidden_layers}; give one entry per layer."
+                )
+            bad = sorted({v for v in values if v not in allowed})
+            if bad:
+                raise ValueError(f"SlimMoeConfig.{name} has invalid entries {bad}; valid entries are {allowed}.")
+        if "dense" in self.mlp_layer_types and (not isinstance(self.intermediate_size, int) or self.intermediate_size <= 0):
+            raise ValueError(
+                f"SlimMoeConfig.intermediate_size must be a positive integer when mlp_layer_types has dense layers, "
+                f"got {self.intermediate_size!r}."
+            )
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
+            raise ValueError("SlimMoeConfig.sliding_window must be set when layer_types has 'sliding_attention'.")
+        if self.mtp_loss_weight < 0:
+            raise ValueError(f"SlimMoeConfig.mtp_loss_weight must be >= 0, got {self.mtp_loss_weight}.")
+        if self.elastic is not None and not isinstance(self.elastic, dict):
+            raise ValueError(f"SlimMoeConfig.elastic must be a dict or None, got {type(self.elastic).__name__}.")
+
+
+__all__ = ["SlimMoeConfig"]
