@@ -81,7 +81,8 @@ def test_unknown_model_type_lists_supported():
 def test_unexpressible_feature_names_the_field(model_type, field):
     shared = 8 if model_type == "qwen3_moe" else 0
     config = SlimMoeConfig(
-        **COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=shared
+        **COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=shared,
+        qk_norm=None if model_type == "qwen2_moe" else "head",
     )
     with pytest.raises(ValueError, match=field):
         to_hf(SlimMoeForCausalLM(config), model_type)
