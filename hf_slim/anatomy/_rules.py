@@ -1,0 +1,130 @@
+"""Rule builders shared by the family specs (Qwen-style tensor names are common to most MoE families)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .core import Dim, TensorRule
+
+__all__ = [
+    "rule",
+    "embedding_rules",
+    "decoder_norm_rules",
+    "attention_rules",
+    "router_expert_rules",
+    "shared_expert_rules",
+    "dense_mlp_rules",
+    "head_dim_units",
+    "qwen_sparse_layout_hook",
+    "DEFAULT_MODULES",
+]
+
+DEFAULT_MODULES = {
+    "decoder_norms": "input_layernorm,post_attention_layernorm",
+    "final_norm": "model.norm",
+    "router": "mlp.gate",
+    "experts": "mlp.experts",
+    "attn_out": "self_attn.o_proj",
+    "dense_down": "mlp.down_proj",
+    "shared_down": "mlp.shared_expert.down_proj",
+    "extra_norms": "",
+}
+
+
+def rule(name: str, *dims: Dim, regex: bool = False) -> TensorRule:
+    return TensorRule(name if regex else re.escape(name), tuple(dims))
+
+
+def embedding_rules(final_norm: str = "model.norm.weight") -> tuple[TensorRule, ...]:
+    return (
+        rule("model.embed_tokens.weight", Dim("hidden", 1)),
+        rule("lm_head.weight", Dim("hidden", 1)),
+        rule(final_norm, Dim("hidden", 0)),
+    )
+
+
+def decoder_norm_rules() -> tuple[TensorRule, ...]:
+    return (
+        rule("input_layernorm.weight", Dim("hidden", 0)),
+        rule("post_attention_layernorm.weight", Dim("hidden", 0)),
+    )
+
+
+def attention_rules(
+    prefix: str = "self_attn", *, q_unit: str = "head_dim", full_qk_norm: bool = False
+) -> tuple[TensorRule, ...]:
+    """q/k/v/o projections; `q_unit` is the q_proj rows per head (`head_dim_x2` for gated attention)."""
+    p = prefix + "."
+    rules = [
+        rule(p + "q_proj.weight", Dim("head", 0, q_unit), Dim("hidden", 1)),
+        rule(p + "q_proj.bias", Dim("head", 0, q_unit)),
+        rule(p + "k_proj.weight", Dim("kv_head", 0, "head_dim"), Dim("hidden", 1)),
+        rule(p + "k_proj.bias", Dim("kv_head", 0, "head_dim")),
+        rule(p + "v_proj.weight", Dim("kv_head", 0, "head_dim"), Dim("hidden", 1)),
+        rule(p + "v_proj.bias", Dim("kv_head", 0, "head_dim")),
+        rule(p + "o_proj.weight", Dim("hidden", 0), Dim("head", 1, "head_dim")),
+        rule(p + "o_proj.bias", Dim("hidden", 0)),
+    ]
+    if full_qk_norm:
+        # OLMoE-style norms span every head: they follow the head axis; per-head norms are left alone
+        rules += [
+            rule(p + "q_norm.weight", Dim("head", 0, "head_dim")),
+            rule(p + "k_norm.weight", Dim("kv_head", 0, "head_dim")),
+        ]
+    return tuple(rules)
+
+
+def router_expert_rules(prefix: str = "mlp") -> tuple[TensorRule, ...]:
+    p = prefix + "."
+    return (
+        rule(p + "gate.weight", Dim("expert", 0), Dim("hidden", 1)),
+        rule(p + "gate.e_score_correction_bias", Dim("expert", 0)),
+        rule(p + "experts.gate_up_proj", Dim("expert", 0), Dim("expert_ffn", 1, 1, 2), Dim("hidden", 2)),
+        rule(p + "experts.down_proj", Dim("expert", 0), Dim("hidden", 1), Dim("expert_ffn", 2)),
+    )
+
+
+def shared_expert_rules(prefix: str = "mlp") -> tuple[TensorRule, ...]:
+    p = prefix + "."
+    return (
+        rule(p + "shared_expert.gate_proj.weight", Dim("shared_ffn", 0), Dim("hidden", 1)),
+        rule(p + "shared_expert.up_proj.weight", Dim("shared_ffn", 0), Dim("hidden", 1)),
+        rule(p + "shared_expert.down_proj.weight", Dim("hidden", 0), Dim("shared_ffn", 1)),
+        rule(p + "shared_expert_gate.weight", Dim("hidden", 1)),
+    )
+
+
+def dense_mlp_rules(prefix: str = "mlp") -> tuple[TensorRule, ...]:
+    p = prefix + "."
+    return (
+        rule(p + "gate_proj.weight", Dim("ffn", 0), Dim("hidden", 1)),
+        rule(p + "up_proj.weight", Dim("ffn", 0), Dim("hidden", 1)),
+        rule(p + "down_proj.weight", Dim("hidden", 0), Dim("ffn", 1)),
+    )
+
+
+def head_dim_units(config: Any) -> dict[str, int]:
+    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {"head_dim": int(hd), "head_dim_x2": 2 * int(hd)}
+
+
+def _dense_layers(config: Any) -> list[int]:
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    mlp_only = set(getattr(config, "mlp_only_layers", None) or [])
+    n_exp = getattr(config, "num_experts", 0) or 0
+    return [
+        i
+        for i in range(config.num_hidden_layers)
+        if i in mlp_only or not (n_exp > 0 and (i + 1) % step == 0)
+    ]
+
+
+def qwen_sparse_layout_hook(old: Any, new: Any, selection: dict) -> None:
+    """Dropping layers breaks the `decoder_sparse_step` pattern: spell the dense layers out as `mlp_only_layers`."""
+    if "layer" not in selection:
+        return
+    dense = set(_dense_layers(old))
+    kept = selection["layer"].tolist()
+    new.decoder_sparse_step = 1
+    new.mlp_only_layers = [j for j, i in enumerate(kept) if i in dense]

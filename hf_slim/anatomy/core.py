@@ -1,0 +1,563 @@
+"""Declarative architecture specs ("anatomy") and the one generic `select`.
+
+Every structured operation in hf-slim is "keep an index set along an axis". An [`ArchSpec`] says, per
+tensor-name pattern, which dimension carries which axis and how the config changes when an axis shrinks.
+[`select_tensors`] applies a [`Selection`] to plain tensors (a state dict, or lazily read safetensors slices)
+and needs no model instance; [`select`] / [`apply_selection`] do the same to a model and rebuild it as the same
+(stock) class from the new config.
+
+Index sets are ordered: a permutation of an axis goes through the same code as a pruning, which is what the
+elastic nesting needs (permute by importance once, then every variant is a prefix).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = [
+    "AXES",
+    "PER_LAYER_AXES",
+    "Dim",
+    "TensorRule",
+    "ArchSpec",
+    "Selection",
+    "normalize_selection",
+    "tensor_index",
+    "index_tensor",
+    "read_indexed",
+    "contiguous_runs",
+    "select_tensors",
+    "select_config",
+    "apply_selection",
+    "select",
+    "kv_indices_for_heads",
+    "layer_key",
+]
+
+#: Every axis a spec may name. `kv_head` is derived from `head` (KV-group aware) and never selected directly.
+AXES = ("layer", "hidden", "head", "kv_head", "expert", "expert_ffn", "shared_ffn", "ffn")
+#: Axes whose index set is chosen per block (decoder layer or MTP layer).
+PER_LAYER_AXES = ("head", "kv_head", "expert", "expert_ffn", "shared_ffn", "ffn")
+_SELECTABLE = ("layer", "hidden", "head", "expert", "expert_ffn", "shared_ffn", "ffn")
+
+#: A selection maps an axis to its ordered kept indices. `layer` and `hidden` take one 1-D index tensor;
+#: per-layer axes take `{block: indices}` where block is a decoder-layer number or a block prefix such as
+#: `"mtp.layers.0"`. `expert_ffn` may give a 2-D `[num_experts, k]` tensor (one neuron set per expert).
+Selection = dict
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One dimension of a tensor that carries an axis.
+
+    Args:
+        axis (`str`): one of [`AXES`].
+        dim (`int`): tensor dimension.
+        unit (`int` or `str`, defaults to 1): elements per axis index along `dim` (a head spans `head_dim` rows);
+            a string names a size from [`ArchSpec.units`].
+        parts (`int`, defaults to 1): how many fused copies of the axis lie back to back along `dim`
+            (`gate_up_proj` holds gate then up: 2; MTP `fc` input holds embedding then hidden half: 2).
+    """
+
+    axis: str
+    dim: int
+    unit: int | str = 1
+    parts: int = 1
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """Which dims of the tensors whose name matches `pattern` carry which axes.
+
+    `pattern` is a regular expression matched against the full name (`re.fullmatch`); for block rules it is
+    matched against the name relative to the block prefix (e.g. `mlp.experts.gate_up_proj`).
+    """
+
+    pattern: str
+    dims: tuple[Dim, ...]
+
+    def matches(self, name: str) -> bool:
+        return re.fullmatch(self.pattern, name) is not None
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Declarative description of one architecture family.
+
+    Args:
+        model_type (`str`): the `config.model_type` it describes.
+        global_rules (`tuple[TensorRule]`): rules on absolute names outside the blocks (embeddings, final norm, head).
+        block_rules (`tuple[TensorRule]`): rules on names relative to a block (decoder or MTP layer).
+        block_containers (`tuple[str]`): module paths whose numbered children are blocks. The first one holds the
+            decoder layers (the `layer` axis); others (MTP layers) keep their numbering.
+        config_fields (`dict[str, str]`): axis (or canonical field) -> this family's config attribute.
+        units (`Callable[[config], dict]`): named unit sizes (`head_dim`, ...) read from a config.
+        modules (`dict[str, str]`): where calibration hooks go: `decoder_norms` (comma list, block-relative),
+            `final_norm`, `router`, `experts`, `attn_out`, `dense_down`, `shared_down`, `extra_norms`.
+        pin_fields (`tuple[str]`): config attributes written explicitly whenever hidden/heads change, so that a
+            value the modeling code would derive (`head_dim = hidden_size // num_attention_heads`) stays fixed.
+        layer_list_fields (`tuple[str]`): per-layer list attributes selected along with the layer axis.
+        config_hook (`Callable`, optional): `(old_config, new_config, selection)` for family-specific config rules.
+        validate (`Callable`, optional): `(new_config)` raising `ValueError` when the architecture cannot hold it.
+    """
+
+    model_type: str
+    global_rules: tuple[TensorRule, ...]
+    block_rules: tuple[TensorRule, ...]
+    config_fields: Mapping[str, str]
+    units: Callable[[Any], dict[str, int]]
+    modules: Mapping[str, str]
+    block_containers: tuple[str, ...] = ("model.layers",)
+    pin_fields: tuple[str, ...] = ("head_dim",)
+    layer_list_fields: tuple[str, ...] = ()
+    config_hook: Callable[[Any, Any, dict], None] | None = None
+    validate: Callable[[Any], None] | None = None
+    notes: str = ""
+    _block_re: re.Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        alternatives = "|".join(re.escape(c) for c in self.block_containers)
+        object.__setattr__(self, "_block_re", re.compile(rf"^((?:{alternatives})\.(\d+))\.(.+)$"))
+
+    # ---- names -------------------------------------------------------------------------------------------------
+    def split_name(self, name: str) -> tuple[str | None, str]:
+        """Return `(block_prefix, relative_name)`; block_prefix is None for names outside the blocks."""
+        m = self._block_re.match(name)
+        if m is None:
+            return None, name
+        return m.group(1), m.group(3)
+
+    def rule_for(self, name: str) -> tuple[str | None, TensorRule | None]:
+        block, rel = self.split_name(name)
+        rules = self.global_rules if block is None else self.block_rules
+        for rule in rules:
+            if rule.matches(rel):
+                return block, rule
+        return block, None
+
+    def field(self, key: str) -> str:
+        """This family's config attribute for an axis or a canonical (Qwen3-MoE) field name."""
+        return self.config_fields.get(key, key)
+
+    def is_decoder_block(self, block: str) -> bool:
+        return block.rsplit(".", 1)[0] == self.block_containers[0]
+
+    def num_blocks(self, config: Any) -> list[str]:
+        return [f"{self.block_containers[0]}.{i}" for i in range(config.num_hidden_layers)]
+
+
+def layer_key(spec: ArchSpec, layer: int | str) -> str:
+    """Normalise a block reference: `3` -> `"model.layers.3"`, prefixes pass through."""
+    if isinstance(layer, bool):
+        raise TypeError(f"layer must be an int or a block prefix string, got {layer!r}")
+    if isinstance(layer, int):
+        return f"{spec.block_containers[0]}.{layer}"
+    if isinstance(layer, str) and spec._block_re.match(layer + ".x"):
+        return layer
+    raise ValueError(
+        f"layer={layer!r} is not a decoder-layer number or a block prefix under {list(spec.block_containers)}"
+    )
+
+
+def _as_index(value: Any, what: str) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=torch.long) if not isinstance(value, torch.Tensor) else value.long()
+    if t.ndim not in (1, 2):
+        raise ValueError(f"{what}: indices must be 1-D (or 2-D for expert_ffn), got shape {tuple(t.shape)}")
+    return t.cpu()
+
+
+def normalize_selection(spec: ArchSpec, selection: Mapping[str, Any], *, layer: int | str | None = None) -> dict:
+    """Validate a selection and turn block references into prefixes and index lists into long tensors."""
+    out: dict[str, Any] = {}
+    for axis, value in selection.items():
+        if axis not in _SELECTABLE:
+            raise ValueError(f"axis={axis!r} is not selectable; valid axes: {list(_SELECTABLE)}")
+        if axis in ("layer", "hidden"):
+            idx = _as_index(value, axis)
+            if idx.ndim != 1:
+                raise ValueError(f"{axis}: indices must be 1-D, got shape {tuple(idx.shape)}")
+            out[axis] = idx
+            continue
+        if layer is not None and not isinstance(value, Mapping):
+            value = {layer: value}
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{axis} is a per-layer axis: give {{layer: indices}} or pass layer=...")
+        per = {}
+        for blk, idx in value.items():
+            t = _as_index(idx, f"{axis}[{blk}]")
+            if t.ndim == 2 and axis != "expert_ffn":
+                raise ValueError(f"{axis}[{blk}]: only expert_ffn takes 2-D (per-expert) indices")
+            per[layer_key(spec, blk)] = t
+        out[axis] = per
+    return out
+
+
+def kv_indices_for_heads(q_idx: torch.Tensor, num_heads: int, num_kv_heads: int, what: str = "head") -> torch.Tensor:
+    """KV heads kept by an ordered set of query heads, checking the selection respects the KV groups.
+
+    The kept query heads, cut into consecutive chunks of `len(q_idx) / n_kv_kept`, must each come from one KV
+    group, and no group may appear twice; the KV heads are then kept in chunk order. This admits pruning whole
+    groups, pruning the same number of query heads inside every group, and any permutation of groups and of heads
+    inside a group, which are exactly the selections that keep grouped-query attention well defined.
+    """
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
+    if q_idx.numel() == 0:
+        raise ValueError(f"{what}: keep at least one attention head")
+    if int(q_idx.min()) < 0 or int(q_idx.max()) >= num_heads or len(set(q_idx.tolist())) != q_idx.numel():
+        raise ValueError(f"{what}: head indices must be distinct and in [0, {num_heads}), got {q_idx.tolist()}")
+    group = num_heads // num_kv_heads
+    groups = (q_idx // group).tolist()
+    order: list[int] = []
+    for g in groups:
+        if g not in order:
+            order.append(g)
+    n_kv = len(order)
+    if q_idx.numel() % n_kv:
+        raise ValueError(
+            f"{what}: {q_idx.numel()} query heads over {n_kv} KV groups is uneven; keep the same number of heads "
+            f"in every kept group (num_attention_heads must be a multiple of num_key_value_heads)"
+        )
+    chunk = q_idx.numel() // n_kv
+    for c in range(n_kv):
+        part = groups[c * chunk : (c + 1) * chunk]
+        if len(set(part)) != 1 or part[0] != order[c]:
+            raise ValueError(
+                f"{what}: query heads {q_idx.tolist()} are not grouped by KV head (group size {group}); list the "
+                f"kept heads of one KV group together, {chunk} per group"
+            )
+    return torch.tensor(order, dtype=torch.long)
+
+
+def _expand(idx: torch.Tensor, unit: int, parts: int, length: int) -> torch.Tensor:
+    """Axis indices -> element indices along a tensor dim of size `length` (last dim of `idx`)."""
+    n = length // (unit * parts)
+    if n * unit * parts != length:
+        raise ValueError(f"dimension of size {length} does not split into {parts} parts of units of {unit}")
+    if idx.numel() and (int(idx.max()) >= n or int(idx.min()) < 0):
+        raise ValueError(f"index {int(idx.max())} out of range for an axis of size {n}")
+    within = torch.arange(unit)
+    pieces = []
+    for p in range(parts):
+        base = p * n * unit + idx.unsqueeze(-1) * unit + within  # [..., k, unit]
+        pieces.append(base.flatten(-2))
+    return torch.cat(pieces, dim=-1)
+
+
+def tensor_index(
+    spec: ArchSpec, name: str, shape: Sequence[int], config: Any, selection: Mapping[str, Any]
+) -> tuple[torch.Tensor | None, ...] | None:
+    """Element indices to keep per dimension of one tensor, without a model instance.
+
+    Args:
+        spec (`ArchSpec`): the architecture.
+        name (`str`): full tensor name (as in the checkpoint).
+        shape (`Sequence[int]`): its full shape (e.g. from `safe_open(...).get_slice(name).get_shape()`).
+        config: the source config (unit sizes such as `head_dim` come from it).
+        selection (`dict`): a normalised selection (see [`normalize_selection`]); `kv_head` is derived.
+
+    Returns:
+        `None` if the tensor is dropped (its layer is not kept), else a tuple with one entry per dim: `None`
+        (keep the whole dim), a 1-D index tensor, or a 2-D `[rows_after_dim0, k]` tensor for per-row gathers.
+    """
+    block, rule = spec.rule_for(name)
+    if block is not None and "layer" in selection and spec.is_decoder_block(block):
+        if int(block.rsplit(".", 1)[1]) not in selection["layer"].tolist():
+            return None
+    result: list[torch.Tensor | None] = [None] * len(shape)
+    if rule is None:
+        return tuple(result)
+    units = spec.units(config)
+    row_idx: torch.Tensor | None = None
+    for d in rule.dims:
+        idx = _axis_indices(spec, d.axis, block, selection, config)
+        if idx is None:
+            continue
+        unit = units[d.unit] if isinstance(d.unit, str) else d.unit
+        el = _expand(idx, unit, d.parts, shape[d.dim])
+        if d.dim == 0 and el.ndim == 1:
+            row_idx = el
+        result[d.dim] = el
+    for i, el in enumerate(result):
+        if el is not None and el.ndim == 2:
+            # per-expert (2-D) selections follow the rows kept along dim 0
+            if i == 0:
+                raise ValueError(f"{name}: a per-row selection cannot sit on dim 0")
+            if row_idx is not None:
+                result[i] = el[row_idx]
+            if result[i].shape[0] != (shape[0] if row_idx is None else row_idx.numel()):
+                raise ValueError(f"{name}: per-expert indices have {el.shape[0]} rows, the tensor has {shape[0]}")
+    return tuple(result)
+
+
+def _axis_indices(spec: ArchSpec, axis: str, block: str | None, selection: Mapping[str, Any], config: Any):
+    if axis in ("layer", "hidden"):
+        return selection.get(axis)
+    if block is None:
+        return None
+    if axis == "kv_head":
+        q = selection.get("head", {}).get(block)
+        if q is None:
+            return None
+        return kv_indices_for_heads(
+            q, config.num_attention_heads, config.num_key_value_heads, what=f"head[{block}]"
+        )
+    return selection.get(axis, {}).get(block)
+
+
+def index_tensor(t: torch.Tensor, idx: tuple[torch.Tensor | None, ...] | None) -> torch.Tensor:
+    """Apply [`tensor_index`]'s result to an in-memory tensor (1-D selects first, then per-row gathers)."""
+    if idx is None:
+        raise ValueError("tensor is dropped by the selection")
+    out = t
+    for d, el in enumerate(idx):
+        if el is not None and el.ndim == 1:
+            out = out.index_select(d, el.to(out.device))
+    for d, el in enumerate(idx):
+        if el is not None and el.ndim == 2:
+            shape = [el.shape[0]] + [1] * (out.ndim - 1)
+            shape[d] = el.shape[1]
+            g = el.to(out.device).reshape(shape)
+            expand = list(out.shape)
+            expand[d] = el.shape[1]
+            out = out.gather(d, g.expand(expand))
+    return out.contiguous()
+
+
+def contiguous_runs(idx: torch.Tensor) -> list[tuple[int, int]]:
+    """Split an ordered 1-D index set into `(start, stop)` runs of consecutive indices (prefixes give few runs)."""
+    runs: list[tuple[int, int]] = []
+    for i in idx.tolist():
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def read_indexed(source: Any, shape: Sequence[int], idx: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
+    """Read only the selected elements from a sliceable source (a `safe_open(...).get_slice(name)` or a tensor).
+
+    Reads one block per combination of contiguous runs, so prefix selections (elastic variants) cost one or two
+    reads per tensor; per-row (2-D) selections read the selected rows and gather in memory.
+    """
+    dims_runs = []
+    for d, n in enumerate(shape):
+        el = idx[d] if d < len(idx) else None
+        dims_runs.append([(0, n)] if el is None or el.ndim == 2 else contiguous_runs(el))
+
+    def read(ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        return torch.as_tensor(source[tuple(slice(a, b) for a, b in ranges)])
+
+    def assemble(d: int, prefix: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        if d == len(shape):
+            return read(prefix)
+        blocks = [assemble(d + 1, prefix + (r,)) for r in dims_runs[d]]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=d)
+
+    out = assemble(0, ())
+    rest = tuple(el if (el is not None and el.ndim == 2) else None for el in idx)
+    if any(el is not None for el in rest):
+        out = index_tensor(out, rest)
+    return out
+
+
+def _rename(spec: ArchSpec, name: str, selection: Mapping[str, Any]) -> str:
+    if "layer" not in selection:
+        return name
+    block, rel = spec.split_name(name)
+    if block is None or not spec.is_decoder_block(block):
+        return name
+    old = int(block.rsplit(".", 1)[1])
+    new = selection["layer"].tolist().index(old)
+    return f"{spec.block_containers[0]}.{new}.{rel}"
+
+
+def _uniform_size(spec: ArchSpec, axis: str, per: Mapping[str, torch.Tensor], config: Any) -> int:
+    sizes = {blk: (int(t.shape[-1]) if axis == "expert_ffn" else int(t.numel())) for blk, t in per.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"{axis}: the config holds one size for every layer, but the selection keeps {sizes}; keep the same "
+            f"number in every layer"
+        )
+    return next(iter(sizes.values()))
+
+
+def select_config(spec: ArchSpec, config: Any, selection: Mapping[str, Any]) -> Any:
+    """The config after a (normalised) selection; the input config is not modified."""
+    new = copy.deepcopy(config)
+    units = spec.units(config)
+    if "hidden" in selection or "head" in selection:
+        for f in spec.pin_fields:
+            if f in units:
+                setattr(new, f, units[f])
+    if "hidden" in selection:
+        setattr(new, spec.field("hidden_size"), int(selection["hidden"].numel()))
+    for axis, canonical in (
+        ("expert", "num_experts"),
+        ("expert_ffn", "moe_intermediate_size"),
+        ("shared_ffn", "shared_expert_intermediate_size"),
+        ("ffn", "intermediate_size"),
+        ("head", "num_attention_heads"),
+    ):
+        per = selection.get(axis)
+        if not per:
+            continue
+        size = _uniform_size(spec, axis, per, config)
+        setattr(new, spec.field(canonical), size)
+        if axis == "head":
+            kv = {
+                blk: kv_indices_for_heads(q, config.num_attention_heads, config.num_key_value_heads, f"head[{blk}]")
+                for blk, q in per.items()
+            }
+            setattr(new, spec.field("num_key_value_heads"), _uniform_size(spec, "kv_head", kv, config))
+        if axis == "expert":
+            topk = getattr(config, spec.field("num_experts_per_tok"))
+            if topk > size:
+                raise ValueError(
+                    f"num_experts_per_tok={topk} is larger than the {size} experts kept; lower num_experts_per_tok"
+                )
+    if "layer" in selection:
+        kept = selection["layer"].tolist()
+        n_old = config.num_hidden_layers
+        if not kept or len(set(kept)) != len(kept) or min(kept) < 0 or max(kept) >= n_old:
+            raise ValueError(f"layer: indices must be distinct and in [0, {n_old}), got {kept}")
+        setattr(new, spec.field("num_hidden_layers"), len(kept))
+        for f in spec.layer_list_fields:
+            val = getattr(config, f, None)
+            if isinstance(val, (list, tuple)) and len(val) == n_old:
+                setattr(new, f, [val[i] for i in kept])
+    if spec.config_hook is not None:
+        spec.config_hook(config, new, dict(selection))
+    if spec.validate is not None:
+        spec.validate(new)
+    return new
+
+
+def select_tensors(
+    spec: ArchSpec,
+    config: Any,
+    tensors: Mapping[str, torch.Tensor],
+    selection: Mapping[str, Any],
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """Apply a selection to a name -> tensor mapping; returns the new tensors (renamed for layers) and config."""
+    sel = normalize_selection(spec, selection)
+    new_config = select_config(spec, config, sel)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        idx = tensor_index(spec, name, t.shape, config, sel)
+        if idx is None:
+            continue
+        out[_rename(spec, name, sel)] = index_tensor(t, idx) if any(i is not None for i in idx) else t
+    return out, new_config
+
+
+def _rebuild(model: Any, tensors: dict[str, torch.Tensor], config: Any, name_map: Callable[[str], str]) -> Any:
+    """Instantiate the same class from `config` on the meta device and assign the tensors."""
+    cls = type(model)
+    with torch.device("meta"):
+        new = cls(config)
+    missing, unexpected = new.load_state_dict(tensors, strict=False, assign=True)
+    tied = {k for k in missing if any(k == t for t in _tied_names(new))}
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(
+            f"selection produced a state dict that does not fit {cls.__name__}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    if getattr(config, "tie_word_embeddings", False) or tied:
+        new.tie_weights()
+    old_buffers = dict(model.named_buffers())
+    for bname, buf in list(new.named_buffers()):
+        if buf.device.type != "meta":
+            continue
+        src = old_buffers.get(name_map(bname))
+        if src is None or src.shape != buf.shape:
+            raise ValueError(f"cannot carry buffer {bname} over to the rebuilt model")
+        mod_name, _, leaf = bname.rpartition(".")
+        mod = new.get_submodule(mod_name) if mod_name else new
+        persistent = leaf not in getattr(mod, "_non_persistent_buffers_set", set())
+        mod.register_buffer(leaf, src.clone(), persistent=persistent)
+    if getattr(model, "generation_config", None) is not None:
+        new.generation_config = copy.deepcopy(model.generation_config)
+    new.train(model.training)
+    return new
+
+
+def _tied_names(model: Any) -> set[str]:
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    if isinstance(keys, Mapping):
+        return set(keys.keys())
+    return set(keys)
+
+
+def apply_selection(model: Any, selection: Mapping[str, Any], *, spec: ArchSpec | None = None) -> Any:
+    """Apply several axes at once and return the rebuilt model (same class, new config); `model` is untouched.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`]): a causal LM of a supported family.
+        selection (`dict`): axis -> indices (see [`Selection`]). Indices refer to the source model.
+        spec (`ArchSpec`, optional): defaults to the registered spec of `model.config.model_type`.
+
+    Returns:
+        The new model. Keeping every index in order gives back the same function; a permutation of
+        `hidden`, `head`, `expert`, `expert_ffn`, `shared_ffn` or `ffn` gives the same function as well.
+    """
+    from . import get_spec
+
+    spec = spec or get_spec(model.config)
+    sel = normalize_selection(spec, selection)
+    state = model.state_dict()
+    new_tensors, new_config = select_tensors(spec, model.config, state, sel)
+    inverse: dict[str, str] = {}
+    if "layer" in sel:
+        for name in state:
+            if tensor_index(spec, name, state[name].shape, model.config, {"layer": sel["layer"]}) is not None:
+                inverse[_rename(spec, name, sel)] = name
+    return _rebuild(model, new_tensors, new_config, lambda n: inverse.get(n, n))
+
+
+def select(
+    model: Any,
+    axis: str,
+    indices: Any,
+    layer: int | str | Iterable[int | str] | None = None,
+    *,
+    spec: ArchSpec | None = None,
+) -> Any:
+    """Keep an ordered index set along one axis and return the rebuilt model.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`]): the source model (not modified).
+        axis (`str`): `layer`, `hidden`, `head` (query heads, KV groups follow), `expert`, `expert_ffn`,
+            `shared_ffn` or `ffn`.
+        indices: kept indices in their new order. For per-layer axes either a `{layer: indices}` mapping, or one
+            index set together with `layer=` (an int, a block prefix like `"mtp.layers.0"`, or several of them).
+        layer: see `indices`.
+
+    Returns:
+        The new model of the same class. Sizes held once in the config (e.g. `num_experts`) must come out the same
+        for every layer, so pruning a per-layer axis passes all layers in one call.
+
+    Example:
+        ```python
+        >>> perm = torch.randperm(model.config.hidden_size)
+        >>> same = select(model, "hidden", perm)  # identical logits
+        >>> smaller = select(model, "expert", {i: [0, 2] for i in range(model.config.num_hidden_layers)})
+        ```
+    """
+    if axis not in _SELECTABLE:
+        raise ValueError(f"axis={axis!r} is not selectable; valid axes: {list(_SELECTABLE)}")
+    if layer is not None and axis in ("layer", "hidden"):
+        raise ValueError(f"layer= does not apply to the global axis {axis!r}")
+    if layer is not None and not isinstance(layer, (int, str)):
+        indices = {blk: indices for blk in layer}
+    elif layer is not None:
+        indices = {layer: indices}
+    return apply_selection(model, {axis: indices}, spec=spec)

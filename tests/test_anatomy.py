@@ -1,0 +1,207 @@
+"""Axes specs + generic select: identity, permutation invariance, pruning shapes, config follow-up, lazy slicing."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _tiny import FAMILIES, tiny_model, token_batch  # noqa: E402
+
+from hf_slim.anatomy import (  # noqa: E402
+    apply_selection,
+    contiguous_runs,
+    get_spec,
+    kv_indices_for_heads,
+    normalize_selection,
+    read_indexed,
+    select,
+    select_tensors,
+    supported_model_types,
+    tensor_index,
+)
+
+X = token_batch(2, 24)
+
+
+def logits(model, x=X):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def sparse_layers(model):
+    return [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+
+
+def dense_layers(model):
+    return [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "down_proj")]
+
+
+def attn_layers(model):
+    return [i for i, layer in enumerate(model.model.layers) if hasattr(layer, "self_attn")]
+
+
+def group_perm(n_heads: int, n_kv: int, g: torch.Generator) -> torch.Tensor:
+    """A KV-group aware permutation: shuffle the groups and the heads inside each group."""
+    size = n_heads // n_kv
+    groups = torch.randperm(n_kv, generator=g).tolist()
+    return torch.cat([torch.randperm(size, generator=g) + size * k for k in groups])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_index_set_is_identity(family):
+    model = tiny_model(family)
+    c = model.config
+    sel = {
+        "hidden": torch.arange(c.hidden_size),
+        "layer": torch.arange(c.num_hidden_layers),
+        "head": {i: torch.arange(c.num_attention_heads) for i in attn_layers(model)},
+        "expert": {i: torch.arange(8) for i in sparse_layers(model)},
+    }
+    out = apply_selection(model, sel)
+    assert type(out) is type(model)
+    ref = logits(model)
+    assert ref.std() > 0.1  # the tiny model must produce informative logits for the test to mean anything
+    torch.testing.assert_close(logits(out), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_permutations_keep_the_function(family):
+    model = tiny_model(family, seed=1)
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    ffn_width = model.model.layers[sparse_layers(model)[0]].mlp.experts.down_proj.shape[-1]
+    sel = {
+        "hidden": torch.randperm(c.hidden_size, generator=g),
+        "head": {i: group_perm(c.num_attention_heads, c.num_key_value_heads, g) for i in attn_layers(model)},
+        "expert": {i: torch.randperm(8, generator=g) for i in sparse_layers(model)},
+        # one neuron order per expert (2-D) on half the layers, a shared order (1-D) on the rest
+        "expert_ffn": {
+            i: (torch.stack([torch.randperm(ffn_width, generator=g) for _ in range(8)]) if k % 2 else
+                torch.randperm(ffn_width, generator=g))
+            for k, i in enumerate(sparse_layers(model))
+        },
+    }
+    dl = dense_layers(model)
+    if dl:
+        width = model.model.layers[dl[0]].mlp.down_proj.weight.shape[1]
+        sel["ffn"] = {i: torch.randperm(width, generator=g) for i in dl}
+    if hasattr(model.model.layers[sparse_layers(model)[0]].mlp, "shared_expert"):
+        width = c.shared_expert_intermediate_size
+        sel["shared_ffn"] = {i: torch.randperm(width, generator=g) for i in sparse_layers(model)}
+    out = apply_selection(model, sel)
+    torch.testing.assert_close(logits(out), logits(model), rtol=1e-5, atol=1e-5)
+    # the permutation really moved weights (guards against a no-op select)
+    assert not torch.equal(out.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruning_shapes_config_and_stock_reload(family, tmp_path):
+    model = tiny_model(family, seed=2)
+    c = model.config
+    keep_layers = torch.tensor([0, 1, 3])
+    spec = get_spec(model)
+    sel = {
+        "layer": keep_layers,
+        "expert": {i: torch.tensor([5, 1, 2, 7]) for i in sparse_layers(model)},
+        "head": {i: torch.tensor([2, 3]) for i in attn_layers(model)},  # drops KV group 0
+    }
+    if family == "olmoe":  # OLMoE sizes q_norm by hidden_size: shrink both together
+        sel["hidden"] = torch.arange(16)
+    else:
+        sel["hidden"] = torch.arange(0, 32, 2)
+    out = apply_selection(model, sel)
+    n = out.config
+    assert n.num_hidden_layers == 3 and n.hidden_size == 16
+    assert getattr(n, spec.field("num_experts")) == 4
+    assert n.num_attention_heads == 2 and n.num_key_value_heads == 1 and n.head_dim == 8
+    # the kept weights are exactly the selected slices of the source
+    src = model.model.layers[3].mlp if 3 in sparse_layers(model) else None
+    if src is not None:
+        torch.testing.assert_close(out.model.layers[2].mlp.gate.weight, src.gate.weight[[5, 1, 2, 7]][:, sel["hidden"]])
+    if hasattr(n, "layer_types") and c.layer_types is not None:
+        assert n.layer_types == [c.layer_types[i] for i in keep_layers.tolist()]
+    # dense/sparse layout survives dropped layers
+    assert [hasattr(out.model.layers[j].mlp, "experts") for j in range(3)] == [
+        hasattr(model.model.layers[i].mlp, "experts") for i in keep_layers.tolist()
+    ]
+    ids = out(X[:, :8]).logits
+    assert ids.shape == (2, 8, c.vocab_size)
+    out.save_pretrained(tmp_path)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(back) is type(model)
+    torch.testing.assert_close(logits(back.eval()), logits(out), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lazy_slices_without_a_model(family, tmp_path):
+    """The spec alone (names, shapes, config) gives each tensor's slice; prefixes read from safetensors lazily."""
+    model = tiny_model(family, seed=3)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "m.safetensors"))
+    spec = get_spec(family)
+    sl = sparse_layers(model)
+    sel = {
+        "expert": {i: torch.arange(6) for i in sl},
+        "expert_ffn": {i: torch.arange(12) for i in sl},
+        "layer": torch.tensor([0, 1, 2]),
+    }
+    if family != "olmoe":  # OLMoE needs hidden == heads * head_dim; the other families take any prefix
+        sel["hidden"] = torch.arange(24)
+    sel = normalize_selection(spec, sel)
+    ref, _ = select_tensors(spec, model.config, state, sel)
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        got = {}
+        for name in f.keys():
+            s = f.get_slice(name)
+            idx = tensor_index(spec, name, s.get_shape(), model.config, sel)
+            if idx is None:
+                continue
+            got[name] = read_indexed(s, s.get_shape(), idx)
+    assert "model.layers.3.input_layernorm.weight" not in got
+    for name, t in got.items():
+        torch.testing.assert_close(t, ref[name], rtol=0, atol=0)
+
+
+def test_contiguous_runs():
+    assert contiguous_runs(torch.tensor([0, 1, 2, 5, 6, 3])) == [(0, 3), (5, 7), (3, 4)]
+
+
+def test_kv_group_rules():
+    assert kv_indices_for_heads(torch.tensor([6, 7, 2, 3]), 8, 4).tolist() == [3, 1]
+    assert kv_indices_for_heads(torch.tensor([0, 2, 4, 6]), 8, 4).tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="grouped by KV head"):
+        kv_indices_for_heads(torch.tensor([0, 2, 1, 3]), 8, 4)
+    with pytest.raises(ValueError, match="uneven"):
+        kv_indices_for_heads(torch.tensor([0, 1, 2]), 8, 4)
+
+
+def test_select_single_axis_and_layer_keyword():
+    model = tiny_model("mixtral")
+    out = select(model, "expert", torch.arange(8).flip(0), layer=range(4))
+    torch.testing.assert_close(logits(out), logits(model), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="same number in every layer"):
+        select(model, "expert", {0: [0, 1, 2], 1: [0, 1, 2, 3]})
+    with pytest.raises(ValueError, match="num_experts_per_tok=2"):
+        select(model, "expert", [3], layer=range(4))
+    with pytest.raises(ValueError, match="valid axes"):
+        select(model, "vocab", [0])
+
+
+def test_olmoe_hidden_must_match_heads():
+    model = tiny_model("olmoe")
+    with pytest.raises(ValueError, match="hidden_size=16"):
+        select(model, "hidden", torch.arange(16))
+
+
+def test_unsupported_model_type_lists_supported():
+    with pytest.raises(ValueError) as err:
+        get_spec("llama")
+    for mt in supported_model_types():
+        assert mt in str(err.value)
