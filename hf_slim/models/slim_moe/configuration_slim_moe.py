@@ -186,8 +186,6 @@ class SlimMoeConfig(PreTrainedConfig):
             raise ValueError("SlimMoeConfig.sliding_window must be set when layer_types has 'sliding_attention'.")
         if self.mtp_loss_weight < 0:
             raise ValueError(f"SlimMoeConfig.mtp_loss_weight must be >= 0, got {self.mtp_loss_weight}.")
-        if self.elastic is not None and not isinstance(self.elastic, dict):
-            raise ValueError(f"SlimMoeConfig.elastic must be a dict or None, got {type(self.elastic).__name__}.")
 
 
 __all__ = ["SlimMoeConfig"]

@@ -7,11 +7,14 @@ Building blocks that transformers already ships (RoPE, RMSNorm, attention kernel
 `@use_experts_implementation`, the load-balancing loss) are reused rather than rewritten.
 """
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -270,6 +273,18 @@ class SlimMoePreTrainedModel(PreTrainedModel):
         "attentions": SlimMoeAttention,
     }
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        # transformers only reports size mismatches in a log table; check local checkpoints first so the error
+        # itself names the tensor and both shapes.
+        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder", "") or "")
+        if os.path.isdir(folder) and not kwargs.get("ignore_mismatched_sizes", False):
+            config = kwargs.get("config")
+            if not isinstance(config, SlimMoeConfig):
+                config = SlimMoeConfig.from_pretrained(folder)
+            check_checkpoint_shapes(cls, config, folder)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -279,6 +294,34 @@ class SlimMoePreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, SlimMoeTopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+
+
+def check_checkpoint_shapes(model_class: type, config: SlimMoeConfig, folder: str) -> None:
+    """Raise `ValueError` naming the first checkpoint tensor whose shape differs from what `config` builds."""
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        with open(index_path) as handle:
+            files = sorted(set(json.load(handle)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        return
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in model_class(config).state_dict().items()}
+    prefix = f"{model_class.base_model_prefix}."
+    for file in files:
+        with safe_open(os.path.join(folder, file), framework="pt") as handle:
+            for name in handle.keys():
+                key = name if name in expected or prefix + name not in expected else prefix + name
+                if key not in expected:
+                    continue
+                shape = tuple(handle.get_slice(name).get_shape())
+                if shape != expected[key]:
+                    raise ValueError(
+                        f"Checkpoint tensor {name!r} in {file} has shape {list(shape)} but the config in {folder} "
+                        f"builds {list(expected[key])}; the weights and config.json disagree (fix config.json, or "
+                        "pass ignore_mismatched_sizes=True to re-initialise mismatched tensors)."
+                    )
 
 
 class SlimMoeModel(SlimMoePreTrainedModel):

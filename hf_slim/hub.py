@@ -1,0 +1,190 @@
+"""Hub-ready export: safetensors weights, config (with `auto_map` for SlimMoe), generation config, tokenizer, the
+modeling code and a model card, written atomically into one folder that `from_pretrained` loads as it is."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+from safetensors.torch import save_file
+from transformers import GenerationConfig, PreTrainedModel
+
+from .models import slim_moe
+from .models.slim_moe import SlimMoeForCausalLM
+from .utils import atomic_directory, count_parameters
+
+
+REMOTE_CODE_FILES = ("configuration_slim_moe.py", "modeling_slim_moe.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_slim_moe.SlimMoeConfig",
+    "AutoModel": "modeling_slim_moe.SlimMoeModel",
+    "AutoModelForCausalLM": "modeling_slim_moe.SlimMoeForCausalLM",
+}
+MTP_FILE = "mtp.safetensors"
+
+
+def _card_template(name: str) -> Path:
+    # Templates live in the top-level `model_cards` package (shipped as package data).
+    return Path(str(resources.files("model_cards").joinpath(name)))
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def render_model_card(
+    model: PreTrainedModel,
+    repo_id: str,
+    *,
+    description: str = "",
+    recipe: str = "",
+    base_model: str | None = None,
+    remote_code: bool = False,
+    mtp_note: str = "",
+    extra_card_data: dict[str, Any] | None = None,
+) -> ModelCard:
+    """Render `model_cards/slim_moe.md` for `model` into a `huggingface_hub.ModelCard`."""
+    config = model.config
+    counts = count_parameters(model)
+    card_data = ModelCardData(
+        library_name="transformers",
+        license="apache-2.0",
+        pipeline_tag="text-generation",
+        base_model=base_model,
+        tags=["hf-slim", "moe", config.model_type],
+        **(extra_card_data or {}),
+    )
+    elastic = getattr(config, "elastic", None) or {}
+    variants = elastic.get("variants", {}) if isinstance(elastic, dict) else {}
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(_card_template("slim_moe.md")),
+        model_name=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        description=description or f"A {config.model_type} Mixture-of-Experts causal language model.",
+        architecture=type(model).__name__,
+        model_type=config.model_type,
+        total_params=_human(counts["total"]),
+        active_params=_human(counts["active"]),
+        num_hidden_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        num_experts=getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None),
+        num_experts_per_tok=config.num_experts_per_tok,
+        moe_intermediate_size=getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
+        num_mtp_heads=getattr(config, "num_mtp_heads", 0),
+        elastic_variants=", ".join(["full", *variants]) if variants else "",
+        recipe=recipe,
+        remote_code=remote_code,
+        mtp_note=mtp_note,
+    )
+
+
+def _write_mtp_tensors(folder: Path, mtp_state: dict) -> None:
+    """Store MTP tensors in their own shard and index every shard, so stock loaders skip them by name."""
+    save_file({k: v.contiguous() for k, v in mtp_state.items()}, str(folder / MTP_FILE), metadata={"format": "pt"})
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+            keys = list(handle.keys())
+        index = {"metadata": {}, "weight_map": {key: "model.safetensors" for key in keys}}
+    index["weight_map"].update({key: MTP_FILE for key in mtp_state})
+    index["metadata"]["total_size"] = sum(
+        os.path.getsize(folder / name) for name in set(index["weight_map"].values())
+    )
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def save_for_hub(
+    model: PreTrainedModel,
+    folder: str | os.PathLike,
+    *,
+    model_type: str | None = None,
+    keep_mtp: bool = True,
+    processing_class: Any | None = None,
+    generation_config: GenerationConfig | None = None,
+    repo_id: str | None = None,
+    card_kwargs: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+) -> Path:
+    """Write a Hub-ready folder for `model`.
+
+    A `SlimMoeForCausalLM` is saved as SlimMoe with its modeling code and `auto_map`, so
+    `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works where hf_slim is not installed.
+    With `model_type` (e.g. `"qwen3_moe"`), the model is first converted with `hf_slim.convert.to_hf` and saved as
+    that stock architecture (no remote code); with `keep_mtp=True` its MTP heads are kept as `mtp.*` tensors in a
+    separate shard (`mtp.safetensors`, listed in the index), which stock transformers skips and MTP-aware engines load.
+
+    Args:
+        model: The model to export (SlimMoe or any `PreTrainedModel`).
+        folder: Output folder; written atomically (nothing half-written is left on failure).
+        model_type: Convert to this stock architecture first (see `hf_slim.convert.SUPPORTED_MODEL_TYPES`).
+        keep_mtp: Keep MTP weights when converting to a stock architecture.
+        processing_class: Tokenizer/processor to save alongside.
+        generation_config: Defaults to the model's own generation config.
+        repo_id: Name used in the model card (defaults to the folder name).
+        card_kwargs: Extra arguments for `render_model_card` (description, recipe, base_model, ...).
+        overwrite: Replace an existing non-empty folder.
+        max_shard_size: Passed to `save_pretrained`.
+
+    Returns:
+        The output folder.
+    """
+    folder = Path(folder)
+    mtp_state: dict = {}
+    export = model
+    if model_type is not None and model_type != getattr(model.config, "model_type", None):
+        from .convert import to_hf
+
+        if not isinstance(model, SlimMoeForCausalLM):
+            raise TypeError(f"model_type={model_type!r} converts a SlimMoeForCausalLM, got {type(model).__name__}.")
+        export = to_hf(model, model_type)
+        if keep_mtp and model.mtp is not None:
+            mtp_state = {f"mtp.{k}": v.detach().cpu() for k, v in model.mtp.state_dict().items()}
+    remote_code = isinstance(export, SlimMoeForCausalLM)
+    with atomic_directory(folder, overwrite=overwrite) as tmp:
+        export.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if remote_code:
+            config_path = tmp / "config.json"
+            config = json.loads(config_path.read_text())
+            config["auto_map"] = AUTO_MAP
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            source_dir = Path(slim_moe.__file__).parent
+            for name in REMOTE_CODE_FILES:
+                shutil.copyfile(source_dir / name, tmp / name)
+        if mtp_state:
+            _write_mtp_tensors(tmp, mtp_state)
+        gen = generation_config or getattr(export, "generation_config", None) or GenerationConfig.from_model_config(
+            export.config
+        )
+        gen.save_pretrained(tmp)
+        if processing_class is not None:
+            processing_class.save_pretrained(tmp)
+        mtp_note = ""
+        if mtp_state:
+            mtp_note = (
+                f"The checkpoint keeps {getattr(model.config, 'num_mtp_heads', 0)} multi-token-prediction depth(s) "
+                f"under `mtp.*` in `{MTP_FILE}` (layout of vLLM's `qwen3_next_mtp`); stock transformers skips them."
+            )
+        card = render_model_card(
+            export, repo_id or folder.name, remote_code=remote_code, mtp_note=mtp_note, **(card_kwargs or {})
+        )
+        card.save(tmp / "README.md")
+    return folder.resolve()
+
+
+__all__ = ["AUTO_MAP", "REMOTE_CODE_FILES", "render_model_card", "save_for_hub"]

@@ -1,0 +1,96 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM
+
+from hf_slim.hub import save_for_hub
+from hf_slim.models.slim_moe import SlimMoeConfig, SlimMoeForCausalLM
+
+
+def _model(**overrides):
+    fields = dict(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, num_mtp_heads=1,
+    )
+    fields.update(overrides)
+    return SlimMoeForCausalLM(SlimMoeConfig(**fields)).eval()
+
+
+def test_remote_code_loads_without_hf_slim(tmp_path):
+    model = _model(shared_expert_intermediate_size=8)
+    folder = save_for_hub(model, tmp_path / "export")
+    assert {"config.json", "model.safetensors", "generation_config.json", "README.md",
+            "configuration_slim_moe.py", "modeling_slim_moe.py"} <= set(os.listdir(folder))
+    assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"].endswith(
+        "SlimMoeForCausalLM"
+    )
+    ids = torch.randint(0, 128, (1, 7))
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.save({"ids": ids, "logits": expected}, tmp_path / "ref.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["hf_slim"] = None  # any `import hf_slim` now raises ImportError
+        import torch
+        from transformers import AutoModelForCausalLM
+        try:
+            import hf_slim
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("hf_slim is importable")
+        ref = torch.load({str(tmp_path / "ref.pt")!r})
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        with torch.no_grad():
+            torch.testing.assert_close(model(ref["ids"]).logits, ref["logits"], atol=1e-6, rtol=1e-6)
+        print("REMOTE_OK", type(model).__name__)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REMOTE_OK SlimMoeForCausalLM" in result.stdout
+
+
+def test_stock_export_keeps_mtp_tensors_that_stock_loading_skips(tmp_path):
+    model = _model(num_mtp_heads=2)
+    folder = save_for_hub(model, tmp_path / "stock", model_type="qwen3_moe")
+    assert not (folder / "modeling_slim_moe.py").exists()
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    mtp_keys = {k for k, v in index["weight_map"].items() if v == "mtp.safetensors"}
+    assert {"mtp.fc.weight", "mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight",
+            "mtp.norm.weight", "mtp.layers.1.mlp.experts.gate_up_proj"} <= mtp_keys
+    with safe_open(str(folder / "mtp.safetensors"), framework="pt") as handle:
+        torch.testing.assert_close(handle.get_tensor("mtp.fc.weight"), model.mtp.fc.weight, atol=0, rtol=0)
+    stock = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert isinstance(stock, Qwen3MoeForCausalLM)
+    ids = torch.randint(0, 128, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(stock(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_failed_export_leaves_nothing_and_existing_folder_is_protected(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(ValueError, match="qk_norm"):
+        save_for_hub(_model(qk_norm=None), target, model_type="olmoe")
+    assert not target.exists() and os.listdir(tmp_path) == []
+    save_for_hub(_model(), target)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_for_hub(_model(), target)
+    save_for_hub(_model(), target, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_model_card_states_sizes(tmp_path):
+    folder = save_for_hub(_model(), tmp_path / "card", card_kwargs={"recipe": "Pruned from X; distilled 1B tokens."})
+    card = (folder / "README.md").read_text()
+    assert "library_name: transformers" in card and "Pruned from X" in card
+    assert "multi-token-prediction depths | 1" in card
