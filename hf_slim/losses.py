@@ -764,7 +764,7 @@ def slimqwen_objective(
     logs: dict[str, torch.Tensor] = {}
     for name, value in values.items():
         if value is None:
-            if weights[name] != 0.0 and not (name.startswith("mtp") and beta == 0.0):
+            if weights[name] != 0.0:
                 hint = "a loss per MTP depth" if name.startswith("mtp") else "a scalar loss"
                 raise ValueError(
                     f"{name} is missing but its weight is {weights[name]:g} (lam={lam}, beta={beta}); pass {hint}, "
