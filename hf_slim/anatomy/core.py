@@ -145,6 +145,10 @@ class ArchSpec:
         """This family's config attribute for an axis or a canonical (Qwen3-MoE) field name."""
         return self.config_fields.get(key, key)
 
+    def axes(self) -> set[str]:
+        """Every axis some tensor of this family carries."""
+        return {d.axis for r in self.global_rules + self.block_rules for d in r.dims} | {"layer"}
+
     def is_decoder_block(self, block: str) -> bool:
         return block.rsplit(".", 1)[0] == self.block_containers[0]
 
@@ -389,9 +393,16 @@ def _uniform_size(spec: ArchSpec, axis: str, per: Mapping[str, torch.Tensor], co
     return next(iter(sizes.values()))
 
 
-def select_config(spec: ArchSpec, config: Any, selection: Mapping[str, Any]) -> Any:
-    """The config after a (normalised) selection; the input config is not modified."""
+def select_config(
+    spec: ArchSpec, config: Any, selection: Mapping[str, Any], updates: Mapping[str, Any] | None = None
+) -> Any:
+    """The config after a (normalised) selection; the input config is not modified.
+
+    `updates` sets non-axis fields first (canonical names, e.g. `num_experts_per_tok`), so checks see them.
+    """
     new = copy.deepcopy(config)
+    for key, value in (updates or {}).items():
+        setattr(new, spec.field(key), value)
     units = spec.units(config)
     if "hidden" in selection or "head" in selection:
         for f in spec.pin_fields:
@@ -418,7 +429,7 @@ def select_config(spec: ArchSpec, config: Any, selection: Mapping[str, Any]) -> 
             }
             setattr(new, spec.field("num_key_value_heads"), _uniform_size(spec, "kv_head", kv, config))
         if axis == "expert":
-            topk = getattr(config, spec.field("num_experts_per_tok"))
+            topk = getattr(new, spec.field("num_experts_per_tok"))
             if topk > size:
                 raise ValueError(
                     f"num_experts_per_tok={topk} is larger than the {size} experts kept; lower num_experts_per_tok"
@@ -445,10 +456,11 @@ def select_tensors(
     config: Any,
     tensors: Mapping[str, torch.Tensor],
     selection: Mapping[str, Any],
+    updates: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], Any]:
     """Apply a selection to a name -> tensor mapping; returns the new tensors (renamed for layers) and config."""
     sel = normalize_selection(spec, selection)
-    new_config = select_config(spec, config, sel)
+    new_config = select_config(spec, config, sel, updates)
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         idx = tensor_index(spec, name, t.shape, config, sel)
@@ -497,13 +509,23 @@ def _tied_names(model: Any) -> set[str]:
     return set(keys)
 
 
-def apply_selection(model: Any, selection: Mapping[str, Any], *, spec: ArchSpec | None = None) -> Any:
+def apply_selection(
+    model: Any,
+    selection: Mapping[str, Any],
+    *,
+    spec: ArchSpec | None = None,
+    tensors: Mapping[str, torch.Tensor] | None = None,
+    updates: Mapping[str, Any] | None = None,
+) -> Any:
     """Apply several axes at once and return the rebuilt model (same class, new config); `model` is untouched.
 
     Args:
         model ([`~transformers.PreTrainedModel`]): a causal LM of a supported family.
         selection (`dict`): axis -> indices (see [`Selection`]). Indices refer to the source model.
         spec (`ArchSpec`, optional): defaults to the registered spec of `model.config.model_type`.
+        tensors (`dict`, optional): source tensors to use instead of `model.state_dict()` (e.g. after merging
+            experts); same names and shapes.
+        updates (`dict`, optional): non-axis config fields to set (canonical names, e.g. `num_experts_per_tok`).
 
     Returns:
         The new model. Keeping every index in order gives back the same function; a permutation of
@@ -513,8 +535,8 @@ def apply_selection(model: Any, selection: Mapping[str, Any], *, spec: ArchSpec 
 
     spec = spec or get_spec(model.config)
     sel = normalize_selection(spec, selection)
-    state = model.state_dict()
-    new_tensors, new_config = select_tensors(spec, model.config, state, sel)
+    state = dict(tensors) if tensors is not None else model.state_dict()
+    new_tensors, new_config = select_tensors(spec, model.config, state, sel, updates)
     inverse: dict[str, str] = {}
     if "layer" in sel:
         for name in state:

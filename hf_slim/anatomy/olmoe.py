@@ -1,4 +1,4 @@
-"""Axes spec for `olmoe`: q/k RMSNorms span all heads, so they follow the head axis, and the modeling code sizes
+"""Axes spec for `olmoe`: expert width is `intermediate_size`; q/k RMSNorms span all heads, so they follow the head axis, and the modeling code sizes
 `q_norm` by `hidden_size`: a pruned OLMoE needs `hidden_size == num_attention_heads * head_dim`."""
 
 from typing import Any
@@ -21,7 +21,7 @@ SPEC = ArchSpec(
     model_type="olmoe",
     global_rules=embedding_rules(),
     block_rules=decoder_norm_rules() + attention_rules(full_qk_norm=True) + router_expert_rules(),
-    config_fields={},
+    config_fields={"moe_intermediate_size": "intermediate_size"},
     units=head_dim_units,
     modules=DEFAULT_MODULES,
     layer_list_fields=("layer_types",),

@@ -1,0 +1,25 @@
+"""SlimQwen-style structured pruning: calibration statistics, importance scores, expert strategies, `prune`.
+
+```python
+>>> from hf_slim.pruning import collect_statistics, PruneConfig, prune
+>>> stats = collect_statistics(model, texts, tokenizer=tok, num_samples=1024, max_length=2048)
+>>> small = prune(model, PruneConfig(num_hidden_layers=0.75, hidden_size=1536, num_experts=256), stats)
+```
+"""
+
+from .calibration import collect_statistics, pack_calibration_data
+from .config import SIZE_FIELDS, ProgressivePlan, PruneConfig
+from .prune import count_parameters, plan_selection, prune
+from .stats import ImportanceStats
+
+__all__ = [
+    "collect_statistics",
+    "pack_calibration_data",
+    "ImportanceStats",
+    "PruneConfig",
+    "ProgressivePlan",
+    "SIZE_FIELDS",
+    "prune",
+    "plan_selection",
+    "count_parameters",
+]

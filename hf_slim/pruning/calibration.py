@@ -1,0 +1,376 @@
+"""One-pass calibration: forward hooks collect every importance statistic the pruning axes need."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .stats import ImportanceStats
+
+__all__ = ["collect_statistics", "pack_calibration_data"]
+
+
+def _token_lists(data: Any, tokenizer: Any, text_column: str) -> list[list[int]]:
+    if isinstance(data, torch.Tensor):
+        if data.ndim == 1:
+            return [data.tolist()]
+        if data.ndim == 2:
+            return [row.tolist() for row in data]
+        raise ValueError(f"data: a token tensor must be 1-D or 2-D, got shape {tuple(data.shape)}")
+    try:
+        import datasets
+
+        if isinstance(data, datasets.Dataset):
+            if "input_ids" in data.column_names:
+                return [list(map(int, r)) for r in data["input_ids"]]
+            if text_column in data.column_names:
+                data = list(data[text_column])
+            else:
+                raise ValueError(
+                    f"data: the dataset has columns {data.column_names}; expected 'input_ids' or text_column="
+                    f"{text_column!r}"
+                )
+    except ImportError:  # datasets is a dependency, but token lists do not need it
+        pass
+    if isinstance(data, str):
+        data = [data]
+    data = list(data)
+    out: list[list[int]] = []
+    for item in data:
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise ValueError("tokenizer: text calibration data needs a tokenizer (or pass token ids)")
+            if callable(getattr(tokenizer, "encode", None)):
+                ids = list(tokenizer.encode(item, add_special_tokens=False))
+                eos = getattr(tokenizer, "eos_token_id", None)
+                if isinstance(eos, int):
+                    ids.append(eos)  # keeps documents apart once packed
+            else:  # a plain callable: text -> ids
+                ids = tokenizer(item)
+            out.append([int(t) for t in ids])
+        elif isinstance(item, torch.Tensor):
+            out.append(item.flatten().tolist())
+        elif isinstance(item, Sequence):
+            out.append([int(t) for t in item])
+        elif isinstance(item, dict) and "input_ids" in item:
+            out.append([int(t) for t in item["input_ids"]])
+        else:
+            raise TypeError(f"data: cannot use an item of type {type(item).__name__}; give texts or token ids")
+    return out
+
+
+def pack_calibration_data(
+    data: Any,
+    *,
+    tokenizer: Any = None,
+    num_samples: int = 1024,
+    max_length: int = 2048,
+    text_column: str = "text",
+) -> torch.Tensor:
+    """Concatenate the calibration data into one token stream and cut it into `[n, max_length]` rows (no padding).
+
+    Raises:
+        `ValueError`: if the data holds fewer than `max_length` tokens (an empty calibration set).
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples}: must be >= 1")
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length}: must be >= 2")
+    stream: list[int] = []
+    need = num_samples * max_length
+    for ids in _token_lists(data, tokenizer, text_column):
+        stream.extend(ids)
+        if len(stream) >= need:
+            break
+    n = min(num_samples, len(stream) // max_length)
+    if n == 0:
+        raise ValueError(
+            f"data: the calibration set is empty or shorter than one sample ({len(stream)} tokens < "
+            f"max_length={max_length})"
+        )
+    return torch.tensor(stream[: n * max_length], dtype=torch.long).view(n, max_length)
+
+
+class _Collector:
+    """Accumulators and hooks; everything accumulates in float32 on the model's device."""
+
+    def __init__(self, model: Any, spec: Any):
+        self.model = model
+        self.spec = spec
+        self.config = model.config
+        self.layers = model.get_submodule(spec.block_containers[0])
+        self.L = len(self.layers)
+        self.dev = next(model.parameters()).device
+        self.H = self.config.hidden_size
+        self.handles: list[Any] = []
+        self.patched: list[tuple[Any, Any]] = []
+        self.acc: dict[str, torch.Tensor] = {}
+        self.tokens = 0
+        self.samples = 0
+
+    def zeros(self, key: str, *shape: int) -> torch.Tensor:
+        if key not in self.acc:
+            self.acc[key] = torch.zeros(*shape, device=self.dev, dtype=torch.float32)
+        return self.acc[key]
+
+    def install(self) -> None:
+        mods = self.spec.modules
+        L, H = self.L, self.H
+        self.zeros("hidden.norm_abs_mean", L, 2, H)
+        self.zeros("hidden.minitron", L, 2, H)
+        self.zeros("layer.block_influence", L)
+        for key in ("layer.sparse", "layer.attention", "layer.dense"):
+            self.zeros(key, L)
+        norm_names = [n for n in mods["decoder_norms"].split(",") if n]
+        for i, layer in enumerate(self.layers):
+            for j, nname in enumerate(norm_names[:2]):
+                self._hook_norm(layer.get_submodule(nname), i, j)
+            self.handles.append(layer.register_forward_pre_hook(self._layer_in(i), with_kwargs=True))
+            self.handles.append(layer.register_forward_hook(self._layer_out(i)))
+            attn = _get(layer, mods["attn_out"])
+            if attn is not None:
+                self.acc["layer.attention"][i] = 1
+                self.handles.append(attn.register_forward_pre_hook(self._heads(i)))
+            experts, router = _get(layer, mods["experts"]), _get(layer, mods["router"])
+            if experts is not None and router is not None:
+                self.acc["layer.sparse"][i] = 1
+                self._patch_experts(experts, i)
+                self.handles.append(router.register_forward_hook(self._router(i)))
+                shared = _get(layer, mods["shared_down"])
+                if shared is not None:
+                    self.handles.append(shared.register_forward_pre_hook(self._act("shared_ffn.act", i)))
+            dense = _get(layer, mods["dense_down"])
+            if dense is not None:
+                self.acc["layer.dense"][i] = 1
+                self.handles.append(dense.register_forward_pre_hook(self._act("ffn.act", i)))
+        final = _get(self.model, mods["final_norm"])
+        if final is not None:
+            self.zeros("hidden.final_abs_mean", H)
+            self.zeros("hidden.final_minitron", H)
+            self.handles.append(final.register_forward_hook(self._final_norm))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        for module, old in self.patched:
+            if old is None:
+                del module.forward
+            else:
+                module.forward = old
+        self.handles, self.patched = [], []
+
+    # ---- hooks ---------------------------------------------------------------------------------------------
+    def _hook_norm(self, module: Any, i: int, j: int) -> None:
+        def hook(_m, _args, out):
+            x = out.detach().float()
+            self.acc["hidden.norm_abs_mean"][i, j] += x.abs().sum(dim=(0, 1))
+            self.acc["hidden.minitron"][i, j] += x.mean(dim=1).pow(2).sum(dim=0)
+
+        self.handles.append(module.register_forward_hook(hook))
+
+    def _final_norm(self, _m, _args, out):
+        x = out.detach().float()
+        self.acc["hidden.final_abs_mean"] += x.abs().sum(dim=(0, 1))
+        self.acc["hidden.final_minitron"] += x.mean(dim=1).pow(2).sum(dim=0)
+
+    def _layer_in(self, i: int):
+        def hook(_m, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            self._last_in = x.detach()
+
+        return hook
+
+    def _layer_out(self, i: int):
+        def hook(_m, _args, out):
+            y = out[0] if isinstance(out, tuple) else out
+            cos = F.cosine_similarity(self._last_in.float(), y.detach().float(), dim=-1)
+            self.acc["layer.block_influence"][i] += (1 - cos).sum()
+
+        return hook
+
+    def _heads(self, i: int):
+        n_heads = self.config.num_attention_heads
+
+        def hook(_m, args):
+            x = args[0].detach().float()
+            norms = x.reshape(-1, n_heads, x.shape[-1] // n_heads).norm(dim=-1).sum(0)
+            self.zeros("head.out_norm", self.L, n_heads)[i] += norms
+
+        return hook
+
+    def _act(self, key: str, i: int):
+        def hook(_m, args):
+            x = args[0].detach().float()
+            self.zeros(key, self.L, x.shape[-1])[i] += x.reshape(-1, x.shape[-1]).abs().sum(0)
+
+        return hook
+
+    def _router(self, i: int):
+        def hook(_m, _args, out):
+            logits = (out[0] if isinstance(out, tuple) else out).detach().float()
+            logits = logits.reshape(-1, logits.shape[-1])
+            E = logits.shape[-1]
+            self.zeros("expert.router_gram", self.L, E, E)[i] += logits.T @ logits
+
+        return hook
+
+    def _patch_experts(self, experts: Any, i: int) -> None:
+        collector = self
+        E, two_i, H = experts.gate_up_proj.shape
+        n_ffn = two_i // 2
+        count = self.zeros("expert.count", self.L, E)
+        soft = self.zeros("expert.soft", self.L, E)
+        reap = self.zeros("expert.reap", self.L, E)
+        mean_out = self.zeros("expert.mean_output", self.L, E, H)
+        act = self.zeros("expert_ffn.act", self.L, E, n_ffn)
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            # Same arithmetic as transformers' eager experts loop, plus the per-expert statistics.
+            out = torch.zeros_like(hidden_states)
+            idx = top_k_index.reshape(-1, top_k_index.shape[-1])
+            w = top_k_weights.reshape(idx.shape).to(hidden_states.dtype)
+            with torch.no_grad():
+                flat = idx.flatten()
+                count[i] += torch.bincount(flat, minlength=E)[:E].float()
+                share = w.float() / w.float().sum(-1, keepdim=True).clamp_min(1e-20)
+                soft[i].index_add_(0, flat, share.flatten())
+            order = torch.argsort(flat, stable=True)
+            per_expert = torch.bincount(flat, minlength=E)[:E].tolist()
+            tok_all = order // idx.shape[-1]
+            start = 0
+            for e, n in enumerate(per_expert):
+                if n == 0:
+                    continue
+                sel = order[start : start + n]
+                start += n
+                tok = tok_all[start - n : start]
+                x = hidden_states[tok]
+                gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+                h = self.act_fn(gate) * up
+                y = F.linear(h, self.down_proj[e])
+                gw = w.flatten()[sel]
+                with torch.no_grad():
+                    act[i, e] += h.detach().float().abs().sum(0)
+                    yf = y.detach().float()
+                    reap[i, e] += (gw.float() * yf.norm(dim=-1)).sum()
+                    mean_out[i, e] += yf.sum(0)
+                out.index_add_(0, tok, (y * gw[:, None]).to(out.dtype))
+            return out
+
+        collector.patched.append((experts, experts.__dict__.get("forward")))
+        experts.forward = types.MethodType(forward, experts)
+
+    def finish(self, metadata: dict[str, Any]) -> ImportanceStats:
+        t = max(self.tokens, 1)
+        out: dict[str, torch.Tensor] = {}
+        for key, v in self.acc.items():
+            v = v.cpu()
+            if key in ("hidden.norm_abs_mean", "hidden.final_abs_mean", "layer.block_influence", "head.out_norm"):
+                v = v / t
+            elif key in ("hidden.minitron", "hidden.final_minitron"):
+                v = v.sqrt()
+            elif key in ("shared_ffn.act", "ffn.act", "expert.soft"):
+                v = v / t
+            out[key] = v
+        if "expert.count" in out:
+            cnt = out["expert.count"]
+            safe = cnt.clamp_min(1)
+            out["expert.frequency"] = cnt / t
+            out["expert.reap"] = out["expert.reap"] / safe
+            out["expert.mean_output"] = out["expert.mean_output"] / safe[..., None]
+            out["expert_ffn.act"] = out["expert_ffn.act"] / safe[..., None]
+        return ImportanceStats(tensors=out, metadata=metadata)
+
+
+def _get(root: Any, path: str) -> Any:
+    if not path:
+        return None
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _sizes(spec: Any, config: Any) -> dict[str, Any]:
+    keys = (
+        "num_hidden_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "num_experts",
+        "moe_intermediate_size",
+        "shared_expert_intermediate_size",
+        "intermediate_size",
+    )
+    return {k: getattr(config, spec.field(k), None) for k in keys if getattr(config, spec.field(k), None) is not None}
+
+
+@torch.no_grad()
+def collect_statistics(
+    model: Any,
+    data: Any,
+    num_samples: int = 1024,
+    max_length: int = 2048,
+    batch_size: int = 8,
+    *,
+    tokenizer: Any = None,
+    text_column: str = "text",
+    show_progress: bool = True,
+) -> ImportanceStats:
+    """Run the calibration data through `model` once and collect every importance statistic.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`]): a causal LM of a supported family (see
+            [`hf_slim.anatomy.supported_model_types`]).
+        data: a `datasets.Dataset` (an `input_ids` column, or a text column), a list of texts (needs
+            `tokenizer`), a list of token-id lists/tensors, or a `[n, length]` token tensor. Everything is
+            concatenated and cut into `num_samples` rows of `max_length` tokens (SlimQwen uses 1024 samples).
+        num_samples (`int`, defaults to 1024): number of sequences.
+        max_length (`int`, defaults to 2048): tokens per sequence.
+        batch_size (`int`, defaults to 8): sequences per forward.
+        tokenizer: a tokenizer for text data.
+        text_column (`str`, defaults to `"text"`): column of a text dataset.
+        show_progress (`bool`, defaults to `True`): show a tqdm bar.
+
+    Returns:
+        [`ImportanceStats`] indexed like the source model.
+
+    Raises:
+        `ValueError`: empty calibration data, bad sizes, or an unsupported model type.
+    """
+    from tqdm.auto import tqdm
+
+    from ..anatomy import get_spec
+
+    spec = get_spec(model)
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    ids = pack_calibration_data(
+        data, tokenizer=tokenizer, num_samples=num_samples, max_length=max_length, text_column=text_column
+    )
+    collector = _Collector(model, spec)
+    was_training = model.training
+    model.eval()
+    collector.install()
+    try:
+        for start in tqdm(range(0, ids.shape[0], batch_size), desc="calibration", disable=not show_progress):
+            batch = ids[start : start + batch_size].to(collector.dev)
+            model(input_ids=batch, use_cache=False)
+            collector.tokens += batch.numel()
+            collector.samples += batch.shape[0]
+    finally:
+        collector.remove()
+        model.train(was_training)
+    metadata = {
+        "model_type": model.config.model_type,
+        "num_tokens": collector.tokens,
+        "num_samples": collector.samples,
+        "max_length": int(ids.shape[1]),
+        "sizes": _sizes(spec, model.config),
+    }
+    return collector.finish(metadata)
+

@@ -1,0 +1,181 @@
+"""`prune(model, PruneConfig, stats)`: score each axis, choose indices, apply one selection, rebuild."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .config import PruneConfig
+from .experts import expert_importance, expert_similarity, merge_expert_rows, plan_experts
+from .scores import choose_expert_neurons, choose_heads, choose_hidden, choose_layers, choose_neurons
+from .stats import ImportanceStats
+
+__all__ = ["prune", "plan_selection", "count_parameters"]
+
+_NEEDS_STATS = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "intermediate_size",
+    "num_experts",
+)
+
+
+def _layers_with(model: Any, spec: Any, key: str) -> list[int]:
+    path = spec.modules[key]
+    out = []
+    for i, layer in enumerate(model.get_submodule(spec.block_containers[0])):
+        try:
+            layer.get_submodule(path)
+            out.append(i)
+        except AttributeError:
+            continue
+    return out
+
+
+def plan_selection(
+    model: Any, config: PruneConfig, stats: ImportanceStats | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, dict[str, Any], dict[str, Any]]:
+    """Everything [`prune`] decides, without building the new model.
+
+    Returns:
+        `(selection, tensors, updates, report)`: the [`hf_slim.anatomy.Selection`]; replacement source tensors when
+        experts were merged (else `None`); non-axis config updates (`num_experts_per_tok`); and a JSON-friendly
+        report of the kept indices and merge groups.
+    """
+    from ..anatomy import get_spec
+
+    if not isinstance(config, PruneConfig):
+        raise TypeError(f"config must be a PruneConfig, got {type(config).__name__}")
+    spec = get_spec(model)
+    mc = model.config
+    targets = config.resolve(mc)
+    needs_stats = any(k in targets for k in _NEEDS_STATS) or (
+        "num_hidden_layers" in targets and config.depth_method == "block_influence"
+    )
+    if needs_stats:
+        if stats is None:
+            raise ValueError(f"stats: pruning {sorted(targets)} needs ImportanceStats (run collect_statistics)")
+        stats.check_compatible(mc)
+    sel: dict[str, Any] = {}
+    updates: dict[str, Any] = {}
+    report: dict[str, Any] = {"targets": targets}
+    tensors: dict[str, torch.Tensor] | None = None
+    blocks = spec.block_containers[0]
+
+    if "num_hidden_layers" in targets:
+        sel["layer"] = choose_layers(
+            mc.num_hidden_layers,
+            targets["num_hidden_layers"],
+            config.depth_method,
+            stats,
+            getattr(mc, "layer_types", None),
+        )
+        report["layers"] = sel["layer"].tolist()
+    if "hidden_size" in targets:
+        sel["hidden"] = choose_hidden(stats, targets["hidden_size"], config.hidden_method)
+    if "num_attention_heads" in targets or "num_key_value_heads" in targets:
+        heads = targets.get("num_attention_heads", mc.num_attention_heads)
+        kv = targets.get("num_key_value_heads", mc.num_key_value_heads)
+        scores = stats["head.out_norm"]
+        sel["head"] = {
+            i: choose_heads(scores[i], mc.num_key_value_heads, heads, kv) for i in _layers_with(model, spec, "attn_out")
+        }
+    sparse = _layers_with(model, spec, "experts")
+    if "num_experts" in targets:
+        n_keep = targets["num_experts"]
+        strategy = config.expert_strategy
+        imp_name = strategy if strategy in ("frequency", "soft", "reap") else config.merge_importance
+        sel["expert"] = {}
+        groups_report: dict[int, dict[int, list[int]]] = {}
+        for i in sparse:
+            imp = expert_importance(stats, i, imp_name)
+            sim = None
+            if strategy in ("merge", "partial_preserve"):
+                router = model.get_submodule(f"{blocks}.{i}.{spec.modules['router']}").weight
+                sim = expert_similarity(stats, i, config.merge_similarity, router)
+            plan = plan_experts(imp, n_keep, strategy, sim)
+            sel["expert"][i] = plan.kept
+            if plan.merges:
+                if tensors is None:
+                    tensors = dict(model.state_dict())
+                prefix = f"{blocks}.{i}.{spec.modules['experts']}"
+                for leaf in ("gate_up_proj", "down_proj"):
+                    tensors[f"{prefix}.{leaf}"] = merge_expert_rows(tensors[f"{prefix}.{leaf}"], plan, imp)
+                groups_report[i] = {k: v for k, v in plan.groups.items() if len(v) > 1}
+        report["experts"] = {i: t.tolist() for i, t in sel["expert"].items()}
+        if groups_report:
+            report["merges"] = groups_report
+    if "num_experts_per_tok" in targets:
+        updates["num_experts_per_tok"] = targets["num_experts_per_tok"]
+    if "moe_intermediate_size" in targets:
+        act = stats["expert_ffn.act"]
+        sel["expert_ffn"] = {i: choose_expert_neurons(act[i], targets["moe_intermediate_size"]) for i in sparse}
+    if "shared_expert_intermediate_size" in targets:
+        act = stats["shared_ffn.act"]
+        layers = _layers_with(model, spec, "shared_down")
+        sel["shared_ffn"] = {i: choose_neurons(act[i], targets["shared_expert_intermediate_size"]) for i in layers}
+    if "intermediate_size" in targets:
+        layers = _layers_with(model, spec, "dense_down")
+        if not layers:
+            raise ValueError(f"intermediate_size={targets['intermediate_size']}: the model has no dense FFN layer")
+        act = stats["ffn.act"]
+        sel["ffn"] = {i: choose_neurons(act[i], targets["intermediate_size"]) for i in layers}
+    return sel, tensors, updates, report
+
+
+def prune(model: Any, config: PruneConfig, stats: ImportanceStats | None = None) -> Any:
+    """Structurally prune a MoE causal LM; returns a new model of the SAME class (a stock model stays stock).
+
+    Args:
+        model ([`~transformers.PreTrainedModel`]): source model (left untouched).
+        config ([`PruneConfig`]): target sizes and methods.
+        stats ([`ImportanceStats`], optional): calibration statistics of `model` from
+            [`collect_statistics`]; required unless only depth (`last`) or top-k changes.
+
+    Returns:
+        The pruned model. Router rows, biases, norms and config fields follow the kept indices; what was chosen is
+        in `model.hf_slim_pruning_report` (kept layers, experts, merge groups).
+
+    Raises:
+        `ValueError`: targets larger than the source, top-k above the expert count, head counts that do not divide,
+            a hidden size the architecture cannot hold, or statistics from another model.
+
+    Example:
+        ```python
+        >>> stats = collect_statistics(model, texts, tokenizer=tok, num_samples=256, max_length=1024)
+        >>> small = prune(model, PruneConfig(num_experts=0.5, num_experts_per_tok=4, hidden_size=0.75), stats)
+        ```
+    """
+    from ..anatomy import apply_selection
+
+    sel, tensors, updates, report = plan_selection(model, config, stats)
+    new = apply_selection(model, sel, tensors=tensors, updates=updates)
+    new.hf_slim_pruning_report = report
+    return new
+
+
+def count_parameters(model: Any) -> dict[str, int]:
+    """`total` parameters and `active` parameters per token (routed experts counted `top_k / num_experts`)."""
+    from ..anatomy import get_spec
+
+    spec = get_spec(model)
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    inactive = 0
+    cfg = model.config
+    topk = getattr(cfg, spec.field("num_experts_per_tok"), 0) or 0
+    for i in _layers_with(model, spec, "experts"):
+        experts = model.get_submodule(f"{spec.block_containers[0]}.{i}.{spec.modules['experts']}")
+        n_exp = experts.gate_up_proj.shape[0]
+        per_layer = experts.gate_up_proj.numel() + experts.down_proj.numel()
+        inactive += per_layer * (n_exp - min(topk, n_exp)) // n_exp
+    return {"total": total, "active": total - inactive}
