@@ -9,7 +9,8 @@
 
 from .calibration import collect_statistics, pack_calibration_data
 from .config import SIZE_FIELDS, ProgressivePlan, PruneConfig
-from .prune import count_parameters, plan_selection, prune
+from .export import save_pruned, size_summary
+from .prune import plan_selection, prune
 from .stats import ImportanceStats
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "SIZE_FIELDS",
     "prune",
     "plan_selection",
-    "count_parameters",
+    "save_pruned",
+    "size_summary",
 ]

@@ -11,7 +11,7 @@ from .experts import expert_importance, expert_similarity, merge_expert_rows, pl
 from .scores import choose_expert_neurons, choose_heads, choose_hidden, choose_layers, choose_neurons
 from .stats import ImportanceStats
 
-__all__ = ["prune", "plan_selection", "count_parameters"]
+__all__ = ["prune", "plan_selection", "layers_with"]
 
 _NEEDS_STATS = (
     "hidden_size",
@@ -24,7 +24,8 @@ _NEEDS_STATS = (
 )
 
 
-def _layers_with(model: Any, spec: Any, key: str) -> list[int]:
+def layers_with(model: Any, spec: Any, key: str) -> list[int]:
+    """Decoder layers holding the module `spec.modules[key]` (e.g. `experts`, `attn_out`, `dense_down`)."""
     path = spec.modules[key]
     out = []
     for i, layer in enumerate(model.get_submodule(spec.block_containers[0])):
@@ -82,9 +83,9 @@ def plan_selection(
         kv = targets.get("num_key_value_heads", mc.num_key_value_heads)
         scores = stats["head.out_norm"]
         sel["head"] = {
-            i: choose_heads(scores[i], mc.num_key_value_heads, heads, kv) for i in _layers_with(model, spec, "attn_out")
+            i: choose_heads(scores[i], mc.num_key_value_heads, heads, kv) for i in layers_with(model, spec, "attn_out")
         }
-    sparse = _layers_with(model, spec, "experts")
+    sparse = layers_with(model, spec, "experts")
     if "num_experts" in targets:
         n_keep = targets["num_experts"]
         strategy = config.expert_strategy
@@ -116,10 +117,10 @@ def plan_selection(
         sel["expert_ffn"] = {i: choose_expert_neurons(act[i], targets["moe_intermediate_size"]) for i in sparse}
     if "shared_expert_intermediate_size" in targets:
         act = stats["shared_ffn.act"]
-        layers = _layers_with(model, spec, "shared_down")
+        layers = layers_with(model, spec, "shared_down")
         sel["shared_ffn"] = {i: choose_neurons(act[i], targets["shared_expert_intermediate_size"]) for i in layers}
     if "intermediate_size" in targets:
-        layers = _layers_with(model, spec, "dense_down")
+        layers = layers_with(model, spec, "dense_down")
         if not layers:
             raise ValueError(f"intermediate_size={targets['intermediate_size']}: the model has no dense FFN layer")
         act = stats["ffn.act"]
@@ -157,25 +158,3 @@ def prune(model: Any, config: PruneConfig, stats: ImportanceStats | None = None)
     new.hf_slim_pruning_report = report
     return new
 
-
-def count_parameters(model: Any) -> dict[str, int]:
-    """`total` parameters and `active` parameters per token (routed experts counted `top_k / num_experts`)."""
-    from ..anatomy import get_spec
-
-    spec = get_spec(model)
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-    inactive = 0
-    cfg = model.config
-    topk = getattr(cfg, spec.field("num_experts_per_tok"), 0) or 0
-    for i in _layers_with(model, spec, "experts"):
-        experts = model.get_submodule(f"{spec.block_containers[0]}.{i}.{spec.modules['experts']}")
-        n_exp = experts.gate_up_proj.shape[0]
-        per_layer = experts.gate_up_proj.numel() + experts.down_proj.numel()
-        inactive += per_layer * (n_exp - min(topk, n_exp)) // n_exp
-    return {"total": total, "active": total - inactive}

@@ -1,0 +1,136 @@
+"""Hub-ready folder for a pruned model: `hf_slim.hub.save_for_hub` plus `pruning_config.json`, optional statistics,
+and a model card whose recipe states the pruning, the sizes before/after, the calibration data and evaluations."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .config import PruneConfig
+from .stats import ImportanceStats
+
+__all__ = ["save_pruned", "size_summary", "STATS_FILE", "PRUNING_CONFIG_FILE"]
+
+STATS_FILE = "importance_stats.safetensors"
+PRUNING_CONFIG_FILE = "pruning_config.json"
+
+
+def size_summary(model: Any) -> dict[str, Any]:
+    """Parameter counts and per-axis sizes (canonical names) of a model, for tables and cards."""
+    from ..anatomy import get_spec
+    from ..utils import count_parameters
+
+    spec = get_spec(model)
+    counts = count_parameters(model)
+    out: dict[str, Any] = {"total_params": counts["total"], "active_params": counts["active"]}
+    for name in (
+        "num_hidden_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "shared_expert_intermediate_size",
+        "intermediate_size",
+    ):
+        value = getattr(model.config, spec.field(name), None)
+        if value is not None and not (name == "intermediate_size" and spec.field("moe_intermediate_size") == name):
+            out[name] = value
+    return out
+
+
+def _recipe(config: PruneConfig, before: dict, after: dict, calibration: str | None, evals: dict | None) -> str:
+    set_fields = {k: v for k, v in config.to_dict().items() if v is not None}
+    lines = [
+        "Structurally pruned with hf-slim (SlimQwen-style: score each axis on calibration data, keep the top "
+        "indices, same architecture out). Pruning config:",
+        "",
+        "```json",
+        json.dumps(set_fields, indent=2, sort_keys=True),
+        "```",
+        "",
+        "| | before | after |",
+        "|---|---|---|",
+    ]
+    for key in before:
+        lines.append(f"| {key} | {before[key]} | {after.get(key, '-')} |")
+    if calibration:
+        lines += ["", f"Calibration data: {calibration}"]
+    if evals:
+        lines += ["", "| evaluation | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in evals.items()]
+    return "\n".join(lines)
+
+
+def save_pruned(
+    model: Any,
+    folder: str | os.PathLike,
+    *,
+    prune_config: PruneConfig,
+    before: dict[str, Any] | None = None,
+    stats: ImportanceStats | None = None,
+    tokenizer: Any = None,
+    base_model: str | None = None,
+    calibration: str | None = None,
+    eval_results: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a pruned model as a Hub-ready folder, atomically (a failure leaves nothing at `folder`).
+
+    Args:
+        model: the pruned model (from [`prune`]).
+        folder: output folder.
+        prune_config ([`PruneConfig`]): saved as `pruning_config.json` together with the kept indices.
+        before (`dict`, optional): [`size_summary`] of the source model, for the before/after table.
+        stats ([`ImportanceStats`], optional): saved as `importance_stats.safetensors` when given.
+        tokenizer: copied into the folder.
+        base_model (`str`, optional): Hub id of the source, for the card metadata.
+        calibration (`str`, optional): a line describing the calibration data.
+        eval_results (`dict`, optional): evaluation numbers for the card.
+        overwrite (`bool`): replace an existing non-empty folder.
+    """
+    from huggingface_hub import ModelCard
+
+    from ..hub import save_for_hub
+    from ..utils import atomic_directory
+
+    after = size_summary(model)
+    before = before or {}
+    recipe = _recipe(prune_config, before or after, after, calibration, eval_results)
+    folder = Path(folder)
+    with atomic_directory(folder, overwrite=overwrite) as tmp:
+        inner = save_for_hub(
+            model,
+            tmp / "model",
+            processing_class=tokenizer,
+            repo_id=folder.name,
+            card_kwargs={
+                "recipe": recipe,
+                "base_model": base_model,
+                "description": f"A pruned {model.config.model_type} Mixture-of-Experts model.",
+            },
+        )
+        for item in Path(inner).iterdir():
+            shutil.move(str(item), tmp / item.name)
+        Path(inner).rmdir()
+        record = {
+            "prune_config": prune_config.to_dict(),
+            "report": getattr(model, "hf_slim_pruning_report", {}),
+            "before": before,
+            "after": after,
+            "base_model": base_model,
+            "calibration": calibration,
+            "statistics_file": STATS_FILE if stats is not None else None,
+        }
+        (tmp / PRUNING_CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+        if stats is not None:
+            stats.save(tmp / STATS_FILE)
+        card = ModelCard.load(tmp / "README.md")
+        tags = list(card.data.tags or [])
+        card.data.tags = tags + [t for t in ("pruned", "moe", "hf-slim") if t not in tags]
+        card.save(tmp / "README.md")
+    return folder.resolve()
