@@ -500,11 +500,14 @@ class Aurora(torch.optim.Optimizer):
         if not self._check_finite():
             return loss
         for group in self.param_groups:
-            if group["use_aurora"]:
-                self._aurora_group(group)
-            else:
-                self._adamw_group(group)
+            self._step_group(group)
         return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        if group["use_aurora"]:
+            self._aurora_group(group)
+        else:
+            self._adamw_group(group)
 
     def _aurora_group(self, group: dict[str, Any]) -> None:
         lr, wd = group["lr"], group["weight_decay"]
