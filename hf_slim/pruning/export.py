@@ -98,6 +98,10 @@ def save_pruned(
     from ..hub import save_for_hub
     from ..utils import atomic_directory
 
+    if not isinstance(prune_config, PruneConfig):
+        raise TypeError(f"prune_config must be a PruneConfig, got {type(prune_config).__name__}")
+    if stats is not None and not isinstance(stats, ImportanceStats):
+        raise TypeError(f"stats must be ImportanceStats or None, got {type(stats).__name__}")
     after = size_summary(model)
     before = before or {}
     recipe = _recipe(prune_config, before or after, after, calibration, eval_results)
