@@ -198,3 +198,49 @@ def test_accelerate_launch_two_process_ddp(tmp_path):
     # DDP averaged the gradients, so both ranks took identical Aurora steps.
     assert results[0]["checksum"] == results[1]["checksum"]
     assert results[0]["moved"] > 0
+
+
+def test_neuron_health_callback_counts_idle_neurons():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from hf_slim.optim import NeuronHealthCallback
+
+    model = nn.Module()
+    model.mlp = nn.Module()
+    model.mlp.up_proj = nn.Linear(8, 20, bias=False)  # neurons: rows
+    model.mlp.down_proj = nn.Linear(20, 8, bias=False)  # neurons: columns
+    cb = NeuronHealthCallback(threshold=0.1, window=3)
+    state = SimpleNamespace(global_step=0, log_history=[])
+    for step in range(4):
+        state.global_step = step
+        cb.on_pre_optimizer_step(None, state, None, model=model)
+        with torch.no_grad():
+            mask = torch.ones(20)
+            mask[:5] = 0.01  # neurons 0-4 get 1% of a typical update
+            model.mlp.up_proj.weight.add_(torch.randn(20, 8) * mask[:, None])
+            model.mlp.down_proj.weight.add_(torch.randn(8, 20) * mask[None, :])
+        cb.on_optimizer_step(None, state, None)
+        if step < 2:  # the window is not full yet
+            assert cb.latest["neuron_health/dead_frac"] == 0.0
+    assert cb.latest["neuron_health/up_proj/dead_frac"] == pytest.approx(0.25)
+    assert cb.latest["neuron_health/down_proj/dead_frac"] == pytest.approx(0.25)
+    assert cb.latest["neuron_health/up_proj/row_spread"] > 10
+    logs = {"loss": 1.0}
+    state.log_history.append(dict(logs))
+    cb.on_log(None, state, None, logs=logs)
+    assert state.log_history[-1]["neuron_health/dead_frac"] == pytest.approx(0.25)
+
+
+def test_neuron_health_callback_logs_in_trainer(tmp_path):
+    from hf_slim.optim import NeuronHealthCallback
+
+    cb = NeuronHealthCallback(window=2)
+    trainer = Trainer(
+        model=tiny_moe(), args=_args(tmp_path, optim="aurora", max_steps=4), train_dataset=learnable_dataset(), callbacks=[cb]
+    )
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "neuron_health/dead_frac" in h]
+    assert logged and 0.0 <= logged[-1]["neuron_health/dead_frac"] <= 1.0
+    assert "neuron_health/gate_up_proj/row_spread" in logged[-1] and len(cb.history) == 4

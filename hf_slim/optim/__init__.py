@@ -25,14 +25,26 @@ __all__ = [
     "AuroraFactory",
     "AuroraLoRA",
     "AuroraLoRAFactory",
+    "NeuronHealthCallback",
     "NonFiniteGradientError",
     "aurora_direction",
     "aurora_lora_param_groups",
     "aurora_param_groups",
     "aurora_update",
     "lora_pair_update",
+    "neuron_update_norms",
     "ns_coefficients",
     "polar_factor",
     "register_aurora_with_transformers",
     "shape_scale",
 ]
+
+
+def __getattr__(name: str):
+    # The callback subclasses transformers.TrainerCallback, whose import pulls in the training stack
+    # (~2 s); load it on first use so `import hf_slim` stays fast.
+    if name in ("NeuronHealthCallback", "neuron_update_norms"):
+        from . import health
+
+        return getattr(health, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
