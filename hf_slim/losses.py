@@ -52,9 +52,10 @@ REDUCTIONS = ("mean", "sum")
 SCHEDULE_KINDS = ("linear", "cosine", "constant")
 DEFAULT_CHUNK_SIZE = 256
 
-# A chunk's loss function: (first row, end row, float32/64 student logits [rows, vocab] it may overwrite, whether the
-# gradient is wanted) -> (summed loss of the chunk, gradient of that sum wrt the logits or None).
-_ChunkLossFn = Callable[[int, int, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
+# A chunk's loss function: (first row, end row, a thunk returning the chunk's float32/64 student logits [rows, vocab],
+# whether the gradient is wanted) -> (summed loss of the chunk, gradient of that sum wrt the logits or None). The thunk
+# hands the only reference to the logits to the loss function, so it can free them as soon as it has used them.
+_ChunkLossFn = Callable[[int, int, Callable[[], torch.Tensor], bool], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,7 +208,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h = hidden[start:end]
-            loss, grad_logits = chunk_loss(start, end, _project(h, weight, bias), want_any)
+            loss, grad_logits = chunk_loss(start, end, lambda: _project(h, weight, bias), want_any)
             total += loss
             if not want_any:
                 continue
@@ -270,13 +271,16 @@ def _kd_chunk_loss(
     # The T² factor is in the caller's scale; here only the chain rule through logits / T.
     grad_factor = inv_t
 
-    def chunk_loss(start: int, end: int, s_logits: torch.Tensor, want_grad: bool):
+    def chunk_loss(start: int, end: int, student_logits: Callable[[], torch.Tensor], want_grad: bool):
         with torch.no_grad():
+            s_logits = student_logits()
             t_logits = _project(teacher_hidden[start:end], teacher_weight, teacher_bias)
             if inv_t != 1.0:
                 t_logits.mul_(inv_t)
                 s_logits.mul_(inv_t)
-            log_ps = s_logits.sub_(torch.logsumexp(s_logits, dim=-1, keepdim=True))
+            # log_softmax is faster than logsumexp + in-place subtraction on CPU and peaks at the same memory
+            log_ps = torch.log_softmax(s_logits, dim=-1)
+            del s_logits
             if teacher_top_k is not None:
                 top_vals, top_idx = t_logits.topk(min(teacher_top_k, t_logits.shape[-1]), dim=-1, sorted=False)
                 del t_logits
@@ -296,7 +300,8 @@ def _kd_chunk_loss(
                     loss_rows = jsd_beta * kl_t + (1.0 - jsd_beta) * kl_s
                     grad = diff.sub_(kl_s.unsqueeze(1)).mul_(ps).mul_(1.0 - jsd_beta) if want_grad else None
             else:
-                log_pt = t_logits.sub_(torch.logsumexp(t_logits, dim=-1, keepdim=True))
+                log_pt = torch.log_softmax(t_logits, dim=-1)
+                del t_logits
                 if divergence == "forward_kl":
                     pt = log_pt.exp()
                     loss_rows = _row_dot(pt, log_pt) - _row_dot(pt, log_ps)
@@ -329,14 +334,14 @@ def _kd_chunk_loss(
 def _ce_chunk_loss(targets: torch.Tensor) -> _ChunkLossFn:
     """Chunk loss of the cross-entropy of the student chunk against hard targets (one per row, all counted)."""
 
-    def chunk_loss(start: int, end: int, logits: torch.Tensor, want_grad: bool):
+    def chunk_loss(start: int, end: int, student_logits: Callable[[], torch.Tensor], want_grad: bool):
         with torch.no_grad():
             tgt = targets[start:end].unsqueeze(1)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            loss = (lse - logits.gather(1, tgt)).sum()
+            log_p = torch.log_softmax(student_logits(), dim=-1)
+            loss = -log_p.gather(1, tgt).sum()
             if not want_grad:
                 return loss, None
-            grad = logits.sub_(lse).exp_()
+            grad = log_p.exp_()
             grad.scatter_add_(1, tgt, torch.full_like(tgt, -1.0, dtype=grad.dtype))
             return loss, grad
 
