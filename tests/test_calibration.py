@@ -28,8 +28,10 @@ def test_calibration_pass_matches_plain_forward_and_shapes(family):
     handle.remove()
     torch.testing.assert_close(torch.cat(seen), ref, rtol=1e-5, atol=1e-5)
     c = model.config
-    L, H = c.num_hidden_layers, c.hidden_size
+    L, H = c.num_hidden_layers + getattr(c, "num_mtp_heads", 0), c.hidden_size  # MTP blocks come last
     assert stats["hidden.norm_abs_mean"].shape == (L, 2, H)
+    if getattr(c, "num_mtp_heads", 0):  # the MTP blocks ran during calibration
+        assert stats["expert.frequency"][-1].sum() > 0 and stats.metadata["blocks"][-1].startswith("mtp.layers.")
     assert stats["expert.frequency"].shape == (L, 8)
     sparse = stats["layer.sparse"].bool()
     # every token picks exactly top-k experts in a sparse layer

@@ -70,12 +70,14 @@ def test_prune_removes_lowest_scored_and_config_follows(family, tmp_path):
         3, kw["hidden_size"], 2, 1
     )
     # exactly the lowest-REAP experts are gone, in every sparse layer
-    for i, kept in small.hf_slim_pruning_report["experts"].items():
-        reap = stats["expert.reap"][int(i)]
+    blocks = stats.metadata["blocks"]  # statistics rows: decoder layers, then MTP layers
+    for key, kept in small.hf_slim_pruning_report["experts"].items():
+        row = key if isinstance(key, int) else blocks.index(key)
+        reap = stats["expert.reap"][row]
         dropped = sorted(set(range(8)) - set(kept))
         assert reap[kept].min() >= reap[dropped].max()
     # hidden channels: the kept ones have the highest SlimQwen score
-    score = stats["hidden.norm_abs_mean"].reshape(-1, 32)
+    score = stats["hidden.norm_abs_mean"].reshape(-1, 32)  # every RMSNorm, MTP blocks included
     score = torch.cat([score, stats["hidden.final_abs_mean"][None]]).mean(0)
     kept_h = torch.topk(score, kw["hidden_size"]).indices.sort().values
     torch.testing.assert_close(small.model.embed_tokens.weight, model.model.embed_tokens.weight[:, kept_h])

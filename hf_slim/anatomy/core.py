@@ -105,6 +105,8 @@ class ArchSpec:
         layer_list_fields (`tuple[str]`): per-layer list attributes selected along with the layer axis.
         config_hook (`Callable`, optional): `(old_config, new_config, selection)` for family-specific config rules.
         validate (`Callable`, optional): `(new_config)` raising `ValueError` when the architecture cannot hold it.
+        config_rules (`Callable`, optional): `(config) -> block rules` that depend on config switches (e.g. whether
+            q/k norms span all heads); checked before `block_rules`.
     """
 
     model_type: str
@@ -118,6 +120,7 @@ class ArchSpec:
     layer_list_fields: tuple[str, ...] = ()
     config_hook: Callable[[Any, Any, dict], None] | None = None
     validate: Callable[[Any], None] | None = None
+    config_rules: Callable[[Any], tuple[TensorRule, ...]] | None = None
     notes: str = ""
     _block_re: re.Pattern = field(init=False, repr=False, compare=False)
 
@@ -133,9 +136,11 @@ class ArchSpec:
             return None, name
         return m.group(1), m.group(3)
 
-    def rule_for(self, name: str) -> tuple[str | None, TensorRule | None]:
+    def rule_for(self, name: str, config: Any = None) -> tuple[str | None, TensorRule | None]:
         block, rel = self.split_name(name)
         rules = self.global_rules if block is None else self.block_rules
+        if block is not None and self.config_rules is not None and config is not None:
+            rules = tuple(self.config_rules(config)) + rules
         for rule in rules:
             if rule.matches(rel):
                 return block, rule
@@ -152,8 +157,16 @@ class ArchSpec:
     def is_decoder_block(self, block: str) -> bool:
         return block.rsplit(".", 1)[0] == self.block_containers[0]
 
-    def num_blocks(self, config: Any) -> list[str]:
-        return [f"{self.block_containers[0]}.{i}" for i in range(config.num_hidden_layers)]
+    def blocks(self, model: Any) -> list[str]:
+        """Every block prefix of a model instance: decoder layers first, then e.g. MTP layers, in order."""
+        out = []
+        for container in self.block_containers:
+            try:
+                mods = model.get_submodule(container)
+            except AttributeError:
+                continue
+            out += [f"{container}.{i}" for i in range(len(mods))]
+        return out
 
 
 def layer_key(spec: ArchSpec, layer: int | str) -> str:
@@ -270,7 +283,7 @@ def tensor_index(
         `None` if the tensor is dropped (its layer is not kept), else a tuple with one entry per dim: `None`
         (keep the whole dim), a 1-D index tensor, or a 2-D `[rows_after_dim0, k]` tensor for per-row gathers.
     """
-    block, rule = spec.rule_for(name)
+    block, rule = spec.rule_for(name, config)
     if block is not None and "layer" in selection and spec.is_decoder_block(block):
         if int(block.rsplit(".", 1)[1]) not in selection["layer"].tolist():
             return None
@@ -461,6 +474,7 @@ def select_tensors(
     """Apply a selection to a name -> tensor mapping; returns the new tensors (renamed for layers) and config."""
     sel = normalize_selection(spec, selection)
     new_config = select_config(spec, config, sel, updates)
+    _check_coverage(spec, config, tensors, sel)
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         idx = tensor_index(spec, name, t.shape, config, sel)
@@ -468,6 +482,41 @@ def select_tensors(
             continue
         out[_rename(spec, name, sel)] = index_tensor(t, idx) if any(i is not None for i in idx) else t
     return out, new_config
+
+
+_CANONICAL = {
+    "expert": "num_experts",
+    "expert_ffn": "moe_intermediate_size",
+    "shared_ffn": "shared_expert_intermediate_size",
+    "ffn": "intermediate_size",
+    "head": "num_attention_heads",
+}
+
+
+def _check_coverage(spec: ArchSpec, config: Any, tensors: Mapping[str, Any], sel: Mapping[str, Any]) -> None:
+    """A per-layer selection that changes a size held once in the config must give indices for every block that
+    carries the axis (MTP layers included), or the rebuilt model would not fit."""
+    for axis, canonical in _CANONICAL.items():
+        per = sel.get(axis)
+        if not per:
+            continue
+        size = _uniform_size(spec, axis, per, config)
+        if size == getattr(config, spec.field(canonical), size):
+            continue
+        carriers = set()
+        for name in tensors:
+            block, rule = spec.rule_for(name, config)
+            if block is None or rule is None or not any(d.axis == axis for d in rule.dims):
+                continue
+            if "layer" in sel and spec.is_decoder_block(block) and int(block.rsplit(".", 1)[1]) not in sel["layer"]:
+                continue
+            carriers.add(block)
+        missing = sorted(carriers - set(per))
+        if missing:
+            raise ValueError(
+                f"{axis}: the selection changes {spec.field(canonical)} to {size} but gives no indices for "
+                f"{missing}; a size held once in the config needs indices for every block carrying the axis"
+            )
 
 
 def _rebuild(model: Any, tensors: dict[str, torch.Tensor], config: Any, name_map: Callable[[str], str]) -> Any:

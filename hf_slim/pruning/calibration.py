@@ -102,7 +102,9 @@ class _Collector:
         self.model = model
         self.spec = spec
         self.config = model.config
-        self.layers = model.get_submodule(spec.block_containers[0])
+        # decoder layers first, then other blocks (MTP layers): statistics index i is blocks[i]
+        self.blocks = spec.blocks(model)
+        self.layers = [model.get_submodule(b) for b in self.blocks]
         self.L = len(self.layers)
         self.dev = next(model.parameters()).device
         self.H = self.config.hidden_size
@@ -123,6 +125,7 @@ class _Collector:
         self.zeros("hidden.norm_abs_mean", L, 2, H)
         self.zeros("hidden.minitron", L, 2, H)
         self.zeros("layer.block_influence", L)
+        self.zeros("_block_tokens", L)
         for key in ("layer.sparse", "layer.attention", "layer.dense"):
             self.zeros(key, L)
         norm_names = [n for n in mods["decoder_norms"].split(",") if n]
@@ -181,6 +184,8 @@ class _Collector:
         def hook(_m, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
             self._last_in = x.detach()
+            # MTP blocks see fewer positions than decoder layers: every block keeps its own token count
+            self.acc["_block_tokens"][i] += x.shape[:-1].numel()
 
         return hook
 
@@ -265,21 +270,23 @@ class _Collector:
         experts.forward = types.MethodType(forward, experts)
 
     def finish(self, metadata: dict[str, Any]) -> ImportanceStats:
-        t = max(self.tokens, 1)
+        t_all = max(self.tokens, 1)
+        t = self.acc.pop("_block_tokens").cpu().clamp_min(1)  # [L]
         out: dict[str, torch.Tensor] = {}
         for key, v in self.acc.items():
             v = v.cpu()
-            if key in ("hidden.norm_abs_mean", "hidden.final_abs_mean", "layer.block_influence", "head.out_norm"):
-                v = v / t
+            if key == "hidden.final_abs_mean":
+                v = v / t_all
+            elif key in ("hidden.norm_abs_mean", "layer.block_influence", "head.out_norm", "shared_ffn.act",
+                         "ffn.act", "expert.soft"):
+                v = v / t.view(-1, *([1] * (v.ndim - 1)))
             elif key in ("hidden.minitron", "hidden.final_minitron"):
                 v = v.sqrt()
-            elif key in ("shared_ffn.act", "ffn.act", "expert.soft"):
-                v = v / t
             out[key] = v
         if "expert.count" in out:
             cnt = out["expert.count"]
             safe = cnt.clamp_min(1)
-            out["expert.frequency"] = cnt / t
+            out["expert.frequency"] = cnt / t[:, None]
             out["expert.reap"] = out["expert.reap"] / safe
             out["expert.mean_output"] = out["expert.mean_output"] / safe[..., None]
             out["expert_ffn.act"] = out["expert_ffn.act"] / safe[..., None]
@@ -353,13 +360,16 @@ def collect_statistics(
         data, tokenizer=tokenizer, num_samples=num_samples, max_length=max_length, text_column=text_column
     )
     collector = _Collector(model, spec)
+    import inspect
+
+    extra = {"return_mtp": True} if "return_mtp" in inspect.signature(model.forward).parameters else {}
     was_training = model.training
     model.eval()
     collector.install()
     try:
         for start in tqdm(range(0, ids.shape[0], batch_size), desc="calibration", disable=not show_progress):
             batch = ids[start : start + batch_size].to(collector.dev)
-            model(input_ids=batch, use_cache=False)
+            model(input_ids=batch, use_cache=False, **extra)
             collector.tokens += batch.numel()
             collector.samples += batch.shape[0]
     finally:
@@ -371,6 +381,7 @@ def collect_statistics(
         "num_samples": collector.samples,
         "max_length": int(ids.shape[1]),
         "sizes": _sizes(spec, model.config),
+        "blocks": collector.blocks,
     }
     return collector.finish(metadata)
 

@@ -24,16 +24,17 @@ _NEEDS_STATS = (
 )
 
 
-def layers_with(model: Any, spec: Any, key: str) -> list[int]:
-    """Decoder layers holding the module `spec.modules[key]` (e.g. `experts`, `attn_out`, `dense_down`)."""
+def layers_with(model: Any, spec: Any, key: str) -> list[tuple[int, int | str]]:
+    """Blocks holding the module `spec.modules[key]` (e.g. `experts`, `attn_out`, `dense_down`), as
+    `(statistics index, selection key)`: decoder layers by number, other blocks (MTP layers) by prefix."""
     path = spec.modules[key]
-    out = []
-    for i, layer in enumerate(model.get_submodule(spec.block_containers[0])):
+    out: list[tuple[int, int | str]] = []
+    for i, block in enumerate(spec.blocks(model)):
         try:
-            layer.get_submodule(path)
-            out.append(i)
+            model.get_submodule(f"{block}.{path}")
         except AttributeError:
             continue
+        out.append((i, int(block.rsplit(".", 1)[1]) if spec.is_decoder_block(block) else block))
     return out
 
 
@@ -65,7 +66,6 @@ def plan_selection(
     updates: dict[str, Any] = {}
     report: dict[str, Any] = {"targets": targets}
     tensors: dict[str, torch.Tensor] | None = None
-    blocks = spec.block_containers[0]
 
     if "num_hidden_layers" in targets:
         sel["layer"] = choose_layers(
@@ -83,7 +83,7 @@ def plan_selection(
         kv = targets.get("num_key_value_heads", mc.num_key_value_heads)
         scores = stats["head.out_norm"]
         sel["head"] = {
-            i: choose_heads(scores[i], mc.num_key_value_heads, heads, kv) for i in layers_with(model, spec, "attn_out")
+            k: choose_heads(scores[i], mc.num_key_value_heads, heads, kv) for i, k in layers_with(model, spec, "attn_out")
         }
     sparse = layers_with(model, spec, "experts")
     if "num_experts" in targets:
@@ -92,21 +92,22 @@ def plan_selection(
         imp_name = strategy if strategy in ("frequency", "soft", "reap") else config.merge_importance
         sel["expert"] = {}
         groups_report: dict[int, dict[int, list[int]]] = {}
-        for i in sparse:
+        for i, key in sparse:
+            block = spec.blocks(model)[i]
             imp = expert_importance(stats, i, imp_name)
             sim = None
             if strategy in ("merge", "partial_preserve"):
-                router = model.get_submodule(f"{blocks}.{i}.{spec.modules['router']}").weight
+                router = model.get_submodule(f"{block}.{spec.modules['router']}").weight
                 sim = expert_similarity(stats, i, config.merge_similarity, router)
             plan = plan_experts(imp, n_keep, strategy, sim)
-            sel["expert"][i] = plan.kept
+            sel["expert"][key] = plan.kept
             if plan.merges:
                 if tensors is None:
                     tensors = dict(model.state_dict())
-                prefix = f"{blocks}.{i}.{spec.modules['experts']}"
+                prefix = f"{block}.{spec.modules['experts']}"
                 for leaf in ("gate_up_proj", "down_proj"):
                     tensors[f"{prefix}.{leaf}"] = merge_expert_rows(tensors[f"{prefix}.{leaf}"], plan, imp)
-                groups_report[i] = {k: v for k, v in plan.groups.items() if len(v) > 1}
+                groups_report[key] = {k: v for k, v in plan.groups.items() if len(v) > 1}
         report["experts"] = {i: t.tolist() for i, t in sel["expert"].items()}
         if groups_report:
             report["merges"] = groups_report
@@ -114,17 +115,17 @@ def plan_selection(
         updates["num_experts_per_tok"] = targets["num_experts_per_tok"]
     if "moe_intermediate_size" in targets:
         act = stats["expert_ffn.act"]
-        sel["expert_ffn"] = {i: choose_expert_neurons(act[i], targets["moe_intermediate_size"]) for i in sparse}
+        sel["expert_ffn"] = {k: choose_expert_neurons(act[i], targets["moe_intermediate_size"]) for i, k in sparse}
     if "shared_expert_intermediate_size" in targets:
         act = stats["shared_ffn.act"]
         layers = layers_with(model, spec, "shared_down")
-        sel["shared_ffn"] = {i: choose_neurons(act[i], targets["shared_expert_intermediate_size"]) for i in layers}
+        sel["shared_ffn"] = {k: choose_neurons(act[i], targets["shared_expert_intermediate_size"]) for i, k in layers}
     if "intermediate_size" in targets:
         layers = layers_with(model, spec, "dense_down")
         if not layers:
             raise ValueError(f"intermediate_size={targets['intermediate_size']}: the model has no dense FFN layer")
         act = stats["ffn.act"]
-        sel["ffn"] = {i: choose_neurons(act[i], targets["intermediate_size"]) for i in layers}
+        sel["ffn"] = {k: choose_neurons(act[i], targets["intermediate_size"]) for i, k in layers}
     return sel, tensors, updates, report
 
 

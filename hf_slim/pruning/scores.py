@@ -72,7 +72,7 @@ def choose_layers(
         raise ValueError(f"depth_method={method!r}: valid values are ['last', 'block_influence']")
     if stats is None:
         raise ValueError("stats: depth_method='block_influence' needs calibration statistics")
-    bi = stats["layer.block_influence"]
+    bi = stats["layer.block_influence"][:num_layers]  # MTP blocks (if any) come after the decoder layers
     kinds = list(layer_types) if layer_types is not None and len(set(layer_types)) > 1 else None
     if kinds is None:
         return top_indices(bi, k)

@@ -1,0 +1,76 @@
+"""Axes spec for `slim_moe` (this project's family): Qwen3-MoE/Qwen3-Next tensor names, optional shared expert,
+per-layer `mlp_layer_types` ("sparse"/"dense"), q/k norms per head (`qk_norm="head"`), over all heads (`"full"`)
+or absent, and multi-token-prediction heads.
+
+MTP: `mtp.fc.weight [H, 2H]` takes cat[norm(embedding), norm(hidden)], so its input dim holds the hidden axis twice
+(`parts=2`); `mtp.layers.K` are ordinary (sparse) decoder blocks with their own per-layer axes and keep their
+numbering when decoder layers are dropped.
+"""
+
+from typing import Any
+
+from ._rules import (
+    DEFAULT_MODULES,
+    attention_rules,
+    decoder_norm_rules,
+    dense_mlp_rules,
+    embedding_rules,
+    head_dim_units,
+    router_expert_rules,
+    rule,
+    shared_expert_rules,
+)
+from .core import ArchSpec, Dim, TensorRule
+
+_mtp = (
+    rule("mtp.fc.weight", Dim("hidden", 0), Dim("hidden", 1, 1, 2)),
+    rule("mtp.pre_fc_norm_embedding.weight", Dim("hidden", 0)),
+    rule("mtp.pre_fc_norm_hidden.weight", Dim("hidden", 0)),
+    rule("mtp.norm.weight", Dim("hidden", 0)),
+)
+
+
+def _qk_norm_rules(config: Any) -> tuple[TensorRule, ...]:
+    if getattr(config, "qk_norm", None) == "full":
+        return (
+            rule("self_attn.q_norm.weight", Dim("head", 0, "head_dim")),
+            rule("self_attn.k_norm.weight", Dim("kv_head", 0, "head_dim")),
+        )
+    return ()
+
+
+_SIZES = (
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_experts",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "intermediate_size",
+)
+
+
+def _hook(old: Any, new: Any, selection: dict) -> None:
+    # Elastic variants are prefixes of the source's axes: a permutation keeps them meaningful to whoever re-ranks,
+    # a shrink does not, so they are dropped as soon as any size changes.
+    if getattr(old, "elastic", None) and any(getattr(old, f) != getattr(new, f) for f in _SIZES):
+        new.elastic = None
+
+
+SPEC = ArchSpec(
+    model_type="slim_moe",
+    global_rules=embedding_rules() + _mtp,
+    block_rules=decoder_norm_rules()
+    + attention_rules()
+    + router_expert_rules()
+    + shared_expert_rules()
+    + dense_mlp_rules(),
+    config_fields={},
+    units=head_dim_units,
+    modules=DEFAULT_MODULES,
+    block_containers=("model.layers", "mtp.layers"),
+    layer_list_fields=("layer_types", "mlp_layer_types"),
+    config_hook=_hook,
+    config_rules=_qk_norm_rules,
+)
