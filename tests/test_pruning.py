@@ -274,3 +274,44 @@ def test_plan_selection_is_inspectable_without_building():
     sel, tensors, updates, report = plan_selection(model, PruneConfig(num_experts=6, num_experts_per_tok=1), stats)
     assert set(sel) == {"expert"} and tensors is None and updates == {"num_experts_per_tok": 1}
     assert all(len(v) == 6 for v in report["experts"].values())
+
+
+def test_cli_prune_end_to_end(tmp_path, capsys):
+    """`hf-slim prune` through the sub-parser: calibrate on a local text file, prune, Hub-ready output, table."""
+    import argparse
+
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from hf_slim.pruning.cli import add_prune_parser
+    from test_anatomy import real_text
+
+    model, _ = model_and_stats("qwen3_moe")
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    # byte-level tokenizer: ids 0..159 cover the bytes the text uses modulo the tiny vocabulary
+    vocab = {chr(i): i for i in range(160)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=chr(0)))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=chr(0)).save_pretrained(src)
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(real_text()))
+    parser = argparse.ArgumentParser()
+    add_prune_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([
+        "prune", str(src), str(tmp_path / "out"), "--num-experts", "4", "--hidden-size", "0.75",
+        "--expert-strategy", "partial_preserve", "--calibration", str(text), "--num-samples", "4",
+        "--max-length", "32", "--save-stats",
+    ])
+    assert args.handler(args) == 0
+    shown = capsys.readouterr().out
+    assert "num_experts" in shown and "before" in shown and "0.50x" in shown
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert back.config.num_experts == 4 and back.config.hidden_size == 24
+    assert (tmp_path / "out" / "tokenizer.json").exists()
+    assert (tmp_path / "out" / "importance_stats.safetensors").exists()
+    bad = parser.parse_args(["prune", str(src), str(tmp_path / "bad"), "--num-experts", "16",
+                             "--calibration", str(text)])
+    with pytest.raises(ValueError, match="num_experts=16"):
+        bad.handler(bad)
+    assert not (tmp_path / "bad").exists()
