@@ -19,7 +19,6 @@ from hf_slim.losses import (
     slimqwen_objective,
 )
 
-
 N, H_S, H_T, V = 29, 8, 12, 53
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -53,10 +52,9 @@ def naive_kd(hs, ws, bs, ht, wt, bt, mask, *, temperature=1.0, divergence="forwa
         per_token = F.kl_div(log_pt, log_ps, reduction="none", log_target=True).sum(-1)
     else:
         log_m = ((1 - jsd_beta) * log_ps.exp() + jsd_beta * pt).log()
-        per_token = (
-            jsd_beta * F.kl_div(log_m, pt, reduction="none").sum(-1)
-            + (1 - jsd_beta) * F.kl_div(log_m, log_ps, reduction="none", log_target=True).sum(-1)
-        )
+        per_token = jsd_beta * F.kl_div(log_m, pt, reduction="none").sum(-1) + (1 - jsd_beta) * F.kl_div(
+            log_m, log_ps, reduction="none", log_target=True
+        ).sum(-1)
     return per_token[mask].sum() / mask.sum() * temperature**2
 
 
@@ -75,17 +73,26 @@ def assert_all_close(actual, expected, tol):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("divergence,jsd_beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("jsd", 0.8)])
 @pytest.mark.parametrize(
-    "divergence,jsd_beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("jsd", 0.8)]
+    "chunk_size,temperature,recompute", [(1, 1.0, False), (7, 2.5, False), (7, 2.5, True), (1000, 0.7, False)]
 )
-@pytest.mark.parametrize("chunk_size,temperature,recompute", [(1, 1.0, False), (7, 2.5, False), (7, 2.5, True), (1000, 0.7, False)])
 def test_chunked_kd_matches_full_logits(dtype, divergence, jsd_beta, chunk_size, temperature, recompute):
     hs, ws, bs, ht, wt, bt, mask = make_inputs(dtype)
     ref = naive_kd(hs, ws, bs, ht, wt, bt, mask, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta)
     out = chunked_kd_loss(
-        hs, ws, ht, wt, mask,
-        temperature=temperature, divergence=divergence, jsd_beta=jsd_beta, chunk_size=chunk_size,
-        student_head_bias=bs, teacher_head_bias=bt, recompute=recompute,
+        hs,
+        ws,
+        ht,
+        wt,
+        mask,
+        temperature=temperature,
+        divergence=divergence,
+        jsd_beta=jsd_beta,
+        chunk_size=chunk_size,
+        student_head_bias=bs,
+        teacher_head_bias=bt,
+        recompute=recompute,
     )
     assert out.dtype == dtype
     assert ref.item() > 0.01  # a real divergence, not a trivial zero
@@ -99,13 +106,34 @@ def test_teacher_top_k_matches_renormalised_reference(divergence, jsd_beta, reco
     hs, ws, bs, ht, wt, bt, mask = make_inputs()
     ref = naive_kd(hs, ws, bs, ht, wt, bt, mask, temperature=1.5, divergence=divergence, jsd_beta=jsd_beta, top_k=5)
     out = chunked_kd_loss(
-        hs, ws, ht, wt, mask, temperature=1.5, divergence=divergence, jsd_beta=jsd_beta, teacher_top_k=5,
-        chunk_size=6, student_head_bias=bs, teacher_head_bias=bt, recompute=recompute,
+        hs,
+        ws,
+        ht,
+        wt,
+        mask,
+        temperature=1.5,
+        divergence=divergence,
+        jsd_beta=jsd_beta,
+        teacher_top_k=5,
+        chunk_size=6,
+        student_head_bias=bs,
+        teacher_head_bias=bt,
+        recompute=recompute,
     )
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     assert_all_close(grads(out, [hs, ws, bs]), grads(ref, [hs, ws, bs]), 1e-10)
-    dense = chunked_kd_loss(hs, ws, ht, wt, mask, temperature=1.5, divergence=divergence, jsd_beta=jsd_beta,
-                            student_head_bias=bs, teacher_head_bias=bt)
+    dense = chunked_kd_loss(
+        hs,
+        ws,
+        ht,
+        wt,
+        mask,
+        temperature=1.5,
+        divergence=divergence,
+        jsd_beta=jsd_beta,
+        student_head_bias=bs,
+        teacher_head_bias=bt,
+    )
     assert not torch.allclose(out, dense)  # the truncation changes the target
 
 
@@ -117,7 +145,7 @@ def test_teacher_top_k_of_whole_vocab_is_the_dense_loss():
 
 
 def test_leading_batch_dims_and_labels_mask():
-    hs, ws, bs, ht, wt, bt, mask = make_inputs(n=24)
+    hs, ws, _, ht, wt, _, mask = make_inputs(n=24, bias=False)
     labels = torch.where(mask, torch.arange(24) % V, torch.full((24,), -100))
     flat = chunked_kd_loss(hs, ws, ht, wt, mask, chunk_size=5)
     batched = chunked_kd_loss(hs.view(4, 6, H_S), ws, ht.view(4, 6, H_T), wt, labels=labels.view(4, 6), chunk_size=5)
@@ -162,8 +190,17 @@ def test_matches_trl_generalized_jsd_loss(trl_generalized_jsd, divergence, jsd_b
     t_logits = (ht @ wt.T + bt).view(1, N, V)
     trl = trl_generalized_jsd(s_logits, t_logits, labels=labels, beta=trl_beta, temperature=temperature)
     ours = chunked_kd_loss(
-        hs.view(1, N, H_S), ws, ht.view(1, N, H_T), wt, labels=labels, temperature=temperature,
-        divergence=divergence, jsd_beta=jsd_beta, chunk_size=4, student_head_bias=bs, teacher_head_bias=bt,
+        hs.view(1, N, H_S),
+        ws,
+        ht.view(1, N, H_T),
+        wt,
+        labels=labels,
+        temperature=temperature,
+        divergence=divergence,
+        jsd_beta=jsd_beta,
+        chunk_size=4,
+        student_head_bias=bs,
+        teacher_head_bias=bt,
     )
     # We scale by T² (Hinton); TRL does not.
     torch.testing.assert_close(ours, trl * temperature**2, rtol=1e-10, atol=1e-10)
@@ -176,8 +213,9 @@ def test_num_items_in_batch_matches_trl(trl_generalized_jsd):
     trl = trl_generalized_jsd(
         (hs @ ws.T + bs).view(1, N, V), (ht @ wt.T + bt).view(1, N, V), labels=labels, beta=0.0, num_items_in_batch=50
     )
-    ours = chunked_kd_loss(hs, ws, ht, wt, labels=labels.view(N), num_items_in_batch=50,
-                           student_head_bias=bs, teacher_head_bias=bt)
+    ours = chunked_kd_loss(
+        hs, ws, ht, wt, labels=labels.view(N), num_items_in_batch=50, student_head_bias=bs, teacher_head_bias=bt
+    )
     torch.testing.assert_close(ours, trl, rtol=1e-10, atol=1e-10)
 
 
@@ -189,8 +227,18 @@ def test_num_items_in_batch_matches_trl(trl_generalized_jsd):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_zero_kd_when_student_is_teacher(divergence):
     hs, ws, bs, _, _, _, mask = make_inputs()
-    out = chunked_kd_loss(hs, ws, hs.detach(), ws.detach(), mask, divergence=divergence, temperature=2.0,
-                          student_head_bias=bs, teacher_head_bias=bs.detach(), chunk_size=5)
+    out = chunked_kd_loss(
+        hs,
+        ws,
+        hs.detach(),
+        ws.detach(),
+        mask,
+        divergence=divergence,
+        temperature=2.0,
+        student_head_bias=bs,
+        teacher_head_bias=bs.detach(),
+        chunk_size=5,
+    )
     assert abs(out.item()) < 1e-12
     for g in grads(out, [hs, ws, bs]):
         assert g.abs().max().item() < 1e-12
@@ -366,8 +414,9 @@ def test_mtp_kd_loss_matches_explicit_loop_with_padding():
             log_p = F.log_softmax(student[row, i] @ s_weight.T, -1)
             terms.append((log_q.exp() * (log_q - log_p)).sum())
     ref = torch.stack(terms).mean()
-    out = mtp_kd_loss(student, s_weight, teacher, t_weight, k, labels=labels, attention_mask=attention_mask,
-                      chunk_size=3)
+    out = mtp_kd_loss(
+        student, s_weight, teacher, t_weight, k, labels=labels, attention_mask=attention_mask, chunk_size=3
+    )
     assert len(terms) == 2 * (t - 1 - k) - 1 - 3
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     assert_all_close(grads(out, [student, s_weight]), grads(ref, [student, s_weight]), 1e-10)
@@ -387,8 +436,15 @@ def test_slimqwen_objective_follows_the_formula():
     assert total.item() == pytest.approx(expected)
     assert total.requires_grad
     assert {k: round(v.item(), 6) for k, v in logs.items()} == {
-        "lm": 2.0, "kd": 3.0, "mtp_lm": 5.0, "mtp_kd": 2.0, "mtp_lm_1": 4.0, "mtp_lm_2": 6.0,
-        "mtp_kd_1": 1.0, "mtp_kd_2": 3.0, "total": round(expected, 6),
+        "lm": 2.0,
+        "kd": 3.0,
+        "mtp_lm": 5.0,
+        "mtp_kd": 2.0,
+        "mtp_lm_1": 4.0,
+        "mtp_lm_2": 6.0,
+        "mtp_kd_1": 1.0,
+        "mtp_kd_2": 3.0,
+        "total": round(expected, 6),
     }
     assert not any(v.requires_grad for v in logs.values())
 
@@ -406,11 +462,29 @@ def test_slimqwen_objective_allows_missing_zero_weight_terms():
     "kwargs,match",
     [
         (dict(lm=None, kd=torch.tensor(1.0), mtp_lm=[], mtp_kd=[], lam=0.9, beta=0.0), "lm is missing.*0.1"),
-        (dict(lm=torch.tensor(1.0), kd=torch.tensor(1.0), mtp_lm=[], mtp_kd=[], lam=0.9, beta=0.3), "mtp_lm is missing"),
-        (dict(lm=torch.tensor(1.0), kd=torch.tensor(1.0), mtp_lm=[torch.tensor(1.0)],
-              mtp_kd=[torch.tensor(1.0)] * 2, lam=0.9, beta=0.3), "one loss per MTP depth.*1 and 2"),
-        (dict(lm=torch.tensor(1.0), kd=torch.tensor(1.0), mtp_lm=[], mtp_kd=[], lam=1.5, beta=0.0), r"lam.*\[0, 1\].*1.5"),
-        (dict(lm=torch.tensor(1.0), kd=torch.tensor(1.0), mtp_lm=[], mtp_kd=[], lam=0.5, beta=-0.1), "beta.*>= 0.*-0.1"),
+        (
+            dict(lm=torch.tensor(1.0), kd=torch.tensor(1.0), mtp_lm=[], mtp_kd=[], lam=0.9, beta=0.3),
+            "mtp_lm is missing",
+        ),
+        (
+            dict(
+                lm=torch.tensor(1.0),
+                kd=torch.tensor(1.0),
+                mtp_lm=[torch.tensor(1.0)],
+                mtp_kd=[torch.tensor(1.0)] * 2,
+                lam=0.9,
+                beta=0.3,
+            ),
+            "one loss per MTP depth.*1 and 2",
+        ),
+        (
+            dict(lm=torch.tensor(1.0), kd=torch.tensor(1.0), mtp_lm=[], mtp_kd=[], lam=1.5, beta=0.0),
+            r"lam.*\[0, 1\].*1.5",
+        ),
+        (
+            dict(lm=torch.tensor(1.0), kd=torch.tensor(1.0), mtp_lm=[], mtp_kd=[], lam=0.5, beta=-0.1),
+            "beta.*>= 0.*-0.1",
+        ),
     ],
 )
 def test_slimqwen_objective_errors(kwargs, match):
@@ -424,7 +498,9 @@ def test_schedules_at_start_middle_end():
     assert cosine_schedule(0.3, 0.1, 0.25) == pytest.approx(0.1 + 0.2 * (1 + math.cos(math.pi / 4)) / 2)
     sched = LossWeightSchedule()
     assert [(sched.lam(p), sched.beta(p)) for p in (0, 0.5, 1)] == [
-        pytest.approx((1.0, 0.3)), pytest.approx((0.875, 0.2)), pytest.approx((0.75, 0.1))
+        pytest.approx((1.0, 0.3)),
+        pytest.approx((0.875, 0.2)),
+        pytest.approx((0.75, 0.1)),
     ]
     assert sched.at_step(50, 100) == pytest.approx((0.875, 0.2))
     assert sched.at_step(150, 100) == pytest.approx((0.75, 0.1))
@@ -490,7 +566,9 @@ def test_kd_option_errors(kwargs, match):
 
 def test_vocab_mismatch_error_says_what_to_do():
     hs, ws, _, ht, _, _, _ = make_inputs(bias=False)
-    with pytest.raises(ValueError, match=r"(?s)student_head_weight has 53 rows.*teacher_head_weight has 60.*len\(tokenizer\)"):
+    with pytest.raises(
+        ValueError, match=r"(?s)student_head_weight has 53 rows.*teacher_head_weight has 60.*len\(tokenizer\)"
+    ):
         chunked_kd_loss(hs, ws, ht, torch.randn(60, H_T, dtype=torch.float64))
 
 
