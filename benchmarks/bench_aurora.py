@@ -281,8 +281,8 @@ def bench_lm(steps: int, seeds: int) -> tuple[object, torch.Tensor]:
     out(f"Data: Vim's help files (/usr/share/vim/vim90/doc/*.txt), {len(text) / 1e6:.1f} M chars, byte-level BPE "
         f"(vocab 512) trained with `tokenizers`; {len(train_ids) / 1e6:.2f} M train / {len(val_ids) / 1e3:.0f} k val tokens.")
     out("Model: Qwen3-MoE config, hidden 64, 2 layers, 4 experts (top-2), expert width 128; batch 8 x 128 tokens.")
-    out("Learning rates: AdamW 3e-3; Muon and Aurora 0.02 on hidden matrices (AdamW 3e-3 on the rest); "
-        "each chosen by a 3-point sweep on seed 0 over a third of the steps (listed below).")
+    out("Learning rates: Muon and Aurora use the swept lr on hidden matrices and AdamW 3e-3 on the rest; "
+        "each lr chosen by a 3-point sweep on seed 0 over a third of the steps (listed below).")
     out()
     val = _batches(val_ids, 128, 16, 8, 999)
     lrs = {"AdamW": [1e-3, 3e-3, 1e-2], "Muon": [0.01, 0.02, 0.05], "Aurora": [0.01, 0.02, 0.05]}
