@@ -4,6 +4,9 @@
 This file is copied next to the weights by `hf_slim.hub.save_for_hub`, so it imports nothing from hf_slim.
 """
 
+import copy
+from typing import Any
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
@@ -12,6 +15,30 @@ from transformers.modeling_rope_utils import RopeParameters
 QK_NORM_TYPES = ("head", "full")
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 MLP_LAYER_TYPES = ("sparse", "dense")
+#: Config fields an elastic variant may set; every one is an axis that nests (a prefix of the full model's)
+#: except `num_experts_per_tok`, which only has to fit the variant's own `num_experts`.
+ELASTIC_FIELDS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "intermediate_size",
+)
+#: The axes compared when checking that variants nest (layers compare as sets of kept layer indices).
+ELASTIC_NESTED_FIELDS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_experts",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "intermediate_size",
+)
+FULL_VARIANT = "full"
 
 
 @strict
@@ -58,7 +85,9 @@ class SlimMoeConfig(PreTrainedConfig):
         output_router_logits (`bool`): Return router logits (and the aux loss) by default.
         num_mtp_heads (`int`): Number D >= 0 of multi-token-prediction depths.
         mtp_loss_weight (`float`): Weight of the mean MTP loss in `loss` when labels are given.
-        elastic (`dict`, *optional*): Nested elastic variants (see `hf_slim.elastic`); stored as plain JSON.
+        elastic (`dict`, *optional*): Nested elastic variants `{"variants": {name: {field: size}}}` (see
+            `hf_slim.elastic.ElasticConfig`); stored as plain JSON and validated on load. Every variant is a prefix
+            of the full model along every axis; `variant_config(name)` gives a plain config of that size.
     """
 
     model_type = "slim_moe"
@@ -186,6 +215,252 @@ class SlimMoeConfig(PreTrainedConfig):
             raise ValueError("SlimMoeConfig.sliding_window must be set when layer_types has 'sliding_attention'.")
         if self.mtp_loss_weight < 0:
             raise ValueError(f"SlimMoeConfig.mtp_loss_weight must be >= 0, got {self.mtp_loss_weight}.")
+        if self.elastic is not None:
+            resolve_elastic_variants(self.elastic, self)
+
+    # ---- elastic variants --------------------------------------------------------------------------------------
+    def elastic_variant_names(self) -> list[str]:
+        """Names of the nested variants, smallest first, ending with the implicit `"full"`."""
+        resolved = resolve_elastic_variants(self.elastic, self) if self.elastic else {}
+        return [*resolved, FULL_VARIANT]
+
+    def elastic_variant_sizes(self, name: str) -> dict[str, Any]:
+        """Every elastic field of variant `name` resolved against this config.
+
+        Returns:
+            `dict` with `layers` (the kept decoder layers, as indices of this model) and one int per entry of
+            `ELASTIC_FIELDS` (`num_hidden_layers` being `len(layers)`).
+
+        Raises:
+            `ValueError`: the config has no `elastic` variants (and `name` is not `"full"`).
+            `KeyError`: unknown `name`, listing the variants.
+        """
+        if name == FULL_VARIANT:
+            return _full_sizes(self)
+        if not self.elastic:
+            raise ValueError(
+                f"elastic_variant={name!r}: this SlimMoeConfig has no elastic variants (config.elastic is None); "
+                "build them with hf_slim.elastic.make_elastic, or use elastic_variant='full'."
+            )
+        resolved = resolve_elastic_variants(self.elastic, self)
+        if name not in resolved:
+            raise KeyError(f"elastic_variant={name!r} is not a variant of this model; variants: {[*resolved, FULL_VARIANT]}")
+        return resolved[name]
+
+    def variant_config(self, name: str) -> "SlimMoeConfig":
+        """A plain `SlimMoeConfig` of the size of variant `name`.
+
+        The result still carries, under `elastic`, the variants that fit inside `name` (re-expressed against its
+        own layer numbering), so a model sliced to `name` is itself elastic over what it contains.
+        """
+        sizes = self.elastic_variant_sizes(name)
+        data = self.to_dict()
+        layers = sizes["layers"]
+        for key in ELASTIC_FIELDS:
+            data[key] = sizes[key]
+        data["head_dim"] = self.head_dim
+        data["layer_types"] = [self.layer_types[i] for i in layers]
+        data["mlp_layer_types"] = [self.mlp_layer_types[i] for i in layers]
+        nested = {}
+        if self.elastic and name != FULL_VARIANT:
+            for other, other_sizes in resolve_elastic_variants(self.elastic, self).items():
+                if other != name and _fits(other_sizes, sizes) and not _same(other_sizes, sizes):
+                    nested[other] = _relative(other_sizes, sizes)
+        elif self.elastic:
+            nested = copy.deepcopy(self.elastic.get("variants", {}))
+        extra = {k: copy.deepcopy(v) for k, v in (self.elastic or {}).items() if k != "variants"}
+        data["elastic"] = {**extra, "variants": nested} if nested else None
+        for key in ("model_type", "transformers_version"):
+            data.pop(key, None)
+        return type(self)(**data)
+
+
+def _full_sizes(config: Any) -> dict[str, Any]:
+    sizes = {key: getattr(config, key) for key in ELASTIC_FIELDS}
+    sizes["layers"] = list(range(config.num_hidden_layers))
+    return sizes
+
+
+def _fits(small: dict, large: dict) -> bool:
+    """Whether `small` lies inside `large` on every nested axis (a size of `None` means the full model's)."""
+    for key in ELASTIC_NESTED_FIELDS:
+        if key == "num_hidden_layers":
+            if large["layers"] is not None and (
+                small["layers"] is None or not set(small["layers"]) <= set(large["layers"])
+            ):
+                return False
+        elif large[key] is not None and (small[key] is None or small[key] > large[key]):
+            return False
+    return True
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(a[k] == b[k] for k in ELASTIC_FIELDS) and list(a["layers"]) == list(b["layers"])
+
+
+def _relative(small: dict, large: dict) -> dict[str, Any]:
+    """`small`'s fields as a variant of `large` (layer indices renumbered to `large`'s kept layers)."""
+    out: dict[str, Any] = {}
+    positions = [large["layers"].index(i) for i in small["layers"]]
+    if positions != list(range(len(large["layers"]))):
+        out["num_hidden_layers"] = len(positions) if positions == list(range(len(positions))) else positions
+    for key in ELASTIC_FIELDS[1:]:
+        if small[key] != large[key]:
+            out[key] = small[key]
+    return out
+
+
+def _int_field(variant: str, key: str, value: Any, low: int, high: int | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"elastic variant {variant!r}: {key} must be an integer, got {value!r}.")
+    if value < low or (high is not None and value > high):
+        where = f"between {low} and the full model's {high}" if high is not None else f">= {low}"
+        raise ValueError(f"elastic variant {variant!r}: {key}={value} is out of range; it must be {where}.")
+    return value
+
+
+def resolve_elastic_variants(elastic: Any, base: Any = None) -> dict[str, dict[str, Any]]:
+    """Validate an `elastic` dict and resolve every variant to explicit sizes, smallest first.
+
+    Args:
+        elastic (`dict`): `{"variants": {name: {field: size}}}` with fields from `ELASTIC_FIELDS`;
+            `num_hidden_layers` is a count (the first layers) or a sorted list of kept layer indices.
+        base (`SlimMoeConfig`, *optional*): the full model. Without it, missing fields mean "as the full model" and
+            only the checks that need no full model are run.
+
+    Returns:
+        `{name: sizes}` as in `SlimMoeConfig.elastic_variant_sizes`; sizes not given are the full model's (or `None`
+        without `base`).
+
+    Raises:
+        `ValueError`: naming the variant and the field: unknown field, size out of range, head counts that do not keep
+            whole KV groups, top-k above the variant's experts, or two variants that do not nest.
+    """
+    if not isinstance(elastic, dict) or not isinstance(elastic.get("variants"), dict):
+        raise ValueError(
+            f"SlimMoeConfig.elastic must be a dict like {{'variants': {{'small': {{'hidden_size': 512}}}}}}, "
+            f"got {elastic!r}."
+        )
+    full = _full_sizes(base) if base is not None else dict.fromkeys(ELASTIC_FIELDS)
+    group = base.num_attention_heads // base.num_key_value_heads if base is not None else None
+    resolved: dict[str, dict[str, Any]] = {}
+    for name, fields in elastic["variants"].items():
+        if not isinstance(name, str) or not name or name == FULL_VARIANT:
+            raise ValueError(f"elastic variant name {name!r} is invalid: use a non-empty string other than 'full'.")
+        if not isinstance(fields, dict):
+            raise ValueError(f"elastic variant {name!r} must map config fields to sizes, got {fields!r}.")
+        unknown = sorted(set(fields) - set(ELASTIC_FIELDS))
+        if unknown:
+            raise ValueError(f"elastic variant {name!r}: unknown field(s) {unknown}; valid fields: {list(ELASTIC_FIELDS)}.")
+        sizes = {key: fields.get(key, full[key]) for key in ELASTIC_FIELDS}
+        layers = sizes["num_hidden_layers"]
+        n_full = full["num_hidden_layers"]
+        if isinstance(layers, (list, tuple)):
+            if not layers or any(isinstance(i, bool) or not isinstance(i, int) for i in layers) or any(
+                b <= a for a, b in zip(layers, layers[1:])
+            ) or layers[0] < 0 or (n_full is not None and layers[-1] >= n_full):
+                raise ValueError(
+                    f"elastic variant {name!r}: num_hidden_layers={list(layers)} must be a count or a non-empty, "
+                    f"strictly increasing list of layer indices in [0, {n_full})."
+                )
+            sizes["layers"] = list(layers)
+        elif layers is not None:
+            _int_field(name, "num_hidden_layers", layers, 1, n_full)
+            sizes["layers"] = list(range(layers))
+        else:
+            sizes["layers"] = None
+        if sizes["layers"] is not None:
+            sizes["num_hidden_layers"] = len(sizes["layers"])
+        for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_experts", "moe_intermediate_size"):
+            if sizes[key] is not None:
+                _int_field(name, key, sizes[key], 1, full[key])
+        for key in ("shared_expert_intermediate_size", "intermediate_size"):
+            if sizes[key] is not None:
+                _int_field(name, key, sizes[key], 0 if key.startswith("shared") else 1, full[key])
+        _resolve_heads(name, fields, sizes, full, group)
+        top_k, experts = sizes["num_experts_per_tok"], sizes["num_experts"]
+        if top_k is not None:
+            _int_field(name, "num_experts_per_tok", top_k, 1, None)
+            if experts is not None and top_k > experts:
+                raise ValueError(
+                    f"elastic variant {name!r}: num_experts_per_tok={top_k} is larger than the variant's "
+                    f"num_experts={experts}; give the variant a num_experts_per_tok between 1 and {experts}."
+                )
+        resolved[name] = sizes
+    names = list(resolved)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            _check_nested(a, resolved[a], b, resolved[b])
+    order = sorted(names, key=lambda n: sum(1 for m in names if m != n and _fits(resolved[m], resolved[n]) and not _fits(resolved[n], resolved[m])))
+    return {n: resolved[n] for n in order}
+
+
+def _resolve_heads(name: str, fields: dict, sizes: dict, full: dict, group: int | None) -> None:
+    # Prefix views keep whole KV groups: query heads [0, n) share KV heads [0, n / group) only when the variant's
+    # group size equals the full model's.
+    heads, kv = fields.get("num_attention_heads"), fields.get("num_key_value_heads")
+    if group is None:
+        if heads is not None and kv is not None and heads % kv:
+            raise ValueError(
+                f"elastic variant {name!r}: num_key_value_heads={kv} must divide num_attention_heads={heads} "
+                "(head divisibility)."
+            )
+        return
+    if heads is None and kv is None:
+        return
+    if heads is None:
+        heads = kv * group
+        if heads > full["num_attention_heads"]:
+            raise ValueError(
+                f"elastic variant {name!r}: num_key_value_heads={kv} is larger than the full model's "
+                f"{full['num_key_value_heads']}."
+            )
+    valid = list(range(group, full["num_attention_heads"] + 1, group))
+    if heads % group:
+        raise ValueError(
+            f"elastic variant {name!r}: num_attention_heads={heads} breaks head divisibility: variants keep whole "
+            f"KV groups of {group} query heads, so valid values are {valid}."
+        )
+    if kv is not None and kv * group != heads:
+        raise ValueError(
+            f"elastic variant {name!r}: num_key_value_heads={kv} with num_attention_heads={heads} breaks head "
+            f"divisibility: variants keep whole KV groups of {group} query heads, so num_key_value_heads must be "
+            f"{heads // group}."
+        )
+    sizes["num_attention_heads"], sizes["num_key_value_heads"] = heads, heads // group
+
+
+def _check_nested(a: str, sa: dict, b: str, sb: dict) -> None:
+    smaller_a, smaller_b = [], []
+    for key in ELASTIC_NESTED_FIELDS:
+        if key == "num_hidden_layers":
+            la, lb = sa["layers"], sb["layers"]
+            if la is None or lb is None:
+                continue
+            if not set(la) <= set(lb):
+                smaller_b.append((key, la, lb))
+            if not set(lb) <= set(la):
+                smaller_a.append((key, la, lb))
+            continue
+        va, vb = sa[key], sb[key]
+        va = float("inf") if va is None else va
+        vb = float("inf") if vb is None else vb
+        if va > vb:
+            smaller_b.append((key, va, vb))
+        elif vb > va:
+            smaller_a.append((key, va, vb))
+    if smaller_a and smaller_b:
+        key_a, va_a, vb_a = smaller_a[0]
+        key_b, va_b, vb_b = smaller_b[0]
+        raise ValueError(
+            f"elastic variants {a!r} and {b!r} do not nest on axis {key_b}: {a!r} is smaller on {key_a} "
+            f"({_show(va_a)} vs {_show(vb_a)}) but larger on {key_b} ({_show(va_b)} vs {_show(vb_b)}); every smaller "
+            "variant must fit inside every larger one on every axis."
+        )
+
+
+def _show(value: Any) -> str:
+    return "full" if value == float("inf") else str(value)
 
 
 __all__ = ["SlimMoeConfig"]

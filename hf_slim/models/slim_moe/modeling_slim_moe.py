@@ -7,9 +7,12 @@ Building blocks that transformers already ships (RoPE, RMSNorm, attention kernel
 `@use_experts_implementation`, the load-balancing loss) are reused rather than rewritten.
 """
 
+import contextlib
 import json
+import logging
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +22,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -33,15 +36,80 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     load_balancing_loss_func,
 )
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, cached_file
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_slim_moe import SlimMoeConfig
+from .configuration_slim_moe import FULL_VARIANT, SlimMoeConfig
+
+
+logger = logging.getLogger(__name__)
 
 
 class SlimMoeRMSNorm(Qwen3MoeRMSNorm):
     """RMSNorm computing `weight * x / rms(x)` in float32 (identical to Qwen3-MoE's)."""
+
+
+# ---- elastic (nested) variants: prefix views of the full tensors ---------------------------------------------------
+# A variant keeps a prefix of every axis (make_elastic orders each axis by importance first). While a variant is
+# active, modules carry its sizes in `_elastic*` attributes (None otherwise) and compute with slices of their own
+# parameters: no copies, and gradients land in the shared tensors.
+
+
+@dataclass(frozen=True)
+class SlimMoeElasticSizes:
+    """Sizes one block computes with while an elastic variant is active (widths in elements, not heads)."""
+
+    hidden: int
+    q_width: int
+    kv_width: int
+    num_experts: int
+    top_k: int
+    expert_ffn: int
+    shared_ffn: int
+    ffn: int
+    cache_index: int
+
+
+def _rms_norm(norm: nn.Module, hidden_states: torch.Tensor, width: int) -> torch.Tensor:
+    """`norm` restricted to its first `width` channels: what a variant of that width computes."""
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + norm.variance_epsilon)
+    return norm.weight[:width] * hidden_states.to(input_dtype)
+
+
+def _prefix_linear(layer: nn.Linear, x: torch.Tensor, rows: int) -> torch.Tensor:
+    bias = layer.bias[:rows] if layer.bias is not None else None
+    return F.linear(x, layer.weight[:rows, : x.shape[-1]], bias)
+
+
+def _elastic_experts(
+    experts: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    num_experts: int,
+    width: int,
+) -> torch.Tensor:
+    """The eager experts loop over views: gate rows `[:width]`, up rows `[I:I+width]`, down columns `[:width]`."""
+    full = experts.intermediate_dim
+    hidden = hidden_states.shape[-1]
+    output = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expert_mask = F.one_hot(top_k_index, num_classes=num_experts).permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    for expert_idx in expert_hit:
+        expert_idx = expert_idx[0]
+        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+        current = hidden_states[token_idx]
+        gate = F.linear(current, experts.gate_up_proj[expert_idx, :width, :hidden])
+        up = F.linear(current, experts.gate_up_proj[expert_idx, full : full + width, :hidden])
+        current = F.linear(experts.act_fn(gate) * up, experts.down_proj[expert_idx, :hidden, :width])
+        current = current * top_k_weights[token_idx, top_k_pos, None]
+        output.index_add_(0, token_idx, current.to(output.dtype))
+    return output
 
 
 class SlimMoeRotaryEmbedding(Qwen3MoeRotaryEmbedding):
@@ -60,6 +128,7 @@ class SlimMoeAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
+        self._elastic: SlimMoeElasticSizes | None = None
         q_width = config.num_attention_heads * self.head_dim
         kv_width = config.num_key_value_heads * self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, q_width, bias=config.attention_bias)
@@ -85,12 +154,20 @@ class SlimMoeAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states)
-        key = self.k_proj(hidden_states)
-        value = self.v_proj(hidden_states)
+        elastic = self._elastic
+        if elastic is None:
+            query = self.q_proj(hidden_states)
+            key = self.k_proj(hidden_states)
+            value = self.v_proj(hidden_states)
+        else:
+            query = _prefix_linear(self.q_proj, hidden_states, elastic.q_width)
+            key = _prefix_linear(self.k_proj, hidden_states, elastic.kv_width)
+            value = _prefix_linear(self.v_proj, hidden_states, elastic.kv_width)
         qk_norm = self.config.qk_norm
-        if qk_norm == "full":
+        if qk_norm == "full" and elastic is None:
             query, key = self.q_norm(query), self.k_norm(key)
+        elif qk_norm == "full":
+            query, key = _rms_norm(self.q_norm, query, elastic.q_width), _rms_norm(self.k_norm, key, elastic.kv_width)
         if self.config.clip_qkv is not None:
             clip = self.config.clip_qkv
             query, key, value = query.clamp(-clip, clip), key.clamp(-clip, clip), value.clamp(-clip, clip)
@@ -102,7 +179,9 @@ class SlimMoeAttention(nn.Module):
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+            key, value = past_key_values.update(
+                key, value, self.layer_idx if elastic is None else elastic.cache_index
+            )
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -119,6 +198,8 @@ class SlimMoeAttention(nn.Module):
             **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        if elastic is not None:
+            return _prefix_linear(self.o_proj, attn_output, elastic.hidden), attn_weights
         return self.o_proj(attn_output), attn_weights
 
 
@@ -131,9 +212,16 @@ class SlimMoeMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
+        self._elastic_width: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        width = self._elastic_width
+        if width is None:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        hidden = x.shape[-1]
+        gate = F.linear(x, self.gate_proj.weight[:width, :hidden])
+        up = F.linear(x, self.up_proj.weight[:width, :hidden])
+        return F.linear(self.act_fn(gate) * up, self.down_proj.weight[:hidden, :width])
 
 
 @use_experts_implementation
@@ -180,12 +268,17 @@ class SlimMoeTopKRouter(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.hidden_dim = config.hidden_size
         self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
+        self._elastic: SlimMoeElasticSizes | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-        router_logits = F.linear(hidden_states, self.weight)
+        weight, top_k, hidden_dim = self.weight, self.top_k, self.hidden_dim
+        if self._elastic is not None:
+            top_k, hidden_dim = self._elastic.top_k, self._elastic.hidden
+            weight = weight[: self._elastic.num_experts, :hidden_dim]
+        hidden_states = hidden_states.reshape(-1, hidden_dim)
+        router_logits = F.linear(hidden_states, weight)
         router_probs = F.softmax(router_logits, dtype=torch.float, dim=-1)
-        top_value, top_index = torch.topk(router_probs, self.top_k, dim=-1)
+        top_value, top_index = torch.topk(router_probs, top_k, dim=-1)
         if self.norm_topk_prob:
             top_value = top_value / top_value.sum(dim=-1, keepdim=True)
         return router_logits, top_value.to(router_logits.dtype), top_index
@@ -203,14 +296,24 @@ class SlimMoeSparseMoeBlock(nn.Module):
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
         else:
             self.shared_expert = None
+        self._elastic: SlimMoeElasticSizes | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         flat = hidden_states.view(-1, hidden_dim)
         _, routing_weights, selected_experts = self.gate(flat)
-        output = self.experts(flat, selected_experts, routing_weights)
-        if self.shared_expert is not None:
-            output = output + F.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        elastic = self._elastic
+        if elastic is None:
+            output = self.experts(flat, selected_experts, routing_weights)
+            if self.shared_expert is not None:
+                output = output + F.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+            return output.reshape(batch_size, sequence_length, hidden_dim)
+        output = _elastic_experts(
+            self.experts, flat, selected_experts, routing_weights, elastic.num_experts, elastic.expert_ffn
+        )
+        if self.shared_expert is not None and elastic.shared_ffn > 0:
+            gate = F.linear(flat, self.shared_expert_gate.weight[:, :hidden_dim])
+            output = output + F.sigmoid(gate) * self.shared_expert(flat)
         return output.reshape(batch_size, sequence_length, hidden_dim)
 
 
@@ -228,6 +331,7 @@ class SlimMoeDecoderLayer(GradientCheckpointingLayer):
             self.mlp = SlimMoeMLP(config, config.intermediate_size)
         self.input_layernorm = SlimMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = SlimMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self._elastic_hidden: int | None = None
 
     def forward(
         self,
@@ -239,9 +343,12 @@ class SlimMoeDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        width = self._elastic_hidden
         residual = hidden_states
         hidden_states, _ = self.self_attn(
-            hidden_states=self.input_layernorm(hidden_states),
+            hidden_states=self.input_layernorm(hidden_states)
+            if width is None
+            else _rms_norm(self.input_layernorm, hidden_states, width),
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
@@ -251,8 +358,21 @@ class SlimMoeDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = residual + hidden_states
         residual = hidden_states
-        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        if width is None:
+            hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        else:
+            hidden_states = self.mlp(_rms_norm(self.post_attention_layernorm, hidden_states, width))
         return residual + hidden_states
+
+    def _set_elastic(self, sizes: SlimMoeElasticSizes | None) -> None:
+        self._elastic_hidden = None if sizes is None else sizes.hidden
+        self.self_attn._elastic = sizes
+        if isinstance(self.mlp, SlimMoeSparseMoeBlock):
+            self.mlp._elastic = self.mlp.gate._elastic = sizes
+            if self.mlp.shared_expert is not None:
+                self.mlp.shared_expert._elastic_width = None if sizes is None else sizes.shared_ffn
+        else:
+            self.mlp._elastic_width = None if sizes is None else sizes.ffn
 
 
 class SlimMoePreTrainedModel(PreTrainedModel):
@@ -324,6 +444,150 @@ def check_checkpoint_shapes(model_class: type, config: SlimMoeConfig, folder: st
                     )
 
 
+# ---- slicing a variant out of a tensor source (an in-memory state dict or safetensors slices) -----------------------
+# Tensors whose dim 1 holds an axis twice, back to back: experts' gate then up rows, MTP fc's embedding then hidden half.
+_TWO_PART_DIM1 = ("experts.gate_up_proj", "mtp.fc.weight")
+
+
+def elastic_source_name(name: str, layers: list[int]) -> str:
+    """The full model's name of a variant's tensor: decoder layer `j` of the variant is layer `layers[j]`."""
+    if name.startswith("model.layers."):
+        index, rest = name[len("model.layers.") :].split(".", 1)
+        return f"model.layers.{layers[int(index)]}.{rest}"
+    return name
+
+
+def elastic_ranges(name: str, shape: tuple[int, ...], source_shape: tuple[int, ...]) -> tuple[list[tuple[int, int]], ...]:
+    """Per dim, the `(start, stop)` ranges of the full tensor that make up the variant's tensor `name` of `shape`:
+    the prefix of the dim, or the prefix of each of its fused parts."""
+    if len(shape) != len(source_shape):
+        raise ValueError(f"elastic variant tensor {name} {list(shape)} does not fit the source {list(source_shape)}.")
+    ranges = []
+    for dim, (size, full) in enumerate(zip(shape, source_shape)):
+        parts = 2 if dim == 1 and name.endswith(_TWO_PART_DIM1) else 1
+        if size > full or size % parts or full % parts:
+            raise ValueError(f"elastic variant tensor {name} {list(shape)} does not fit the source {list(source_shape)}.")
+        part, keep = full // parts, size // parts
+        ranges.append([(p * part, p * part + keep) for p in range(parts)] if size != full else [(0, full)])
+    return tuple(ranges)
+
+
+def _slice_tensor(source, ranges: tuple[list[tuple[int, int]], ...], copy: bool = True) -> torch.Tensor:
+    """Read the ranges from a sliceable source (a tensor or `safe_open(...).get_slice(name)`), one read per part;
+    `copy` clones a single read (slicing an in-memory tensor gives a view)."""
+    split = next((d for d, r in enumerate(ranges) if len(r) > 1), None)
+    if split is None:
+        out = torch.as_tensor(source[tuple(slice(*r[0]) for r in ranges)])
+        return out.clone() if copy else out
+    pieces = []
+    for part in ranges[split]:
+        index = tuple(slice(*part) if d == split else slice(*r[0]) for d, r in enumerate(ranges))
+        pieces.append(torch.as_tensor(source[index]))
+    return torch.cat(pieces, dim=split)
+
+
+def _build_variant(
+    model_class: type,
+    config: SlimMoeConfig,
+    name: str,
+    read: Callable[[str, tuple[int, ...]], torch.Tensor | None],
+) -> "SlimMoePreTrainedModel":
+    """Instantiate variant `name` on the meta device and fill it with prefixes of the full tensors.
+
+    `read(full_name, variant_shape)` returns the variant's tensor (see `elastic_ranges`), or `None` when the source
+    lacks a tensor the variant ties to another one.
+    """
+    sizes = config.elastic_variant_sizes(name)
+    variant = config.variant_config(name)
+    variant._attn_implementation = config._attn_implementation
+    with torch.device("meta"):
+        model = model_class(variant)
+    tied = set(model._tied_weights_keys or {}) if variant.tie_word_embeddings else set()
+    tensors = {}
+    for key, meta in model.state_dict().items():
+        if key in tied:
+            continue
+        tensor = read(elastic_source_name(key, sizes["layers"]), tuple(meta.shape))
+        if tensor is None:
+            raise ValueError(f"elastic variant {name!r}: the source has no tensor {elastic_source_name(key, sizes['layers'])!r}.")
+        tensors[key] = tensor
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"elastic variant {name!r}: tensors missing {missing[:5]}, unexpected {unexpected[:5]}.")
+    if tied:
+        model.tie_weights()
+    # non-persistent buffers (the RoPE tables) are rebuilt for the variant's config
+    model.model.rotary_emb = SlimMoeRotaryEmbedding(config=variant)
+    return model
+
+
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+
+def _weight_map(path: str, hub_kwargs: dict) -> dict[str, str]:
+    """Tensor name -> local safetensors file of a checkpoint (a folder or a Hub repo id)."""
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    if index is not None:
+        with open(index) as handle:
+            names = json.load(handle)["weight_map"]
+        files = {file: cached_file(path, file, **hub_kwargs) for file in set(names.values())}
+        return {name: files[file] for name, file in names.items()}
+    single = cached_file(path, "model.safetensors", **hub_kwargs)
+    with safe_open(single, framework="pt") as handle:
+        return dict.fromkeys(handle.keys(), single)
+
+
+def load_elastic_variant(
+    model_class: type, path: str | os.PathLike, name: str, **kwargs
+) -> "SlimMoePreTrainedModel":
+    """Load variant `name` of an elastic checkpoint, reading only its slices (`safe_open(...).get_slice`).
+
+    Each tensor is read through its own short-lived `safe_open`, so at most one full tensor's pages are mapped at a
+    time and peak memory follows the variant's size. `model.elastic_load_report` records the bytes read.
+    """
+    hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+    config = kwargs.pop("config", None)
+    dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+    # what the Auto classes add on their own
+    for key in [k for k in kwargs if k.startswith("_") or k in ("trust_remote_code", "use_safetensors")]:
+        kwargs.pop(key)
+    if "_adapter_model_path" in (kwargs.pop("adapter_kwargs", None) or {}):
+        raise TypeError(f"from_pretrained(..., elastic_variant={name!r}) cannot load a PEFT adapter folder.")
+    if kwargs:
+        raise TypeError(
+            f"from_pretrained(..., elastic_variant={name!r}) does not take {sorted(kwargs)}; it takes config, dtype "
+            f"and the Hub arguments {list(_HUB_KWARGS)} (move the model afterwards with .to())."
+        )
+    path = str(path)
+    if not isinstance(config, SlimMoeConfig):
+        config = SlimMoeConfig.from_pretrained(path, **hub_kwargs)
+    weight_map = _weight_map(path, hub_kwargs)
+    report = {"variant": name, "bytes_read": 0, "tensors_read": 0}
+
+    def read(source: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        if source not in weight_map:
+            return None
+        with safe_open(weight_map[source], framework="pt") as handle:
+            part = handle.get_slice(source)
+            tensor = _slice_tensor(part, elastic_ranges(source, shape, tuple(part.get_shape())), copy=False)
+        report["bytes_read"] += tensor.numel() * tensor.element_size()
+        report["tensors_read"] += 1
+        return tensor
+
+    model = _build_variant(model_class, config, name, read)
+    if dtype is not None and dtype != "auto":
+        model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    report["checkpoint_bytes"] = sum(os.path.getsize(f) for f in set(weight_map.values()))
+    model.elastic_load_report = report
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path, **hub_kwargs)
+    except OSError:
+        model.generation_config = GenerationConfig.from_model_config(model.config)
+    logger.info("loaded elastic variant %r: %d bytes read of %d", name, report["bytes_read"], report["checkpoint_bytes"])
+    return model.eval()
+
+
 class SlimMoeModel(SlimMoePreTrainedModel):
     """The decoder stack: embeddings, `num_hidden_layers` blocks and the final RMSNorm."""
 
@@ -336,6 +600,8 @@ class SlimMoeModel(SlimMoePreTrainedModel):
         self.norm = SlimMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = SlimMoeRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
+        # set by SlimMoeForCausalLM.elastic_variant: (kept layer indices, hidden width, variant config)
+        self._elastic: tuple[list[int], int, SlimMoeConfig] | None = None
         self.post_init()
 
     @merge_with_config_defaults
@@ -352,10 +618,14 @@ class SlimMoeModel(SlimMoePreTrainedModel):
     ) -> MoeModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
+        elastic = self._elastic
+        if inputs_embeds is None and elastic is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds is None:
+            inputs_embeds = F.embedding(input_ids, self.embed_tokens.weight[:, : elastic[1]], self.padding_idx)
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+            # a variant numbers its cache layers 0..n-1 over the layers it keeps
+            past_key_values = DynamicCache(config=self.config if elastic is None else elastic[2])
         if position_ids is None:
             past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
@@ -366,7 +636,9 @@ class SlimMoeModel(SlimMoePreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        for i, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+        layers = range(self.config.num_hidden_layers) if elastic is None else elastic[0]
+        for i in layers:
+            decoder_layer = self.layers[i]
             hidden_states = decoder_layer(
                 hidden_states,
                 attention_mask=mask_mapping[self.config.layer_types[i]],
@@ -376,7 +648,7 @@ class SlimMoeModel(SlimMoePreTrainedModel):
                 position_embeddings=position_embeddings,
                 **kwargs,
             )
-        hidden_states = self.norm(hidden_states)
+        hidden_states = self.norm(hidden_states) if elastic is None else _rms_norm(self.norm, hidden_states, elastic[1])
         return MoeModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
 
 
@@ -416,6 +688,19 @@ class SlimMoeMultiTokenPredictor(nn.Module):
             ]
         )
         self.norm = SlimMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self._elastic_hidden: int | None = None
+
+    def _fuse(self, embedding: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        width = self._elastic_hidden
+        if width is None:
+            return self.fc(torch.cat([self.pre_fc_norm_embedding(embedding), self.pre_fc_norm_hidden(hidden)], dim=-1))
+        # fc's input holds the embedding half then the hidden half: two prefix views instead of one concatenation
+        half = self.fc.in_features // 2
+        embedding = _rms_norm(self.pre_fc_norm_embedding, embedding, width)
+        hidden = _rms_norm(self.pre_fc_norm_hidden, hidden, width)
+        return F.linear(embedding, self.fc.weight[:width, :width]) + F.linear(
+            hidden, self.fc.weight[:width, half : half + width]
+        )
 
     def forward(
         self,
@@ -434,12 +719,7 @@ class SlimMoeMultiTokenPredictor(nn.Module):
             length = seq_len - k
             if length <= 0:
                 break
-            fused = self.fc(
-                torch.cat(
-                    [self.pre_fc_norm_embedding(inputs_embeds[:, k:]), self.pre_fc_norm_hidden(previous[:, :length])],
-                    dim=-1,
-                )
-            )
+            fused = self._fuse(inputs_embeds[:, k:], previous[:, :length])
             positions = position_ids[..., :length]
             padding = attention_mask[:, :length] if attention_mask is not None and attention_mask.dim() == 2 else None
             mask = create_causal_mask(
@@ -451,7 +731,8 @@ class SlimMoeMultiTokenPredictor(nn.Module):
                 position_ids=positions,
                 position_embeddings=rotary_emb(fused, positions),
             )
-            outputs.append(self.norm(previous))
+            width = self._elastic_hidden
+            outputs.append(self.norm(previous) if width is None else _rms_norm(self.norm, previous, width))
         return outputs
 
 
@@ -505,6 +786,7 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         return_mtp: bool | None = None,
         return_mtp_logits: bool | None = None,
+        elastic_variant: str | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> SlimMoeCausalLMOutputWithPast:
         r"""
@@ -513,12 +795,38 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, GenerationMixin):
             has MTP heads (never during cached decoding).
         return_mtp_logits (`bool`, *optional*):
             Also return `mtp_logits`. Defaults to `True` when `labels` are given.
+        elastic_variant (`str`, *optional*):
+            Compute as this nested variant of `config.elastic` (prefix views of the shared tensors, see
+            `elastic_variant()`); `inputs_embeds` may be given at the full width.
         """
+        if elastic_variant is not None:
+            with self.elastic_variant(elastic_variant):
+                return self.forward(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=past_key_values,
+                    inputs_embeds=inputs_embeds,
+                    labels=labels,
+                    use_cache=use_cache,
+                    output_router_logits=output_router_logits,
+                    logits_to_keep=logits_to_keep,
+                    return_mtp=return_mtp,
+                    return_mtp_logits=return_mtp_logits,
+                    **kwargs,
+                )
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
+        elastic = self.model._elastic
         if inputs_embeds is None and input_ids is not None:
-            inputs_embeds = self.model.embed_tokens(input_ids)
+            if elastic is None:
+                inputs_embeds = self.model.embed_tokens(input_ids)
+            else:
+                weight = self.model.embed_tokens.weight[:, : elastic[1]]
+                inputs_embeds = F.embedding(input_ids, weight, self.model.padding_idx)
+        elif elastic is not None and inputs_embeds is not None:
+            inputs_embeds = inputs_embeds[..., : elastic[1]]
         outputs: MoeModelOutputWithPast = self.model(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -529,7 +837,7 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+        logits = self._logits(slice_logits_to_keep(hidden_states, logits_to_keep))
 
         loss = lm_loss = aux_loss = None
         if labels is not None:
@@ -546,14 +854,15 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, GenerationMixin):
                 self.mtp(self.config, self.model.rotary_emb, hidden_states, inputs_embeds, attention_mask, position_ids)
             )
             if return_mtp_logits or (return_mtp_logits is None and labels is not None):
-                mtp_logits = tuple(self.lm_head(h) for h in mtp_hidden)
+                mtp_logits = tuple(self._logits(h) for h in mtp_hidden)
             if labels is not None and mtp_logits:
                 mtp_losses = tuple(self._mtp_loss(lg, labels, k, kwargs) for k, lg in enumerate(mtp_logits, start=1))
                 loss = loss + self.config.mtp_loss_weight * torch.stack(mtp_losses).mean()
 
         if output_router_logits:
+            sizes = self.config if elastic is None else elastic[2]
             aux_loss = load_balancing_loss_func(
-                outputs.router_logits, self.config.num_experts, self.config.num_experts_per_tok, attention_mask
+                outputs.router_logits, sizes.num_experts, sizes.num_experts_per_tok, attention_mask
             )
             if labels is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
@@ -572,6 +881,138 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, GenerationMixin):
             mtp_logits=mtp_logits,
         )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, elastic_variant: str | None = None, **kwargs):
+        r"""
+        elastic_variant (`str`, *optional*):
+            Load only this nested variant of an elastic checkpoint: each tensor's prefix is read with
+            `safe_open(...).get_slice`, so memory follows the variant's size. Takes `config`, `dtype` and the Hub
+            arguments; the model's config is `config.variant_config(elastic_variant)`.
+        """
+        if elastic_variant is None or elastic_variant == FULL_VARIANT:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if model_args:
+            raise TypeError("from_pretrained(..., elastic_variant=...) takes no extra positional arguments.")
+        return load_elastic_variant(cls, pretrained_model_name_or_path, elastic_variant, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, *args, elastic_budget=None, **kwargs):
+        r"""
+        `GenerationMixin.generate`, plus:
+
+        elastic_variant (`str`, *optional*):
+            Decode with this nested variant (its own KV cache layout is created for it).
+        elastic_budget (`ElasticBudget`, *optional*):
+            Budget-controlled generation: `think_variant` writes the thinking trace until it emits
+            `end_think_token_id` or `max_thinking_tokens` run out (then the token is forced); `answer_variant` is then
+            prefilled over prompt + thinking and writes the answer under the usual generation settings
+            (`max_new_tokens` counts answer tokens). Greedy or sampled, any batch size; a streamer sees both phases.
+            Returns the sequences, or with `return_dict_in_generate=True` an `ElasticGenerateOutput` with per-phase
+            token counts and times (which are also logged at INFO level).
+        """
+        if elastic_budget is not None:
+            return _generate_with_budget(self, inputs, generation_config, args, elastic_budget, kwargs)
+        variant = kwargs.pop("elastic_variant", None) or self.active_elastic_variant
+        if variant != FULL_VARIANT:
+            kwargs["elastic_variant"] = variant
+            if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
+                kwargs["past_key_values"] = DynamicCache(config=self._elastic_plan(variant)[1])
+        return super().generate(inputs, generation_config, *args, **kwargs)
+
+    def _logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.model._elastic is None:
+            return self.lm_head(hidden_states)
+        return F.linear(hidden_states, self.lm_head.weight[:, : hidden_states.shape[-1]])
+
+    # ---- elastic variants ------------------------------------------------------------------------------------------
+    def _elastic_plan(self, name: str) -> tuple[dict, SlimMoeConfig]:
+        key = (name, json.dumps(self.config.elastic, sort_keys=True))
+        cache = self.__dict__.setdefault("_elastic_plans", {})
+        if key not in cache:
+            cache[key] = (self.config.elastic_variant_sizes(name), self.config.variant_config(name))
+        return cache[key]
+
+    def _apply_elastic(self, name: str | None) -> None:
+        if name is None or name == FULL_VARIANT:
+            self.model._elastic = None
+            for block in self._elastic_blocks():
+                block._set_elastic(None)
+            if self.mtp is not None:
+                self.mtp._elastic_hidden = None
+            self.__dict__["_active_elastic_variant"] = None
+            return
+        sizes, variant = self._elastic_plan(name)
+        hidden, head_dim = sizes["hidden_size"], self.config.head_dim
+        kept = {layer: position for position, layer in enumerate(sizes["layers"])}
+        for index, block in enumerate(self._elastic_blocks()):
+            block._set_elastic(
+                SlimMoeElasticSizes(
+                    hidden=hidden,
+                    q_width=sizes["num_attention_heads"] * head_dim,
+                    kv_width=sizes["num_key_value_heads"] * head_dim,
+                    num_experts=sizes["num_experts"],
+                    top_k=sizes["num_experts_per_tok"],
+                    expert_ffn=sizes["moe_intermediate_size"],
+                    shared_ffn=sizes["shared_expert_intermediate_size"],
+                    ffn=sizes["intermediate_size"],
+                    cache_index=kept.get(index, index),
+                )
+            )
+        self.model._elastic = (sizes["layers"], hidden, variant)
+        if self.mtp is not None:
+            self.mtp._elastic_hidden = hidden
+        self.__dict__["_active_elastic_variant"] = name
+
+    def _elastic_blocks(self) -> list["SlimMoeDecoderLayer"]:
+        return list(self.model.layers) + (list(self.mtp.layers) if self.mtp is not None else [])
+
+    @property
+    def active_elastic_variant(self) -> str:
+        """The variant the model currently computes as (`"full"` outside `elastic_variant()`)."""
+        return self.__dict__.get("_active_elastic_variant") or FULL_VARIANT
+
+    @contextlib.contextmanager
+    def elastic_variant(self, name: str) -> Iterator["SlimMoeForCausalLM"]:
+        """Compute as the nested variant `name` inside the block.
+
+        The variant runs on prefix views of this model's parameters (no copies), so its gradients land in the
+        shared tensors and several variants can be trained jointly. Blocks nest; the previous variant is restored
+        on exit.
+
+        Example:
+            ```python
+            >>> with model.elastic_variant("small"):
+            ...     loss = model(input_ids, labels=input_ids).loss
+            ```
+
+        Raises:
+            `KeyError`: unknown `name` (the message lists the variants).
+            `ValueError`: the model has no `config.elastic`.
+        """
+        previous = self.__dict__.get("_active_elastic_variant")
+        self._apply_elastic(name)
+        try:
+            yield self
+        finally:
+            self._apply_elastic(previous)
+
+    def slice_variant(self, name: str) -> "SlimMoeForCausalLM":
+        """A standalone `SlimMoeForCausalLM` of variant `name`, holding copies of the prefixes of this model's tensors.
+
+        Its config is `config.variant_config(name)` (so it stays elastic over the variants nested inside `name`) and
+        its logits equal this model's under `elastic_variant(name)`.
+        """
+        state = self.state_dict()
+
+        def read(source: str, shape: tuple[int, ...]) -> torch.Tensor:
+            tensor = state[source]
+            return _slice_tensor(tensor.detach(), elastic_ranges(source, shape, tuple(tensor.shape)))
+
+        model = _build_variant(type(self), self.config, name, read)
+        model.generation_config = GenerationConfig.from_dict(self.generation_config.to_dict())
+        model.train(self.training)
+        return model
+
     def _mtp_loss(self, logits: torch.Tensor, labels: torch.Tensor, depth: int, kwargs: dict) -> torch.Tensor:
         # Depth k at position i predicts token i+k+1; positions past the end are ignored.
         length = logits.shape[1]
@@ -582,4 +1023,139 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["SlimMoeForCausalLM", "SlimMoeModel", "SlimMoePreTrainedModel"]
+@dataclass
+class ElasticBudget:
+    """Budget-controlled generation over two nested variants (see `SlimMoeForCausalLM.generate`).
+
+    Args:
+        think_variant (`str`): variant that writes the thinking trace (e.g. the smallest).
+        end_think_token_id (`int`): token that closes the thinking trace (e.g. the id of `</think>`).
+        max_thinking_tokens (`int`, defaults to 1024): thinking budget; when it runs out the end token is forced.
+        answer_variant (`str`, defaults to `"full"`): variant that is prefilled over prompt + thinking and answers.
+    """
+
+    think_variant: str
+    end_think_token_id: int
+    max_thinking_tokens: int = 1024
+    answer_variant: str = FULL_VARIANT
+
+    def __post_init__(self):
+        if isinstance(self.end_think_token_id, bool) or not isinstance(self.end_think_token_id, int):
+            raise ValueError(f"ElasticBudget.end_think_token_id must be a token id (int), got {self.end_think_token_id!r}.")
+        if isinstance(self.max_thinking_tokens, bool) or not isinstance(self.max_thinking_tokens, int) or (
+            self.max_thinking_tokens < 1
+        ):
+            raise ValueError(f"ElasticBudget.max_thinking_tokens must be an integer >= 1, got {self.max_thinking_tokens!r}.")
+
+
+@dataclass
+class ElasticGenerateOutput(ModelOutput):
+    r"""
+    sequences (`torch.LongTensor` of shape `(batch_size, length)`): prompt + thinking (+ forced end token) + answer,
+        left-padded per row.
+    thinking_tokens (`torch.LongTensor` of shape `(batch_size,)`): tokens the think variant wrote (its own end
+        token included, a forced one not).
+    forced_end (`torch.BoolTensor` of shape `(batch_size,)`): rows whose end-of-thinking token was forced.
+    answer_tokens (`torch.LongTensor` of shape `(batch_size,)`): tokens the answer variant wrote (up to and including
+        EOS).
+    thinking_seconds (`float`): wall time of the thinking phase.
+    answer_seconds (`float`): wall time of the answer phase (prefill over prompt + thinking included).
+    """
+
+    sequences: torch.LongTensor | None = None
+    thinking_tokens: torch.LongTensor | None = None
+    forced_end: torch.BoolTensor | None = None
+    answer_tokens: torch.LongTensor | None = None
+    thinking_seconds: float | None = None
+    answer_seconds: float | None = None
+
+
+def _until(tokens: torch.Tensor, stop: set[int]) -> int:
+    """Length of `tokens` up to and including the first token in `stop` (all of it when none occurs)."""
+    for i, token in enumerate(tokens.tolist()):
+        if token in stop:
+            return i + 1
+    return len(tokens)
+
+
+def _generate_with_budget(model, inputs, generation_config, args, budget, kwargs) -> torch.Tensor | ElasticGenerateOutput:
+    for attribute in ("think_variant", "answer_variant", "end_think_token_id", "max_thinking_tokens"):
+        if not hasattr(budget, attribute):
+            raise TypeError(f"elastic_budget must be an ElasticBudget, got {type(budget).__name__} without {attribute!r}.")
+    end = budget.end_think_token_id
+    if not 0 <= end < model.config.vocab_size:
+        raise ValueError(
+            f"ElasticBudget.end_think_token_id={end} is not in the vocabulary (ids 0..{model.config.vocab_size - 1}); "
+            "pass the id of the end-of-thinking token, e.g. tokenizer.convert_tokens_to_ids('</think>')."
+        )
+    for variant in (budget.think_variant, budget.answer_variant):
+        model.config.elastic_variant_sizes(variant)  # unknown names fail before any decoding
+    input_ids = inputs if inputs is not None else kwargs.pop("input_ids")
+    attention_mask = kwargs.pop("attention_mask", None)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    defaults = generation_config if generation_config is not None else model.generation_config
+    return_dict = kwargs.pop("return_dict_in_generate", None)
+    return_dict = defaults.return_dict_in_generate if return_dict is None else return_dict
+    eos = kwargs.get("eos_token_id", defaults.eos_token_id)
+    eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+    pad = kwargs.pop("pad_token_id", defaults.pad_token_id)
+    pad = pad if pad is not None else (min(eos) if eos else 0)
+
+    think_kwargs = {k: v for k, v in kwargs.items() if k not in ("max_length", "min_length", "min_new_tokens")}
+    think_kwargs.update(max_new_tokens=budget.max_thinking_tokens, eos_token_id=end, return_dict_in_generate=False)
+    start = time.perf_counter()
+    thought = model.generate(
+        input_ids, generation_config, *args, attention_mask=attention_mask, pad_token_id=pad,
+        elastic_variant=budget.think_variant, **think_kwargs,
+    )
+    thinking_seconds = time.perf_counter() - start
+    written = thought[:, input_ids.shape[1] :]
+    rows, thinking_tokens, forced = [], [], []
+    for b in range(input_ids.shape[0]):
+        prompt = input_ids[b][attention_mask[b].bool()]
+        count = _until(written[b], {end})
+        thinking = written[b, :count]
+        forced.append(count == 0 or int(thinking[-1]) != end)
+        if forced[-1]:
+            thinking = torch.cat([thinking, thinking.new_tensor([end])])
+        rows.append(torch.cat([prompt, thinking]))
+        thinking_tokens.append(count)
+    width = max(len(r) for r in rows)
+    second_ids = input_ids.new_full((len(rows), width), pad)
+    second_mask = torch.zeros_like(second_ids)
+    for b, row in enumerate(rows):
+        second_ids[b, width - len(row) :] = row
+        second_mask[b, width - len(row) :] = 1
+    start = time.perf_counter()
+    answer = model.generate(
+        second_ids, generation_config, *args, attention_mask=second_mask, pad_token_id=pad,
+        elastic_variant=budget.answer_variant, return_dict_in_generate=False, **kwargs,
+    )
+    answer_seconds = time.perf_counter() - start
+    answer_tokens = [_until(row, eos) for row in answer[:, width:]]
+    logger.info(
+        "elastic budget: thinking %s tokens with %r (%.3fs, forced end in %d rows), answer %s tokens with %r (%.3fs)",
+        thinking_tokens, budget.think_variant, thinking_seconds, sum(forced), answer_tokens, budget.answer_variant,
+        answer_seconds,
+    )
+    if not return_dict:
+        return answer
+    return ElasticGenerateOutput(
+        sequences=answer,
+        thinking_tokens=torch.tensor(thinking_tokens),
+        forced_end=torch.tensor(forced),
+        answer_tokens=torch.tensor(answer_tokens),
+        thinking_seconds=thinking_seconds,
+        answer_seconds=answer_seconds,
+    )
+
+
+__all__ = [
+    "ElasticBudget",
+    "ElasticGenerateOutput",
+    "SlimMoeElasticSizes",
+    "SlimMoeForCausalLM",
+    "SlimMoeModel",
+    "SlimMoePreTrainedModel",
+]
