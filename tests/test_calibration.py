@@ -112,3 +112,19 @@ def test_data_forms_and_empty_set():
         pack_calibration_data(["some text"], num_samples=1, max_length=4)
     with pytest.raises(ValueError, match="num_samples=0"):
         pack_calibration_data(texts, tokenizer=byte_ids, num_samples=0, max_length=4)
+
+
+def test_grouped_kernel_and_loop_fallback_agree():
+    """With the default `grouped_mm` experts the pass uses the same grouped kernel; with `eager` experts it loops per
+    expert. Both give the same statistics and the same outputs."""
+    model = tiny_model("qwen3_moe")
+    from hf_slim.pruning.calibration import _grouped_linear_kernel
+
+    experts = model.model.layers[1].mlp.experts
+    assert _grouped_linear_kernel(experts) is not None
+    grouped = collect_statistics(model, X, num_samples=8, max_length=32, batch_size=8, show_progress=False)
+    model.config._experts_implementation = "eager"  # the experts share the model's config object
+    assert _grouped_linear_kernel(experts) is None
+    looped = collect_statistics(model, X, num_samples=8, max_length=32, batch_size=8, show_progress=False)
+    for key in ("expert.reap", "expert_ffn.act", "expert.mean_output", "hidden.norm_abs_mean"):
+        torch.testing.assert_close(looped[key], grouped[key], rtol=1e-4, atol=1e-5)

@@ -225,6 +225,7 @@ class _Collector:
 
     def _patch_experts(self, experts: Any, i: int) -> None:
         collector = self
+        grouped_linear = _grouped_linear_kernel(experts)
         E, two_i, H = experts.gate_up_proj.shape
         n_ffn = two_i // 2
         count = self.zeros("expert.count", self.L, E)
@@ -234,36 +235,43 @@ class _Collector:
         act = self.zeros("expert_ffn.act", self.L, E, n_ffn)
 
         def forward(self, hidden_states, top_k_index, top_k_weights):
-            # Same arithmetic as transformers' eager experts loop, plus the per-expert statistics.
-            out = torch.zeros_like(hidden_states)
+            # The arithmetic of transformers' eager experts loop, with tokens grouped by expert once and every
+            # statistic computed in a few batched ops after the loop (collect_statistics runs under no_grad).
             idx = top_k_index.reshape(-1, top_k_index.shape[-1])
             w = top_k_weights.reshape(idx.shape).to(hidden_states.dtype)
-            with torch.no_grad():
-                flat = idx.flatten()
-                count[i] += torch.bincount(flat, minlength=E)[:E].float()
-                share = w.float() / w.float().sum(-1, keepdim=True).clamp_min(1e-20)
-                soft[i].index_add_(0, flat, share.flatten())
+            flat = idx.flatten()
+            per_expert = torch.bincount(flat, minlength=E)[:E]
+            count[i] += per_expert.float()
+            share = w.float() / w.float().sum(-1, keepdim=True).clamp_min(1e-20)
+            soft[i].index_add_(0, flat, share.flatten())
             order = torch.argsort(flat, stable=True)
-            per_expert = torch.bincount(flat, minlength=E)[:E].tolist()
-            tok_all = order // idx.shape[-1]
-            start = 0
-            for e, n in enumerate(per_expert):
-                if n == 0:
-                    continue
-                sel = order[start : start + n]
-                start += n
-                tok = tok_all[start - n : start]
-                x = hidden_states[tok]
-                gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-                h = self.act_fn(gate) * up
-                y = F.linear(h, self.down_proj[e])
-                gw = w.flatten()[sel]
-                with torch.no_grad():
-                    act[i, e] += h.detach().float().abs().sum(0)
-                    yf = y.detach().float()
-                    reap[i, e] += (gw.float() * yf.norm(dim=-1)).sum()
-                    mean_out[i, e] += yf.sum(0)
-                out.index_add_(0, tok, (y * gw[:, None]).to(out.dtype))
+            tok = order // idx.shape[-1]
+            e_sorted = flat[order]
+            gw = w.flatten()[order]
+            x = hidden_states[tok]
+            if grouped_linear is not None:  # the kernel transformers' default `grouped_mm` experts use
+                offsets = torch.cumsum(per_expert, dim=0, dtype=torch.int32)
+                gate, up = grouped_linear(x, self.gate_up_proj, offsets).chunk(2, dim=-1)
+                h_all = self.act_fn(gate) * up
+                y_all = grouped_linear(h_all, self.down_proj, offsets)
+            else:
+                h_all = x.new_empty(x.shape[0], n_ffn)
+                y_all = x.new_empty(x.shape[0], H)
+                start = 0
+                for e, n in enumerate(per_expert.tolist()):
+                    if n == 0:
+                        continue
+                    rows = slice(start, start + n)
+                    start += n
+                    gate, up = F.linear(x[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
+                    torch.mul(self.act_fn(gate), up, out=h_all[rows])
+                    torch.mm(h_all[rows], self.down_proj[e].T, out=y_all[rows])
+            act[i].index_add_(0, e_sorted, h_all.float().abs())
+            yf = y_all.float()
+            reap[i].index_add_(0, e_sorted, gw.float() * yf.norm(dim=-1))
+            mean_out[i].index_add_(0, e_sorted, yf)
+            out = torch.zeros_like(hidden_states)
+            out.index_add_(0, tok, (y_all * gw[:, None]).to(out.dtype))
             return out
 
         collector.patched.append((experts, experts.__dict__.get("forward")))
@@ -291,6 +299,19 @@ class _Collector:
             out["expert.mean_output"] = out["expert.mean_output"] / safe[..., None]
             out["expert_ffn.act"] = out["expert_ffn.act"] / safe[..., None]
         return ImportanceStats(tensors=out, metadata=metadata)
+
+
+def _grouped_linear_kernel(experts: Any) -> Any:
+    """transformers' grouped GEMM helper when the experts use the default `grouped_mm` implementation, else None
+    (then a per-expert loop with the eager arithmetic is used)."""
+    impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+    if impl != "grouped_mm" or getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False):
+        return None
+    try:
+        from transformers.integrations.moe import _grouped_linear
+    except ImportError:  # private helper: fall back to the loop if a transformers release moves it
+        return None
+    return _grouped_linear
 
 
 def _get(root: Any, path: str) -> Any:

@@ -101,9 +101,15 @@ def run_prune(args: argparse.Namespace) -> int:
     from .prune import prune
     from .stats import ImportanceStats
 
-    base = PruneConfig.from_json_file(args.config).to_dict() if args.config else {}
-    if args.config and "prune_config" in base:  # accept a pruning_config.json written by save_pruned
-        base = base["prune_config"]
+    import json
+
+    base: dict[str, Any] = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            base = json.load(f)
+        if "prune_config" in base:  # a pruning_config.json written by save_pruned
+            base = base["prune_config"]
+        base = PruneConfig.from_dict(base).to_dict()  # validates, names unknown fields
     for f in dataclasses.fields(PruneConfig):
         value = getattr(args, f.name)
         if f.name in SIZE_FIELDS and value is not None:
