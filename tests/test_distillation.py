@@ -1,0 +1,316 @@
+"""SlimDistillationConfig / SlimDistillationTrainer on tiny teacher/student pairs (offline, CPU)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from trl import SFTConfig
+
+from hf_slim.data import packed_lm_dataset, stdlib_corpus, train_tokenizer
+from hf_slim.models.slim_moe import SlimMoeConfig, SlimMoeForCausalLM
+from trainers import SlimDistillationConfig, SlimDistillationTrainer, sample_elastic_variants
+
+
+SEQ = 32
+
+
+# ---- tiny models and data (also imported by tests/_distill_ddp_script.py) ----------------------------------------
+
+
+def tiny_tokenizer():
+    texts = stdlib_corpus(max_documents=200)
+    return texts, train_tokenizer(texts, vocab_size=300)
+
+
+def tiny_config(vocab_size: int, **overrides) -> SlimMoeConfig:
+    fields = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, mlp_layer_types=["sparse", "sparse"], num_mtp_heads=2, pad_token_id=1,
+    )  # fmt: skip
+    fields.update(overrides)
+    return SlimMoeConfig(**fields)
+
+
+def train_teacher(dataset: Dataset, vocab_size: int, steps: int = 30, **overrides) -> SlimMoeForCausalLM:
+    """A tiny SlimMoe trained a few LM steps so that its distribution is worth distilling."""
+    torch.manual_seed(0)
+    teacher = SlimMoeForCausalLM(tiny_config(vocab_size, **overrides))
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=1e-2)
+    ids = torch.tensor(dataset["input_ids"][: 8 * steps])
+    for step in range(steps):
+        batch = ids[8 * step : 8 * step + 8]
+        loss = teacher(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return teacher.eval()
+
+
+def tiny_student(vocab_size: int, **overrides) -> SlimMoeForCausalLM:
+    torch.manual_seed(1)
+    fields = dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=8)
+    fields.update(overrides)
+    return SlimMoeForCausalLM(tiny_config(vocab_size, **fields))
+
+
+def distill_args(out, **overrides) -> SlimDistillationConfig:
+    fields = dict(
+        output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=1,
+        bf16=False, report_to=[], save_strategy="no", gradient_checkpointing=False, use_cpu=True, disable_tqdm=True,
+        seed=0, dataset_num_proc=None, max_length=SEQ,
+    )  # fmt: skip
+    fields.update(overrides)
+    return SlimDistillationConfig(**fields)
+
+
+@pytest.fixture(scope="module")
+def data():
+    texts, tokenizer = tiny_tokenizer()
+    dataset = packed_lm_dataset(texts, tokenizer, SEQ)
+    teacher = train_teacher(dataset, len(tokenizer))
+    return tokenizer, dataset, teacher
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ---- config --------------------------------------------------------------------------------------------------
+
+
+def test_config_fields_have_help_and_slimqwen_defaults(tmp_path):
+    parent = {f.name for f in dataclasses.fields(SFTConfig)}
+    own = [f for f in dataclasses.fields(SlimDistillationConfig) if f.name not in parent]
+    assert len(own) >= 15
+    assert all(f.metadata.get("help") for f in own)
+    args = SlimDistillationConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True)
+    schedule = args.loss_weight_schedule()
+    assert schedule.at_step(0, 10) == pytest.approx((1.0, 0.3))
+    assert schedule.at_step(10, 10) == pytest.approx((0.75, 0.1))
+    assert schedule.at_step(5, 10) == pytest.approx((0.875, 0.2))  # linear λ, cosine β midpoint
+    assert args.divergence == "forward_kl" and args.router_aux_loss_coef is None
+
+
+def test_config_parses_json_strings_like_the_cli(tmp_path):
+    args = SlimDistillationConfig(
+        output_dir=str(tmp_path), bf16=False, use_cpu=True, elastic_sampling="probabilities",
+        elastic_variant_probabilities='{"full": 0.5, "small": 0.5}', teacher_model_init_kwargs='{"dtype": "float32"}',
+    )  # fmt: skip
+    assert args.elastic_variant_probabilities == {"full": 0.5, "small": 0.5}
+    assert args.teacher_model_init_kwargs == {"dtype": "float32"}
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(divergence="kl"), r"divergence.*forward_kl.*'kl'"),
+        (dict(lambda_start=1.5), r"lambda_start.*1\.5"),
+        (dict(beta_end=-0.1), r"beta_end"),
+        (dict(lambda_schedule="step"), r"lambda_schedule.*linear"),
+        (dict(temperature=0.0), r"temperature.*0\.0"),
+        (dict(jsd_beta=2.0), r"jsd_beta.*2\.0"),
+        (dict(teacher_top_k=0), r"teacher_top_k.*0"),
+        (dict(teacher_top_k=8, divergence="reverse_kl"), r"teacher_top_k=8.*reverse_kl"),
+        (dict(kd_chunk_size=0), r"kd_chunk_size.*0"),
+        (dict(teacher_quantization="2bit"), r"teacher_quantization.*4bit.*'2bit'"),
+        (dict(mtp_kd_target="mtp"), r"mtp_kd_target.*teacher_main"),
+        (dict(elastic_sampling="probabilities", elastic_variant_probabilities={"full": 0.5, "small": 0.3}),
+         r"sum to 1.*0\.8"),
+        (dict(elastic_sampling="probabilities"), r"elastic_variant_probabilities"),
+        (dict(elastic_variant_probabilities={"full": 1.0}), r"elastic_sampling is None"),
+        (dict(elastic_sampling="random"), r"elastic_sampling.*sandwich.*'random'"),
+        (dict(elastic_teacher="self"), r"elastic_teacher.*'self'"),
+        (dict(schedule_step_offset=10, schedule_total_steps=5), r"schedule_total_steps=5"),
+        (dict(teacher_model_init_kwargs="{not json"), r"teacher_model_init_kwargs.*JSON"),
+    ],
+)  # fmt: skip
+def test_config_validation_names_field_and_value(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        SlimDistillationConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, **overrides)
+
+
+# ---- training --------------------------------------------------------------------------------------------------
+
+
+def _eval_terms(trainer, dataset) -> dict[str, float]:
+    metrics = trainer.evaluate(dataset)
+    return {k[len("eval_") :]: v for k, v in metrics.items() if k.startswith("eval_")}
+
+
+def test_training_reduces_every_term_and_logs_them(tmp_path, data):
+    tokenizer, dataset, teacher = data
+    student = tiny_student(len(tokenizer))
+    teacher_before = params(teacher)
+    args = distill_args(
+        tmp_path, max_steps=15, lambda_start=0.5, lambda_end=0.5, beta_start=0.5, beta_end=0.5,
+        lr_scheduler_type="constant", router_aux_loss_coef=0.01,
+    )  # fmt: skip
+    held_out = dataset.select(range(1000, 1016))
+    trainer = SlimDistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=dataset.select(range(200)),
+        processing_class=tokenizer,
+    )  # fmt: skip
+    before = _eval_terms(trainer, held_out)
+    trainer.train()
+    after = _eval_terms(trainer, held_out)
+    for term in ("lm", "kd", "mtp_lm_1", "mtp_lm_2", "mtp_kd_1", "mtp_kd_2"):
+        assert after[term] < before[term] - 0.05, (term, before[term], after[term])
+    logged = trainer.state.log_history[0]
+    expected = {"loss", "lm", "kd", "mtp_lm", "mtp_kd", "mtp_lm_1", "mtp_lm_2", "mtp_kd_1", "mtp_kd_2", "aux",
+                "lambda", "beta", "num_tokens"}  # fmt: skip
+    assert expected <= set(logged), set(logged)
+    assert logged["lambda"] == 0.5 and logged["beta"] == 0.5
+    assert logged["num_tokens"] == 4 * SEQ
+    # the logged total is the objective of the logged terms (+ aux)
+    objective = 0.5 * logged["lm"] + 0.5 * logged["kd"] + 0.5 * (0.5 * logged["mtp_lm"] + 0.5 * logged["mtp_kd"])
+    assert logged["loss"] == pytest.approx(objective + 0.01 * logged["aux"], rel=1e-4)
+    # the teacher is frozen, in eval mode and untouched
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    for name, value in params(teacher).items():
+        torch.testing.assert_close(value, teacher_before[name], rtol=0, atol=0)
+
+
+def test_kd_is_zero_when_student_is_teacher(tmp_path, data):
+    tokenizer, dataset, teacher = data
+    student = copy.deepcopy(teacher)
+    args = distill_args(tmp_path, mtp_kd_target="teacher_mtp", divergence="jsd", jsd_beta=0.3)
+    trainer = SlimDistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    terms = _eval_terms(trainer, dataset.select(range(8)))
+    assert abs(terms["kd"]) < 1e-6 and abs(terms["mtp_kd_1"]) < 1e-6 and abs(terms["mtp_kd_2"]) < 1e-6
+    assert terms["lm"] > 1.0  # the LM term is not zero: the check above is not vacuous
+    # against the teacher's main head at position i + k, the MTP heads do not match exactly
+    trainer.args.mtp_kd_target = "teacher_main"
+    assert _eval_terms(trainer, dataset.select(range(8)))["mtp_kd_1"] > 1e-3
+
+
+def test_checkpoint_holds_the_student_only(tmp_path, data):
+    tokenizer, dataset, teacher = data
+    student = tiny_student(len(tokenizer))
+    args = distill_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    SlimDistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
+    ).train()
+    saved = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    assert set(saved) <= set(student.state_dict())
+    assert saved["model.layers.0.mlp.gate.weight"].shape[0] == 2  # the student's 2 experts, not the teacher's 4
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------
+
+
+def test_vocab_mismatch_says_what_to_do(tmp_path, data):
+    tokenizer, dataset, teacher = data
+    student = SlimMoeForCausalLM(tiny_config(len(tokenizer) + 8))
+    with pytest.raises(ValueError, match=r"Vocabulary mismatch.*308.*300.*resize"):
+        SlimDistillationTrainer(
+            model=student, teacher_model=teacher, args=distill_args(tmp_path), train_dataset=dataset,
+            processing_class=tokenizer,
+        )  # fmt: skip
+
+
+def test_mtp_weight_without_mtp_heads(tmp_path, data):
+    tokenizer, dataset, teacher = data
+    student = tiny_student(len(tokenizer), num_mtp_heads=0)
+    with pytest.raises(ValueError, match=r"beta_start=0\.3.*no MTP heads.*num_mtp_heads"):
+        SlimDistillationTrainer(
+            model=student, teacher_model=teacher, args=distill_args(tmp_path), train_dataset=dataset,
+            processing_class=tokenizer,
+        )  # fmt: skip
+    # with β = 0 the same student trains (LM + KD only)
+    args = distill_args(tmp_path, beta_start=0.0, beta_end=0.0, max_steps=1)
+    trainer = SlimDistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    trainer.train()
+    assert "kd" in trainer.state.log_history[0] and "mtp_kd" not in trainer.state.log_history[0]
+
+
+def test_teacher_mtp_target_needs_teacher_mtp_heads(tmp_path, data):
+    tokenizer, dataset, _ = data
+    teacher = SlimMoeForCausalLM(tiny_config(len(tokenizer), num_mtp_heads=0))
+    with pytest.raises(ValueError, match=r"teacher_mtp.*2 MTP depths.*has 0"):
+        SlimDistillationTrainer(
+            model=tiny_student(len(tokenizer)), teacher_model=teacher,
+            args=distill_args(tmp_path, mtp_kd_target="teacher_mtp"), train_dataset=dataset, processing_class=tokenizer,
+        )  # fmt: skip
+
+
+def test_dataset_without_expected_column(tmp_path, data):
+    tokenizer, _, teacher = data
+    bad = Dataset.from_dict({"body": ["some text"] * 4})
+    with pytest.raises(ValueError, match=r"\['body'\].*'input_ids'.*'text'.*dataset_text_field"):
+        SlimDistillationTrainer(
+            model=tiny_student(len(tokenizer)), teacher_model=teacher, args=distill_args(tmp_path), train_dataset=bad,
+            processing_class=tokenizer,
+        )  # fmt: skip
+
+
+def test_text_dataset_is_tokenized_the_trl_way(tmp_path, data):
+    tokenizer, _, teacher = data
+    texts = Dataset.from_dict({"body": stdlib_corpus(max_documents=40)})
+    args = distill_args(tmp_path, max_steps=1, dataset_text_field="body", per_device_train_batch_size=2)
+    trainer = SlimDistillationTrainer(
+        model=tiny_student(len(tokenizer)), teacher_model=teacher, args=args, train_dataset=texts,
+        processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    assert trainer.state.log_history[0]["kd"] > 0
+
+
+def test_no_teacher(tmp_path, data):
+    tokenizer, dataset, _ = data
+    with pytest.raises(ValueError, match=r"No teacher.*teacher_model_name_or_path"):
+        SlimDistillationTrainer(
+            model=tiny_student(len(tokenizer)), args=distill_args(tmp_path), train_dataset=dataset,
+            processing_class=tokenizer,
+        )  # fmt: skip
+
+
+def test_teacher_quantization_on_cpu_is_a_clear_error(tmp_path, data):
+    tokenizer, dataset, teacher = data
+    folder = tmp_path / "teacher"
+    teacher.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    args = distill_args(tmp_path / "out", teacher_quantization="4bit")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the CPU error path does not apply")
+    with pytest.raises(ValueError, match=r"teacher_quantization='4bit' needs a CUDA GPU.*teacher_quantization=None"):
+        SlimDistillationTrainer(
+            model=tiny_student(len(tokenizer)), teacher_model=str(folder), args=args, train_dataset=dataset,
+            processing_class=tokenizer,
+        )  # fmt: skip
+
+
+def test_teacher_path_with_other_tokenizer(tmp_path, data):
+    tokenizer, dataset, teacher = data
+    folder = tmp_path / "teacher"
+    teacher.save_pretrained(folder)
+    other = train_tokenizer(stdlib_corpus(max_documents=20), vocab_size=300)
+    other.save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"Tokenizer mismatch.*processing_class"):
+        SlimDistillationTrainer(
+            model=tiny_student(len(tokenizer)), teacher_model=str(folder), args=distill_args(tmp_path / "o"),
+            train_dataset=dataset, processing_class=tokenizer,
+        )  # fmt: skip
+    tokenizer.save_pretrained(folder)  # the same tokenizer: loads and trains from the path
+    trainer = SlimDistillationTrainer(
+        model=tiny_student(len(tokenizer)), teacher_model=str(folder), args=distill_args(tmp_path / "o", max_steps=1),
+        train_dataset=dataset, processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    assert trainer.state.log_history[0]["kd"] > 0

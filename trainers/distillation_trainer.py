@@ -1,0 +1,748 @@
+"""`SlimDistillationTrainer`: TRL-style offline distillation of a (pruned) MoE student with MTP heads.
+
+The trainer is TRL's `SFTTrainer` (data preparation, collator, PEFT, packing, chat data) with `compute_loss` replaced
+by SlimQwen's objective built from the pure, chunked loss functions of `hf_slim.losses`:
+
+    L = (1 - λ)·L_LM + λ·L_KD + β·((1 - λ)·L_MTP-LM + λ·L_MTP-KD) + router_aux_loss_coef·L_aux
+
+Neither model's `[batch, seq, vocab]` logits are built: the student runs with `logits_to_keep=1` while a forward hook
+on its decoder captures the final hidden states, the teacher runs only its decoder, and every vocabulary-sized term is
+projected a chunk of tokens at a time from hidden states and the `lm_head` weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, IterableDataset
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.optimization import get_scheduler
+from trl import SFTTrainer
+
+from hf_slim.losses import lm_loss, mtp_kd_loss, mtp_lm_loss, slimqwen_objective
+
+from .distillation_config import SlimDistillationConfig
+
+
+__all__ = ["FULL_VARIANT", "SlimDistillationTrainer", "elastic_variant_names", "sample_elastic_variants"]
+
+FULL_VARIANT = "full"
+_TEXT_COLUMNS = ("messages", "conversations")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers (pure, tested on their own)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def elastic_variant_names(model: nn.Module) -> list[str]:
+    """Variant names of an elastic SlimMoe model, smallest first, ending with `"full"`.
+
+    Args:
+        model (`nn.Module`): A model whose `config.elastic` holds nested variants (see `hf_slim.elastic`).
+
+    Returns:
+        `list[str]`: e.g. `["small", "medium", "full"]`.
+
+    Raises:
+        `ValueError`: the model has no elastic variants.
+    """
+    from hf_slim.elastic import ElasticConfig
+
+    config = _unwrap(model).config
+    return [*ElasticConfig.from_model_config(config).names, FULL_VARIANT]
+
+
+def sample_elastic_variants(
+    names: Sequence[str],
+    sampling: str,
+    probabilities: dict[str, float] | None,
+    seed: int,
+    step: int,
+    micro_step: int = 0,
+) -> list[str]:
+    """Variants trained on one micro-batch, a pure function of `(seed, step, micro_step)`.
+
+    The draw is the same on every process (so DDP ranks run the same variants) and again after
+    `resume_from_checkpoint`.
+
+    Args:
+        names (`Sequence[str]`): Variant names, smallest first, the largest (`"full"`) last.
+        sampling (`str`): `"probabilities"`: one variant drawn with `probabilities`; `"sandwich"`: the largest, the
+            smallest and one other drawn uniformly (when there are more than two variants).
+        probabilities (`dict[str, float]`, *optional*): Variant -> probability (needed for `"probabilities"`).
+        seed (`int`): Run seed.
+        step (`int`): Optimizer step.
+        micro_step (`int`, *optional*, defaults to 0): Micro-batch index within the step (gradient accumulation).
+
+    Returns:
+        `list[str]`: the variants, largest first.
+    """
+    names = list(names)
+    rng = random.Random(f"{seed}:{step}:{micro_step}")
+    if sampling == "probabilities":
+        if not probabilities:
+            raise ValueError("sampling='probabilities' needs probabilities (variant -> probability), got none.")
+        keys = list(probabilities)
+        return [rng.choices(keys, weights=[float(probabilities[k]) for k in keys], k=1)[0]]
+    if sampling == "sandwich":
+        if len(names) < 2:
+            raise ValueError(f"sampling='sandwich' needs at least two variants, got {names}.")
+        chosen = [names[-1], names[0]]
+        middle = names[1:-1]
+        if middle:
+            chosen.insert(1, rng.choice(middle))
+        return chosen
+    raise ValueError(f"sampling must be 'probabilities' or 'sandwich', got {sampling!r}.")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The `PreTrainedModel` under DDP / PEFT wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
+    names = getattr(dataset, "column_names", None)
+    if names is None:  # an IterableDataset of unknown features
+        names = list(next(iter(dataset)).keys())
+    return list(names)
+
+
+def check_dataset_columns(
+    dataset: Dataset | IterableDataset | None,
+    dataset_text_field: str,
+    formatting_func: Callable | None = None,
+    name: str = "train_dataset",
+) -> None:
+    """Raise a `ValueError` before any step when `dataset` has none of the columns the trainer can use.
+
+    Accepted: `input_ids` (tokenized or packed), `dataset_text_field` (plain text), `messages` / `conversations`
+    (chat), `prompt` + `completion`, or any columns when a `formatting_func` is given.
+    """
+    if dataset is None:
+        if name == "train_dataset":
+            raise ValueError("train_dataset is required (a datasets.Dataset or IterableDataset), got None.")
+        return
+    if formatting_func is not None:
+        return
+    columns = _column_names(dataset)
+    if (
+        "input_ids" in columns
+        or dataset_text_field in columns
+        or any(c in columns for c in _TEXT_COLUMNS)
+        or ("prompt" in columns and "completion" in columns)
+    ):
+        return
+    raise ValueError(
+        f"{name} has columns {columns} but SlimDistillationTrainer needs one of: 'input_ids' (tokenized or packed "
+        f"text), {dataset_text_field!r} (plain text, set by dataset_text_field), 'messages'/'conversations' (chat) "
+        "or 'prompt' + 'completion'. Rename the column, set dataset_text_field, or pass formatting_func."
+    )
+
+
+def _head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = _unwrap(model).get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(
+            f"{type(_unwrap(model)).__name__} has no output embeddings (get_output_embeddings() is None); the "
+            "distillation trainer needs a causal LM with an lm_head."
+        )
+    return head.weight, getattr(head, "bias", None)
+
+
+def _vocab_rows(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The head weight at the hidden states' width (an elastic variant uses a prefix of the hidden channels)."""
+    return weight if weight.shape[1] == hidden.shape[-1] else weight[:, : hidden.shape[-1]]
+
+
+def _num_mtp_depths(model: nn.Module) -> int:
+    base = _unwrap(model)
+    return int(getattr(base.config, "num_mtp_heads", 0) or 0) if getattr(base, "mtp", None) is not None else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SlimDistillationTrainer(SFTTrainer):
+    """Offline knowledge distillation of a (pruned) MoE student from a frozen teacher, SlimQwen style.
+
+    Subclass of TRL's [`~trl.SFTTrainer`] that only replaces `compute_loss` (plus teacher handling, logging and the
+    continuing LR schedule of progressive runs). Argument names follow TRL's GKD trainer.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`] or `str`):
+            The student: any causal LM (a pruned checkpoint of the teacher's architecture, or a `SlimMoeForCausalLM`
+            with MTP heads when `beta_start`/`beta_end` > 0), or a path to load.
+        teacher_model ([`~transformers.PreTrainedModel`] or `str`, *optional*):
+            The teacher: any causal LM sharing the student's vocabulary, or a path. Defaults to
+            `args.teacher_model_name_or_path`. It is frozen, kept in eval mode, run under `torch.no_grad()` and not
+            saved in checkpoints.
+        args ([`SlimDistillationConfig`]):
+            Training arguments.
+        data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks, optimizers,
+        optimizer_cls_and_kwargs, preprocess_logits_for_metrics, peft_config, formatting_func:
+            As in [`~trl.SFTTrainer`]. The dataset needs an `input_ids`, text, chat or prompt/completion column.
+
+    Logged (averaged over tokens of the logging window, all processes): `lm`, `kd`, `mtp_lm`, `mtp_kd` (depth
+    means), `mtp_lm_{k}`, `mtp_kd_{k}` per depth, `aux` (router load balancing), `lambda`, `beta`, and with elastic
+    sampling the same terms per variant as `{variant}/{term}`.
+    """
+
+    _tag_names = ["trl", "hf-slim", "distillation"]
+    _name = "SlimDistillation"
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | str | None = None,
+        teacher_model: PreTrainedModel | nn.Module | str | None = None,
+        args: SlimDistillationConfig | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        optimizer_cls_and_kwargs: tuple | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        peft_config: Any | None = None,
+        formatting_func: Callable | None = None,
+    ):
+        if model is None:
+            raise ValueError("model (the student) is required: a PreTrainedModel or a path to load.")
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "student"
+            args = SlimDistillationConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-distilled")
+        elif not isinstance(args, SlimDistillationConfig):
+            raise TypeError(
+                f"args must be a SlimDistillationConfig, got {type(args).__name__}; build one with "
+                "SlimDistillationConfig(output_dir=..., **fields)."
+            )
+        check_dataset_columns(train_dataset, args.dataset_text_field, formatting_func, "train_dataset")
+        if isinstance(eval_dataset, dict):
+            for key, dataset in eval_dataset.items():
+                check_dataset_columns(dataset, args.dataset_text_field, formatting_func, f"eval_dataset[{key!r}]")
+        else:
+            check_dataset_columns(eval_dataset, args.dataset_text_field, formatting_func, "eval_dataset")
+        if teacher_model is None:
+            teacher_model = args.teacher_model_name_or_path
+        if teacher_model is None:
+            raise ValueError(
+                "No teacher: pass teacher_model=... (a model or a path) or set teacher_model_name_or_path in "
+                "SlimDistillationConfig."
+            )
+        if isinstance(teacher_model, str):
+            teacher_model = self._load_teacher(teacher_model, args, processing_class)
+        elif args.teacher_model_init_kwargs or args.teacher_quantization:
+            raise ValueError(
+                "teacher_model_init_kwargs / teacher_quantization are set but teacher_model is already instantiated; "
+                "pass the teacher as a path (or teacher_model_name_or_path) to have it loaded with them."
+            )
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+        )
+        # compute_loss normalises every term by `num_items_in_batch` itself, so the Trainer must count the tokens of
+        # the whole accumulation window and must not divide the loss by the accumulation steps again.
+        self.model_accepts_loss_kwargs = True
+
+        self._check_pair(self.model, teacher_model, args)
+        teacher_model.eval()
+        teacher_model.requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            from trl.models.utils import prepare_deepspeed
+
+            self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+        elif getattr(teacher_model, "is_loaded_in_4bit", False) or getattr(teacher_model, "is_loaded_in_8bit", False):
+            self.teacher_model = teacher_model  # bitsandbytes models are already placed and cannot be moved
+        else:
+            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+
+        self.loss_weights = args.loss_weight_schedule()
+        self.num_mtp_depths = _num_mtp_depths(self.model)
+        self._elastic_names: list[str] | None = None
+        if args.elastic_sampling is not None:
+            self._elastic_names = self._check_elastic(self.model, args)
+        self._mtp_num_items: dict[int, torch.Tensor] = {}
+        self._micro = (-1, 0)  # (global step, micro-batches seen in it)
+        self._term_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
+        self._term_counts: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
+
+    # ---- construction ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _load_teacher(
+        path: str, args: SlimDistillationConfig, processing_class: PreTrainedTokenizerBase | None
+    ) -> PreTrainedModel:
+        kwargs = dict(args.teacher_model_init_kwargs or {})
+        dtype = kwargs.get("dtype")
+        if isinstance(dtype, str) and dtype != "auto":
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ValueError(
+                    f"teacher_model_init_kwargs['dtype'] must be 'auto' or a torch dtype name such as 'bfloat16', "
+                    f"got {dtype!r}."
+                )
+            kwargs["dtype"] = getattr(torch, dtype)
+        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        if args.teacher_quantization is not None:
+            kwargs["quantization_config"] = teacher_quantization_config(args.teacher_quantization)
+        teacher = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if processing_class is not None:
+            _check_teacher_tokenizer(path, processing_class, args.trust_remote_code)
+        return teacher
+
+    def _check_pair(self, student: nn.Module, teacher: nn.Module, args: SlimDistillationConfig) -> None:
+        s_weight, _ = _head(student)
+        t_weight, _ = _head(teacher)
+        v_s, v_t = s_weight.shape[0], t_weight.shape[0]
+        if v_s != v_t:
+            raise ValueError(
+                f"Vocabulary mismatch: the student's lm_head has {v_s} rows (vocab_size) but the teacher's has {v_t}. "
+                "KD compares the two next-token distributions token by token, so both must share one tokenizer and "
+                "vocabulary. Use a teacher with the student's tokenizer; if they share the tokenizer and only the "
+                f"padded head rows differ, resize one model first (e.g. student.resize_token_embeddings({v_t}))."
+            )
+        tokenizer = getattr(self, "_tokenizer", None)
+        if tokenizer is not None and len(tokenizer) > v_s:
+            raise ValueError(
+                f"The tokenizer has {len(tokenizer)} tokens but the models' vocabulary has {v_s} rows; token ids past "
+                f"{v_s - 1} cannot be scored. Use the tokenizer the teacher and student were trained with, or resize "
+                "both models' embeddings to len(tokenizer)."
+            )
+        n_student = _num_mtp_depths(student)
+        if args.uses_mtp and n_student == 0:
+            raise ValueError(
+                f"beta_start={args.beta_start} / beta_end={args.beta_end} weight the MTP terms, but the student "
+                f"({type(_unwrap(student)).__name__}) has no MTP heads. Set beta_start=0 and beta_end=0, or use a "
+                "SlimMoe student with num_mtp_heads > 0 (hf_slim.convert.from_hf(model, num_mtp_heads=1) or "
+                "`hf-slim convert --num-mtp-heads 1`)."
+            )
+        if args.mtp_kd_target == "teacher_mtp" and args.uses_mtp:
+            n_teacher = _num_mtp_depths(teacher)
+            if n_teacher < n_student:
+                raise ValueError(
+                    f"mtp_kd_target='teacher_mtp' needs a teacher with at least the student's {n_student} MTP depths, "
+                    f"but the teacher has {n_teacher}. Use mtp_kd_target='teacher_main' (the teacher's main head at "
+                    "position i + k)."
+                )
+
+    @staticmethod
+    def _check_elastic(model: nn.Module, args: SlimDistillationConfig) -> list[str]:
+        try:
+            names = elastic_variant_names(model)
+        except ValueError as error:
+            raise ValueError(
+                f"elastic_sampling={args.elastic_sampling!r} needs an elastic student: {error}"
+            ) from None
+        for name in args.elastic_variant_probabilities or {}:
+            if name not in names:
+                raise ValueError(
+                    f"elastic_variant_probabilities has variant {name!r}, which the student does not have; valid "
+                    f"variants: {names}."
+                )
+        if args.elastic_sampling == "sandwich" and len(names) < 2:
+            raise ValueError(f"elastic_sampling='sandwich' needs at least one variant besides 'full', got {names}.")
+        return names
+
+    # ---- token counts for gradient accumulation ----------------------------------------------------------------
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
+        num_items = super()._get_num_items_in_batch(batch_samples, device)
+        # MTP depth k scores labels[:, 1 + k:], so it has fewer targets than the main head: count them exactly.
+        self._mtp_num_items = {}
+        if num_items is not None and self.num_mtp_depths and batch_samples and "labels" in batch_samples[0]:
+            for k in range(1, self.num_mtp_depths + 1):
+                count = sum(batch["labels"][..., 1 + k :].ne(-100).sum() for batch in batch_samples)
+                count = torch.as_tensor(count, device=device)
+                if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                    count = self.accelerator.gather(count).sum()
+                self._mtp_num_items[k] = count
+        return num_items
+
+    # ---- schedules ---------------------------------------------------------------------------------------------
+    def _schedule_steps(self) -> tuple[int, int]:
+        offset = self.args.schedule_step_offset
+        total = self.args.schedule_total_steps or offset + max(int(self.state.max_steps or 0), 1)
+        return offset + int(self.state.global_step), total
+
+    def current_loss_weights(self) -> tuple[float, float]:
+        """(λ, β) at the current optimizer step, counting the steps of earlier progressive stages.
+
+        Returns:
+            `tuple[float, float]`: `(λ, β)`.
+        """
+        step, total = self._schedule_steps()
+        return self.loss_weights.at_step(min(step, total), total)
+
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        offset, total = self.args.schedule_step_offset, self.args.schedule_total_steps
+        if self.lr_scheduler is not None or (offset == 0 and total is None):
+            return super().create_scheduler(num_training_steps, optimizer)
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        total = total or offset + num_training_steps
+        base = get_scheduler(
+            self.args.lr_scheduler_type,
+            optimizer=optimizer,
+            num_warmup_steps=self.args.get_warmup_steps(total),
+            num_training_steps=total,
+            scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+        )
+        if not isinstance(base, torch.optim.lr_scheduler.LambdaLR):
+            raise ValueError(
+                f"lr_scheduler_type={self.args.lr_scheduler_type!r} cannot continue across progressive stages "
+                "(schedule_step_offset/schedule_total_steps need a LambdaLR schedule); use 'linear', 'cosine', "
+                "'cosine_with_min_lr', 'constant', 'constant_with_warmup' or 'warmup_stable_decay'."
+            )
+        functions = list(base.lr_lambdas)
+        for group, lr in zip(optimizer.param_groups, base.base_lrs):
+            group["lr"] = lr
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, [lambda step, f=f: f(step + offset) for f in functions]
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    # ---- forward passes ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _forward_hidden(
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        *,
+        want_mtp: bool,
+        want_aux: bool,
+        variant: str | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor | None]:
+        """Final hidden states (after the last norm), MTP hidden states and router aux loss of `model`, computing
+        the logits of the last position only (`logits_to_keep=1`)."""
+        decoder = _unwrap(model).get_decoder()
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(module, args, output):
+            captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+        kwargs = dict(inputs, use_cache=False, logits_to_keep=1)
+        if want_mtp:
+            kwargs.update(return_mtp=True, return_mtp_logits=False)
+        if want_aux:
+            kwargs["output_router_logits"] = True
+        if variant is not None and variant != FULL_VARIANT:
+            kwargs["elastic_variant"] = variant
+        handle = decoder.register_forward_hook(hook)
+        try:
+            outputs = model(**kwargs)
+        finally:
+            handle.remove()
+        mtp = tuple(getattr(outputs, "mtp_hidden_states", None) or ()) if want_mtp else ()
+        return captured["hidden"], mtp, getattr(outputs, "aux_loss", None) if want_aux else None
+
+    @torch.no_grad()
+    def _teacher_hidden(self, inputs: dict[str, torch.Tensor], want_mtp: bool) -> tuple[torch.Tensor, tuple]:
+        teacher = self.teacher_model
+        if want_mtp:
+            hidden, mtp, _ = self._forward_hidden(teacher, inputs, want_mtp=True, want_aux=False)
+            return hidden, mtp
+        decoder = _unwrap(teacher).get_decoder()
+        return decoder(**inputs, use_cache=False).last_hidden_state, ()
+
+    # ---- loss --------------------------------------------------------------------------------------------------
+    def _micro_index(self) -> int:
+        step = int(self.state.global_step)
+        last, seen = self._micro
+        seen = seen + 1 if last == step else 0
+        self._micro = (step, seen)
+        return seen
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        mode = "train" if self.model.training else "eval"
+        labels = inputs["labels"]
+        forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        attention_mask = inputs.get("attention_mask")
+        args = self.args
+        lam, beta = self.current_loss_weights()
+        depths = self.num_mtp_depths if args.uses_mtp else 0
+        teacher_mtp = depths > 0 and args.mtp_kd_target == "teacher_mtp"
+
+        if mode == "train" and self._elastic_names is not None:
+            variants = sample_elastic_variants(
+                self._elastic_names,
+                args.elastic_sampling,
+                args.elastic_variant_probabilities,
+                args.seed,
+                int(self.state.global_step),
+                self._micro_index(),
+            )
+            variants = sorted(variants, key=lambda v: v != FULL_VARIANT)  # the full variant first (self-KD reuse)
+        else:
+            variants = [None]
+
+        teacher_hidden, teacher_mtp_hidden = self._teacher_hidden(forward_inputs, teacher_mtp)
+        t_weight, t_bias = _head(self.teacher_model)
+        s_weight, s_bias = _head(model)
+        # counted targets per depth in this micro-batch (for the logged per-token means)
+        counts = {
+            k: self._count(labels, attention_mask, k) for k in range(depths + 1)
+        }
+        full_hidden = None
+        total = None
+        for variant in variants:
+            hidden, mtp_hidden, aux = self._forward_hidden(
+                model, forward_inputs, want_mtp=depths > 0, want_aux=self.aux_loss_enabled, variant=variant
+            )
+            if variant == FULL_VARIANT:
+                full_hidden = hidden.detach()
+            kd_source = (teacher_hidden, t_weight, t_bias, teacher_mtp_hidden)
+            if variant not in (None, FULL_VARIANT) and args.elastic_teacher == "full":
+                if full_hidden is None:
+                    with torch.no_grad():
+                        full_hidden, _, _ = self._forward_hidden(model, forward_inputs, want_mtp=False, want_aux=False)
+                kd_source = (full_hidden, s_weight.detach(), None if s_bias is None else s_bias.detach(), ())
+            loss, raw = self._objective(
+                hidden, mtp_hidden, s_weight, s_bias, kd_source, labels, attention_mask, lam, beta, depths,
+                num_items_in_batch, counts,
+            )
+            # Like SFTTrainer: `num_items_in_batch` counts the tokens of every rank, and DDP averages the gradients.
+            if args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            if aux is not None:
+                # a per-micro-batch mean: average it over the accumulation window like SFTTrainer does
+                steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+                loss = loss + self.router_aux_loss_coef * aux.to(loss.device) / steps
+                raw["aux"] = (aux.detach().float(), torch.ones((), device=aux.device))
+            loss = loss / len(variants)
+            total = loss if total is None else total + loss
+            # unprefixed: over every student forward of the step; with elastic sampling also per variant
+            self._record(mode, raw, prefix="")
+            if variant is not None:
+                self._record(mode, raw, prefix=f"{variant}/")
+        self._metrics[mode]["lambda"].append(lam)
+        self._metrics[mode]["beta"].append(beta)
+        if attention_mask is not None:
+            tokens = attention_mask.sum()
+        else:
+            tokens = torch.tensor(inputs["input_ids"].numel(), device=labels.device)
+        self._add(mode, "_num_tokens", tokens.float(), torch.ones((), device=tokens.device))
+
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(**forward_inputs, use_cache=False)
+            return total, outputs
+        return total
+
+    @staticmethod
+    def _count(labels: torch.Tensor, attention_mask: torch.Tensor | None, depth: int) -> torch.Tensor:
+        counted = labels[:, 1 + depth :].ne(-100)
+        if attention_mask is not None:
+            counted = counted & attention_mask[:, 1 + depth :].bool()
+        return counted.sum()
+
+    def _objective(
+        self,
+        hidden: torch.Tensor,
+        mtp_hidden: tuple[torch.Tensor, ...],
+        s_weight: torch.Tensor,
+        s_bias: torch.Tensor | None,
+        kd_source: tuple,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        lam: float,
+        beta: float,
+        depths: int,
+        num_items_in_batch: torch.Tensor | int | None,
+        counts: dict[int, torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """SlimQwen's objective for one student forward; also the raw (summed) terms and their token counts."""
+        args = self.args
+        t_hidden, t_weight, t_bias, t_mtp = kd_source
+        kd_kwargs = dict(
+            temperature=args.temperature,
+            divergence=args.divergence,
+            jsd_beta=args.jsd_beta,
+            teacher_top_k=args.teacher_top_k,
+            chunk_size=args.kd_chunk_size,
+            recompute=args.kd_recompute,
+            reduction="sum",
+        )
+        lm_kwargs = dict(chunk_size=args.kd_chunk_size, recompute=args.kd_recompute, reduction="sum")
+        raw: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def denominator(depth: int) -> torch.Tensor:
+            if num_items_in_batch is None:
+                return counts[depth].clamp_min(1).float()
+            if depth == 0:
+                return torch.as_tensor(num_items_in_batch, device=hidden.device).float()
+            return self._mtp_num_items.get(depth, counts[depth]).clamp_min(1).float()
+
+        def term(name: str, depth: int, weight: float, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+            # A term with weight 0 is still computed for the log, but without a graph.
+            with contextlib.nullcontext() if weight != 0.0 else torch.no_grad():
+                value = fn()
+            raw[name] = (value.detach().float(), counts[depth].float())
+            return value / denominator(depth)
+
+        w_s = _vocab_rows(s_weight, hidden)
+        lm = term("lm", 0, 1.0 - lam, lambda: lm_loss(hidden, w_s, labels, head_bias=s_bias, **lm_kwargs))
+        kd = term(
+            "kd",
+            0,
+            lam,
+            lambda: mtp_kd_loss(
+                hidden, w_s, t_hidden, _vocab_rows(t_weight, t_hidden), 0, labels=labels,
+                attention_mask=attention_mask, student_head_bias=s_bias, teacher_head_bias=t_bias, **kd_kwargs,
+            ),
+        )
+        mtp_lm, mtp_kd = [], []
+        for k in range(1, depths + 1):
+            if k > len(mtp_hidden):  # sequences shorter than the depth
+                break
+            h_k = F.pad(mtp_hidden[k - 1], (0, 0, 0, k))  # depth k has T - k positions; the pad rows are never read
+            mtp_lm.append(
+                term(
+                    f"mtp_lm_{k}", k, beta * (1.0 - lam),
+                    lambda h_k=h_k, k=k: mtp_lm_loss(h_k, w_s, labels, k, head_bias=s_bias, **lm_kwargs),
+                )
+            )
+            if t_mtp:
+                target, teacher_depth = F.pad(t_mtp[k - 1], (0, 0, 0, k)), k
+            else:
+                target, teacher_depth = t_hidden, 0
+            mtp_kd.append(
+                term(
+                    f"mtp_kd_{k}", k, beta * lam,
+                    lambda h_k=h_k, k=k, target=target, teacher_depth=teacher_depth: mtp_kd_loss(
+                        h_k, w_s, target, _vocab_rows(t_weight, target), k, labels=labels,
+                        attention_mask=attention_mask, teacher_depth=teacher_depth, student_head_bias=s_bias,
+                        teacher_head_bias=t_bias, **kd_kwargs,
+                    ),
+                )
+            )
+        loss, _ = slimqwen_objective(lm, kd, mtp_lm, mtp_kd, lam, beta)
+        return loss, raw
+
+    # ---- logging -----------------------------------------------------------------------------------------------
+    def _add(self, mode: str, key: str, value: torch.Tensor, count: torch.Tensor) -> None:
+        sums, counts = self._term_sums[mode], self._term_counts[mode]
+        sums[key] = sums[key] + value if key in sums else value.clone()
+        counts[key] = counts[key] + count if key in counts else count.clone()
+
+    def _record(self, mode: str, raw: dict[str, tuple[torch.Tensor, torch.Tensor]], prefix: str) -> None:
+        for name, (value, count) in raw.items():
+            self._add(mode, prefix + name, value, count.to(value.device))
+        for group in ("mtp_lm", "mtp_kd"):
+            parts = [raw[n] for n in raw if n.startswith(group + "_")]
+            if parts:
+                # the depth mean of per-token means, as in the objective
+                mean = torch.stack([v / c.clamp_min(1) for v, c in parts]).mean()
+                self._add(mode, prefix + group, mean, torch.ones((), device=mean.device))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        sums, counts = self._term_sums[mode], self._term_counts[mode]
+        if sums:
+            keys = sorted(sums)
+            device = sums[keys[0]].device
+            packed = torch.stack(
+                [torch.stack([sums[k].to(device).float() for k in keys]), torch.stack([counts[k].to(device).float() for k in keys])]
+            )
+            packed = self.accelerator.reduce(packed, reduction="sum")
+            means = {}
+            for key, total, count in zip(keys, packed[0].tolist(), packed[1].tolist()):
+                if key == "_num_tokens":
+                    self._total_train_tokens += int(total) if mode == "train" else 0
+                    continue
+                means[key] = total / max(count, 1.0)
+            prefix = "eval_" if mode == "eval" else ""
+            logs.update({prefix + key: value for key, value in means.items()})
+            sums.clear()
+            counts.clear()
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        super().log(logs, start_time)
+
+
+def teacher_quantization_config(kind: str):
+    """The `BitsAndBytesConfig` of `teacher_quantization` (`"4bit"`: NF4 with bfloat16 compute; `"8bit"`: LLM.int8).
+
+    Args:
+        kind (`str`): `"4bit"` or `"8bit"`.
+
+    Returns:
+        `transformers.BitsAndBytesConfig`
+
+    Raises:
+        `ValueError`: unknown kind, bitsandbytes missing, or no CUDA device (bitsandbytes' quantized matmuls that
+        transformers loads need one).
+    """
+    from transformers import BitsAndBytesConfig
+    from transformers.utils import is_bitsandbytes_available
+
+    if kind not in ("4bit", "8bit"):
+        raise ValueError(f"teacher_quantization must be '4bit' or '8bit', got {kind!r}.")
+    if not is_bitsandbytes_available():
+        raise ValueError(
+            f"teacher_quantization={kind!r} needs the bitsandbytes package (pip install bitsandbytes), which is not "
+            "importable here; set teacher_quantization=None to load the teacher unquantized."
+        )
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"teacher_quantization={kind!r} needs a CUDA GPU: transformers' bitsandbytes loader quantizes on the GPU "
+            "and this machine has none. Set teacher_quantization=None (and e.g. teacher_model_init_kwargs="
+            "{'dtype': 'bfloat16'} to halve the teacher's memory) when training on CPU."
+        )
+    if kind == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _check_teacher_tokenizer(path: str, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool) -> None:
+    """Compare the teacher folder's tokenizer (when it has one) with the student's, token by token."""
+    from transformers import AutoTokenizer
+
+    try:
+        teacher_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError):
+        return
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    if teacher_tokenizer.get_vocab() != tok.get_vocab():
+        mine, theirs = tok.get_vocab(), teacher_tokenizer.get_vocab()
+        differing = sorted(set(mine.items()) ^ set(theirs.items()))[:3]
+        raise ValueError(
+            f"Tokenizer mismatch: the teacher at {path!r} maps tokens differently from processing_class "
+            f"({len(theirs)} vs {len(mine)} tokens; e.g. {differing}). KD needs one shared tokenizer: pass the "
+            "teacher's tokenizer as processing_class and use a student pruned from that teacher."
+        )
+
+
+__all__ += ["check_dataset_columns", "teacher_quantization_config"]
+
