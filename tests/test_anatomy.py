@@ -304,3 +304,35 @@ def test_unsupported_model_type_lists_supported():
         get_spec("llama")
     for mt in supported_model_types():
         assert mt in str(err.value)
+
+
+@pytest.mark.parametrize("family", ["slim_moe", "qwen3_next", "mixtral"])
+def test_variant_by_sizes_from_a_checkpoint_alone(family, tmp_path):
+    """Elastic use: sizes -> prefix selection -> new config + lazily read slices, with no source model instance;
+    the result equals `apply_selection` on the model."""
+    from hf_slim.anatomy import prefix_selection, renamed, select_config
+
+    model = tiny_model(family, seed=4)
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "m.safetensors"))
+    sizes = {"num_hidden_layers": 3, "num_experts": 4, "moe_intermediate_size": 8, "num_attention_heads": 2}
+    if family != "mixtral":
+        sizes["hidden_size"] = 24
+    spec = get_spec(model.config.model_type)
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+        sel = normalize_selection(spec, prefix_selection(spec, model.config, sizes, names))
+        new_config = select_config(spec, model.config, sel)
+        tensors = {}
+        for name in names:
+            s = f.get_slice(name)
+            idx = tensor_index(spec, name, s.get_shape(), model.config, sel)
+            if idx is not None:
+                tensors[renamed(spec, name, sel)] = read_indexed(s, s.get_shape(), idx)
+    assert new_config.num_key_value_heads == 2  # every KV head kept, one query head per group
+    variant = AutoModelForCausalLM.from_config(new_config).eval()
+    variant.load_state_dict(tensors, strict=True)
+    reference = apply_selection(model, prefix_selection(spec, model.config, sizes, names))
+    torch.testing.assert_close(logits(variant), logits(reference), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="num_experts=9"):
+        prefix_selection(spec, model.config, {"num_experts": 9})

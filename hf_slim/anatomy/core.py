@@ -34,6 +34,8 @@ __all__ = [
     "contiguous_runs",
     "select_tensors",
     "select_config",
+    "prefix_selection",
+    "renamed",
     "apply_selection",
     "select",
     "kv_indices_for_heads",
@@ -328,6 +330,63 @@ def _axis_indices(spec: ArchSpec, axis: str, block: str | None, selection: Mappi
     return selection.get(axis, {}).get(block)
 
 
+def prefix_selection(
+    spec: ArchSpec, config: Any, sizes: Mapping[str, int], tensor_names: Iterable[str] | None = None
+) -> dict:
+    """The selection keeping the first `sizes[field]` indices of every axis, from a config alone (no model).
+
+    This is how a nested (elastic) variant is cut once each axis has been sorted by importance: every variant is a
+    prefix. `sizes` uses canonical field names (`num_hidden_layers`, `hidden_size`, `num_attention_heads`,
+    `num_key_value_heads`, `num_experts`, `moe_intermediate_size`, `shared_expert_intermediate_size`,
+    `intermediate_size`). Heads: without `num_key_value_heads` every KV head stays and each group keeps its first
+    `num_attention_heads / num_key_value_heads` heads; with it, the first groups are kept.
+
+    Args:
+        spec (`ArchSpec`): the architecture.
+        config: the full (source) config.
+        sizes (`dict[str, int]`): the variant's sizes; missing fields keep the full size.
+        tensor_names (`Iterable[str]`, optional): checkpoint tensor names, to find blocks beyond the decoder layers
+            (MTP layers); without them only decoder layers get per-layer indices.
+
+    Returns:
+        A selection for [`select_tensors`], [`tensor_index`] or [`apply_selection`].
+    """
+    known = {"num_hidden_layers", "hidden_size", *(_CANONICAL.values()), "num_key_value_heads"}
+    unknown = sorted(set(sizes) - known)
+    if unknown:
+        raise ValueError(f"sizes: unknown field(s) {unknown}; valid fields: {sorted(known)}")
+    for key, value in sizes.items():
+        full = getattr(config, spec.field(key), None)
+        if full is None or not isinstance(value, int) or not 1 <= value <= full:
+            raise ValueError(f"{key}={value!r}: must be an int in [1, {full}] for this config")
+    blocks = [f"{spec.block_containers[0]}.{i}" for i in range(config.num_hidden_layers)]
+    for name in tensor_names or ():
+        block, _ = spec.split_name(name)
+        if block is not None and block not in blocks:
+            blocks.append(block)
+    sel: dict[str, Any] = {}
+    if "num_hidden_layers" in sizes:
+        sel["layer"] = torch.arange(sizes["num_hidden_layers"])
+    if "hidden_size" in sizes:
+        sel["hidden"] = torch.arange(sizes["hidden_size"])
+    if "num_attention_heads" in sizes or "num_key_value_heads" in sizes:
+        n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+        heads = sizes.get("num_attention_heads", n_heads)
+        kv = sizes.get("num_key_value_heads", n_kv)
+        group = n_heads // n_kv
+        if heads % kv or heads // kv > group:
+            raise ValueError(
+                f"num_attention_heads={heads} over num_key_value_heads={kv}: needs {heads / kv:g} heads per group, "
+                f"groups hold {group}"
+            )
+        q = torch.cat([g * group + torch.arange(heads // kv) for g in range(kv)])
+        sel["head"] = {b: q for b in blocks}
+    for axis, canonical in _CANONICAL.items():
+        if axis != "head" and canonical in sizes:
+            sel[axis] = {b: torch.arange(sizes[canonical]) for b in blocks}
+    return sel
+
+
 def index_tensor(t: torch.Tensor, idx: tuple[torch.Tensor | None, ...] | None) -> torch.Tensor:
     """Apply [`tensor_index`]'s result to an in-memory tensor (1-D selects first, then per-row gathers)."""
     if idx is None:
@@ -385,7 +444,8 @@ def read_indexed(source: Any, shape: Sequence[int], idx: tuple[torch.Tensor | No
     return out
 
 
-def _rename(spec: ArchSpec, name: str, selection: Mapping[str, Any]) -> str:
+def renamed(spec: ArchSpec, name: str, selection: Mapping[str, Any]) -> str:
+    """The name a kept tensor takes after a (normalised) selection: decoder layers are renumbered in kept order."""
     if "layer" not in selection:
         return name
     block, rel = spec.split_name(name)
@@ -480,7 +540,7 @@ def select_tensors(
         idx = tensor_index(spec, name, t.shape, config, sel)
         if idx is None:
             continue
-        out[_rename(spec, name, sel)] = index_tensor(t, idx) if any(i is not None for i in idx) else t
+        out[renamed(spec, name, sel)] = index_tensor(t, idx) if any(i is not None for i in idx) else t
     return out, new_config
 
 
@@ -590,7 +650,7 @@ def apply_selection(
     if "layer" in sel:
         for name in state:
             if tensor_index(spec, name, state[name].shape, model.config, {"layer": sel["layer"]}) is not None:
-                inverse[_rename(spec, name, sel)] = name
+                inverse[renamed(spec, name, sel)] = name
     return _rebuild(model, new_tensors, new_config, lambda n: inverse.get(n, n))
 
 
