@@ -1,11 +1,32 @@
 """hf-slim: prune, distill and nest Mixture-of-Experts language models in the Hugging Face ecosystem.
 
-`import hf_slim` registers the SlimMoe family with the transformers Auto classes.
+`import hf_slim` registers the SlimMoe family with the transformers Auto classes and the Aurora optimizer with
+`TrainingArguments(optim="aurora" | "aurora_lora")`.
 """
 
+from . import optim
+from .elastic import ElasticBudget, ElasticConfig, make_elastic, slice_variant
 from .models import SlimMoeConfig, SlimMoeForCausalLM, SlimMoeModel
+from .optim import Aurora
+from .pruning import ImportanceStats, ProgressivePlan, PruneConfig, collect_statistics, prune
 
 
 __version__ = "0.1.0"
 
-__all__ = ["SlimMoeConfig", "SlimMoeForCausalLM", "SlimMoeModel", "__version__"]
+__all__ = [
+    "Aurora",
+    "ElasticBudget",
+    "ElasticConfig",
+    "ImportanceStats",
+    "ProgressivePlan",
+    "PruneConfig",
+    "SlimMoeConfig",
+    "SlimMoeForCausalLM",
+    "SlimMoeModel",
+    "__version__",
+    "collect_statistics",
+    "make_elastic",
+    "optim",
+    "prune",
+    "slice_variant",
+]

@@ -69,10 +69,15 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .elastic.cli import add_slice_parser
+    from .pruning.cli import add_prune_parser
+
     parser = argparse.ArgumentParser(prog="hf-slim", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo(subparsers)
     _add_convert(subparsers)
+    add_prune_parser(subparsers)
+    add_slice_parser(subparsers)
     return parser
 
 
