@@ -314,3 +314,110 @@ def test_teacher_path_with_other_tokenizer(tmp_path, data):
     )  # fmt: skip
     trainer.train()
     assert trainer.state.log_history[0]["kd"] > 0
+
+
+# ---- ecosystem: accumulation, resume, aurora, LoRA, checkpointing ---------------------------------------------------
+
+
+def _ragged(n: int = 16) -> Dataset:
+    """Examples of different lengths, so micro-batches hold different numbers of target tokens."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(6, SEQ + 1, (n,), generator=generator).tolist()
+    return Dataset.from_dict({"input_ids": [torch.randint(2, 300, (m,), generator=generator).tolist() for m in lengths]})
+
+
+def _train(tmp_path, teacher, tokenizer, dataset, student=None, **overrides):
+    student = student if student is not None else tiny_student(len(tokenizer))
+    args = distill_args(tmp_path, **overrides)
+    trainer = SlimDistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    return trainer
+
+
+def test_gradient_accumulation_matches_the_large_batch(tmp_path, data, monkeypatch):
+    tokenizer, _, teacher = data
+    ragged = _ragged()
+    common = dict(max_steps=2, router_aux_loss_coef=0.0, lambda_start=0.5, beta_start=0.5, optim="sgd", learning_rate=0.5)
+    big = _train(tmp_path / "a", teacher, tokenizer, ragged, per_device_train_batch_size=4, **common)
+    big.train()
+    accumulated = _train(
+        tmp_path / "b", teacher, tokenizer, ragged, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        **common,
+    )  # fmt: skip
+    accumulated.train()
+    for (name, p), q in zip(big.model.named_parameters(), accumulated.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    # control: a per-micro-batch mean (no num_items_in_batch) does change the result on this ragged data
+    monkeypatch.setattr(SlimDistillationTrainer, "_get_num_items_in_batch", lambda self, batches, device: None)
+    naive = _train(
+        tmp_path / "c", teacher, tokenizer, ragged, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        **common,
+    )  # fmt: skip
+    naive.train()
+    diff = max((p - q).abs().max().item() for p, q in zip(big.model.parameters(), naive.model.parameters()))
+    assert diff > 1e-4
+
+
+def test_resume_from_checkpoint_reproduces_the_run(tmp_path, data):
+    tokenizer, dataset, teacher = data
+    subset = dataset.select(range(64))
+    full = _train(tmp_path / "full", teacher, tokenizer, subset, max_steps=4, save_strategy="steps", save_steps=2)
+    full.train()
+    resumed = _train(tmp_path / "full", teacher, tokenizer, subset, max_steps=4, save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+    # the log history restored from the checkpoint, then steps 3 and 4 with the uninterrupted run's values
+    logs = [h for h in resumed.state.log_history if "kd" in h]
+    reference = [h for h in full.state.log_history if "kd" in h]
+    assert [h["step"] for h in logs] == [1, 2, 3, 4]
+    for got, want in zip(logs[2:], reference[2:]):
+        for key in ("loss", "kd", "mtp_kd_2", "lambda", "beta"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), key
+
+
+def test_optim_aurora(tmp_path, data):
+    import hf_slim.optim  # noqa: F401  (registers optim="aurora")
+
+    tokenizer, dataset, teacher = data
+    trainer = _train(tmp_path, teacher, tokenizer, dataset, max_steps=3, optim="aurora", learning_rate=1e-2)
+    start = params(trainer.model)
+    trainer.train()
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert type(optimizer).__name__ == "Aurora"
+    moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, start[n])]
+    assert len(moved) == len(start)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_peft_lora_student(tmp_path, data):
+    from peft import LoraConfig
+
+    tokenizer, dataset, teacher = data
+    student = tiny_student(len(tokenizer))
+    base = params(student)
+    args = distill_args(tmp_path, max_steps=3, gradient_checkpointing=True)
+    trainer = SlimDistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )  # fmt: skip
+    trainer.train()
+    named = dict(trainer.model.named_parameters())
+    lora_b = [p for n, p in named.items() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # LoRA B starts at zero and learned
+    frozen = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in named.items() if "lora_" not in n}
+    assert all(torch.equal(frozen[n], base[n]) for n in base if n in frozen)
+    assert {"kd", "mtp_kd_1"} <= set(trainer.state.log_history[0])
+
+
+def test_gradient_checkpointing_gives_the_same_steps(tmp_path, data):
+    tokenizer, dataset, teacher = data
+    runs = []
+    for flag in (False, True):
+        trainer = _train(tmp_path / str(flag), teacher, tokenizer, dataset, max_steps=2, gradient_checkpointing=flag)
+        trainer.train()
+        runs.append(trainer.model)
+    assert runs[1].model.gradient_checkpointing
+    for (name, p), q in zip(runs[0].named_parameters(), runs[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
