@@ -36,6 +36,7 @@ import torch
 
 __all__ = [
     "DIVERGENCES",
+    "SCHEDULE_KINDS",
     "LossWeightSchedule",
     "align_mtp_positions",
     "chunked_kd_loss",
@@ -80,8 +81,8 @@ def _check_num_items(num_items_in_batch: int | torch.Tensor | None) -> None:
         raise ValueError(
             f"num_items_in_batch must be None, a number or a tensor, got {type(num_items_in_batch).__name__}."
         )
-    if num_items_in_batch < 0:
-        raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch!r}.")
+    if not num_items_in_batch > 0:
+        raise ValueError(f"num_items_in_batch must be > 0 (the number of counted tokens), got {num_items_in_batch!r}.")
 
 
 def _check_kd_options(divergence: str, temperature: float, jsd_beta: float, teacher_top_k: int | None) -> None:
@@ -208,7 +209,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h = hidden[start:end]
-            loss, grad_logits = chunk_loss(start, end, lambda: _project(h, weight, bias), want_any)
+            loss, grad_logits = chunk_loss(start, end, lambda h=h: _project(h, weight, bias), want_any)
             total += loss
             if not want_any:
                 continue
@@ -503,7 +504,9 @@ def chunked_kd_loss(
         float(jsd_beta),
         teacher_top_k,
     )
-    return _ChunkedHeadLoss.apply(h_s, student_head_weight, student_head_bias, chunk_loss, chunk_size, scale, recompute)
+    return _ChunkedHeadLoss.apply(
+        h_s, student_head_weight, student_head_bias, chunk_loss, chunk_size, scale, recompute
+    )
 
 
 def align_mtp_positions(
@@ -672,7 +675,7 @@ def lm_loss(
             f"hidden must be [batch, seq, hidden] and labels [batch, seq]; got shapes {tuple(hidden.shape)} and "
             f"{tuple(labels.shape)}."
         )
-    b, t = labels.shape
+    t = labels.shape[1]
     n = max(t - 1 - depth, 0)
     rows = hidden[:, :n].reshape(-1, hidden.shape[-1])
     targets = labels[:, 1 + depth : 1 + depth + n].reshape(-1).to(rows.device)
