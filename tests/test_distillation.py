@@ -421,3 +421,94 @@ def test_gradient_checkpointing_gives_the_same_steps(tmp_path, data):
     assert runs[1].model.gradient_checkpointing
     for (name, p), q in zip(runs[0].named_parameters(), runs[1].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---- elastic students --------------------------------------------------------------------------------------------
+
+
+def elastic_student(vocab_size: int) -> SlimMoeForCausalLM:
+    from hf_slim.elastic import ElasticConfig
+
+    student = tiny_student(vocab_size)
+    variants = {"small": {"hidden_size": 16, "num_hidden_layers": 1}, "medium": {"hidden_size": 24}}
+    student.config.elastic = ElasticConfig(variants=variants).to_dict()
+    return student
+
+
+def test_sampling_frequencies_follow_the_probabilities():
+    names = ["small", "medium", "full"]
+    probabilities = {"full": 0.5, "medium": 0.3, "small": 0.2}
+    draws = Counter(
+        sample_elastic_variants(names, "probabilities", probabilities, seed=0, step=step, micro_step=micro)[0]
+        for step in range(1500)
+        for micro in range(2)
+    )
+    for name, p in probabilities.items():
+        assert abs(draws[name] / 3000 - p) < 0.03, (name, draws)
+    # a pure function of (seed, step, micro_step): the same on every rank and after a resume
+    assert sample_elastic_variants(names, "probabilities", probabilities, 3, 7, 1) == sample_elastic_variants(
+        names, "probabilities", probabilities, 3, 7, 1
+    )
+
+
+def test_sandwich_rule():
+    names = ["xs", "small", "medium", "full"]
+    middles = Counter()
+    for step in range(400):
+        chosen = sample_elastic_variants(names, "sandwich", None, seed=0, step=step)
+        assert chosen[0] == "full" and chosen[-1] == "xs" and len(chosen) == 3
+        middles[chosen[1]] += 1
+    assert set(middles) == {"small", "medium"} and min(middles.values()) > 150
+    assert sample_elastic_variants(["small", "full"], "sandwich", None, 0, 0) == ["full", "small"]
+
+
+def test_elastic_probabilities_training_logs_each_variant(tmp_path, data):
+    tokenizer, dataset, teacher = data
+    probabilities = {"full": 0.5, "medium": 0.3, "small": 0.2}
+    args = distill_args(tmp_path, max_steps=6, elastic_sampling="probabilities", elastic_variant_probabilities=probabilities)
+    trainer = SlimDistillationTrainer(
+        model=elastic_student(len(tokenizer)), teacher_model=teacher, args=args, train_dataset=dataset,
+        processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    names = ["small", "medium", "full"]
+    for log in [h for h in trainer.state.log_history if "kd" in h]:
+        expected = sample_elastic_variants(names, "probabilities", probabilities, 0, log["step"] - 1, 0)[0]
+        logged = {key.split("/")[0] for key in log if "/" in key}
+        assert logged == {expected}, (log["step"], logged)
+        assert log[f"{expected}/kd"] == pytest.approx(log["kd"]) and log[f"{expected}/mtp_kd_2"] > 0
+
+
+def test_elastic_sandwich_with_full_variant_as_teacher(tmp_path, data):
+    tokenizer, dataset, teacher = data
+    args = distill_args(tmp_path, max_steps=2, elastic_sampling="sandwich", elastic_teacher="full")
+    student = elastic_student(len(tokenizer))
+    start = params(student)
+    trainer = SlimDistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert {"full/kd", "medium/kd", "small/kd", "small/mtp_kd_1"} <= set(log)
+    # the full variant learns from the teacher; the smaller ones from the full variant, a closer target
+    assert log["small/kd"] < log["full/kd"] and log["medium/kd"] < log["full/kd"]
+    assert log["kd"] == pytest.approx((log["full/kd"] + log["medium/kd"] + log["small/kd"]) / 3, rel=1e-4)
+    assert any(not torch.equal(p, start[n]) for n, p in trainer.model.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "student_kind, overrides, match",
+    [
+        ("elastic", dict(elastic_sampling="probabilities", elastic_variant_probabilities={"full": 0.5, "tiny": 0.5}),
+         r"'tiny'.*valid variants: \['small', 'medium', 'full'\]"),
+        ("plain", dict(elastic_sampling="sandwich"), r"elastic_sampling='sandwich' needs an elastic student"),
+    ],
+)  # fmt: skip
+def test_elastic_bad_input(tmp_path, data, student_kind, overrides, match):
+    tokenizer, dataset, teacher = data
+    student = elastic_student(len(tokenizer)) if student_kind == "elastic" else tiny_student(len(tokenizer))
+    with pytest.raises(ValueError, match=match):
+        SlimDistillationTrainer(
+            model=student, teacher_model=teacher, args=distill_args(tmp_path, **overrides), train_dataset=dataset,
+            processing_class=tokenizer,
+        )  # fmt: skip
