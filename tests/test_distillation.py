@@ -512,3 +512,30 @@ def test_elastic_bad_input(tmp_path, data, student_kind, overrides, match):
             model=student, teacher_model=teacher, args=distill_args(tmp_path, **overrides), train_dataset=dataset,
             processing_class=tokenizer,
         )  # fmt: skip
+
+
+# ---- accelerate launch: 2 CPU processes (DDP, gloo) ---------------------------------------------------------------
+
+
+def test_accelerate_launch_two_process_ddp(tmp_path):
+    script = Path(__file__).with_name("_distill_ddp_script.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # `--multi_gpu` selects accelerate's torchrun launcher; without CUDA each process joins a gloo group.
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port), str(script), str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results[0]["world_size"] == 2 and results[0]["backend"] == "gloo"
+    assert results[0]["wrapped"] == "DistributedDataParallel"
+    assert results[0]["teacher_wrapped"] != "DistributedDataParallel"  # the frozen teacher is not wrapped
+    # gradients were averaged: both ranks hold the same student; the logged terms are reduced over both ranks
+    assert results[0]["checksum"] == results[1]["checksum"]
+    assert results[0]["kd"] == results[1]["kd"] and all(k > 0 for k in results[0]["kd"])
+    assert results[0]["num_tokens"] == 3 * 2 * 2 * SEQ  # steps x processes x batch x sequence
