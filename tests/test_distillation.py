@@ -539,3 +539,88 @@ def test_accelerate_launch_two_process_ddp(tmp_path):
     assert results[0]["checksum"] == results[1]["checksum"]
     assert results[0]["kd"] == results[1]["kd"] and all(k > 0 for k in results[0]["kd"])
     assert results[0]["num_tokens"] == 3 * 2 * 2 * SEQ  # steps x processes x batch x sequence
+
+
+# ---- progressive runner: hf-slim distill CONFIG.yaml ------------------------------------------------------------
+
+
+def test_progressive_distill_cli_two_stages(tmp_path, data):
+    import argparse
+
+    from transformers import AutoModelForCausalLM
+
+    from trainers.cli import add_distill_parser
+
+    tokenizer, dataset, _ = data
+    teacher = train_teacher(dataset, len(tokenizer), steps=3, num_hidden_layers=4, mlp_layer_types=["sparse"] * 4)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    config = tmp_path / "distill.yaml"
+    config.write_text(
+        f"""
+teacher_model_name_or_path: {tmp_path / "teacher"}
+dataset_name: hf_slim:stdlib
+prune_stages:
+  - {{num_hidden_layers: 3}}
+  - {{num_hidden_layers: 2, hidden_size: 24, num_experts: 2}}
+stage_tokens: [256, 384]
+calibration_samples: 8
+output_dir: {tmp_path / "run"}
+max_length: {SEQ}
+per_device_train_batch_size: 4
+logging_steps: 1
+learning_rate: 0.001
+lr_scheduler_type: linear
+bf16: false
+use_cpu: true
+gradient_checkpointing: false
+report_to: []
+save_strategy: "no"
+disable_tqdm: true
+"""
+    )
+    parser = argparse.ArgumentParser(prog="hf-slim")
+    add_distill_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["distill", str(config)])
+    assert args.handler(args) == 0
+
+    run = tmp_path / "run"
+    stage1 = AutoModelForCausalLM.from_pretrained(run / "stage-1")
+    stage2 = AutoModelForCausalLM.from_pretrained(run / "stage-2")
+    assert stage1.config.num_hidden_layers == 3 and stage1.config.hidden_size == 32
+    assert (stage2.config.num_hidden_layers, stage2.config.hidden_size, stage2.config.num_experts) == (2, 24, 2)
+    # one schedule over both stages (2 + 3 steps): the LR and λ continue instead of restarting
+    history = json.loads((run / "final" / "trainer_log_history.json").read_text())
+    steps = [h for h in history if "kd" in h]
+    assert [h["global_step"] for h in steps] == [1, 2, 3, 4, 5]
+    assert [round(h["learning_rate"], 6) for h in steps] == [0.001, 0.0008, 0.0006, 0.0004, 0.0002]
+    assert [h["lambda"] for h in steps] == pytest.approx([1.0, 0.95, 0.9, 0.85, 0.8])
+    final = run / "final"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "loss_curve.png"):
+        assert (final / name).is_file(), name
+    card = (final / "README.md").read_text()
+    assert str(tmp_path / "teacher") in card and "num_hidden_layers=2, hidden_size=24, num_experts=2" in card
+    assert "640 (5 optimizer steps)" in card and "![Loss curve](loss_curve.png)" in card
+    model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True)
+    assert model.config.num_mtp_heads == 2 and model.config.hidden_size == 24
+    # a second run refuses to overwrite the final folder
+    with pytest.raises(FileExistsError, match="final"):
+        args.handler(args)
+
+
+@pytest.mark.parametrize(
+    "yaml_text, match",
+    [
+        ("dataset_name: x\nprune_stages: [{}]\nstage_tokens: [1, 2]\noutput_dir: o\n", r"stage_tokens.*one token budget"),
+        ("dataset_name: x\nprune_stages: [{num_experts: -1}]\nstage_tokens: [1]\noutput_dir: o\n", r"num_experts"),
+        ("dataset_name: x\nprune_stages: [{}]\nstage_tokens: [1]\noutput_dir: o\ndivergence: kl\n", r"divergence"),
+        ("dataset_name: x\nprune_stages: [{}]\nstage_tokens: [1]\noutput_dir: o\nlamda_start: 1\n", r"lamda_start"),
+    ],
+)  # fmt: skip
+def test_distill_config_errors(tmp_path, yaml_text, match):
+    from trainers.progressive import load_distill_config
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text + "use_cpu: true\nbf16: false\n")
+    with pytest.raises(ValueError, match=match):
+        load_distill_config(path)

@@ -1,0 +1,391 @@
+"""`hf-slim distill CONFIG.yaml`: SlimQwen's progressive recipe, prune stage 1 -> distill N1 tokens -> prune stage 2
+-> distill N2 tokens (-> ...), with the LR and λ/β schedules continuing across stages, each stage's model written,
+and a Hub-ready final folder with a model card (teacher, recipe, token budget, loss curve).
+
+The YAML holds [`DistillScriptArguments`] and [`SlimDistillationConfig`] fields side by side (TrlParser style):
+
+```yaml
+teacher_model_name_or_path: ./teacher
+dataset_name: hf_slim:stdlib          # or a Hub dataset / local json, jsonl, csv, parquet, txt file
+prune_stages:
+  - {num_hidden_layers: 0.875}
+  - {num_hidden_layers: 0.75, hidden_size: 0.75, num_experts: 0.5}
+stage_tokens: [40000, 360000]
+output_dir: runs/slim
+max_length: 512
+per_device_train_batch_size: 8
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, load_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel
+
+from hf_slim.hub import save_for_hub
+from hf_slim.pruning import ProgressivePlan, PruneConfig, collect_statistics, prune
+from hf_slim.utils import atomic_directory
+
+from .distillation_config import SlimDistillationConfig
+from .distillation_trainer import SlimDistillationTrainer
+
+
+__all__ = ["DistillScriptArguments", "StageResult", "load_distill_config", "render_distilled_card", "run_progressive"]
+
+STDLIB_DATASET = "hf_slim:stdlib"
+_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+@dataclass
+class DistillScriptArguments:
+    """What `hf-slim distill` does besides training: the data, the pruning stages and the token budget.
+
+    Args:
+        dataset_name (`str`): A Hub dataset, a local `.json`/`.jsonl`/`.csv`/`.parquet`/`.txt` file, or
+            `"hf_slim:stdlib"` (the offline corpus of standard-library docstrings, packed to `max_length`).
+        dataset_config (`str`, *optional*): Hub dataset configuration.
+        dataset_split (`str`, *optional*, defaults to `"train"`): Split to train on.
+        student_model_name_or_path (`str`, *optional*): Start from this student instead of the teacher.
+        prune_stages (`list[dict]`): One `PruneConfig` dict per stage (sizes as fractions of, or absolute sizes
+            relative to, the ORIGINAL model); an empty dict distills without pruning.
+        stage_tokens (`list[int]`): Training tokens of each stage (N1, N2, ...).
+        calibration_samples (`int`, *optional*, defaults to 64): Calibration sequences before each pruning stage.
+        num_mtp_heads (`int`, *optional*, defaults to 1): MTP depths added when the student is a stock model
+            (converted to SlimMoe with `hf_slim.convert.from_hf`); 0 keeps it stock (set beta_start/end to 0).
+        final_dir (`str`, *optional*): The Hub-ready folder; defaults to `{output_dir}/final`.
+        repo_id (`str`, *optional*): Name used in the model card.
+        overwrite (`bool`, *optional*, defaults to `False`): Replace an existing final folder.
+    """
+
+    dataset_name: str = field(metadata={"help": "Hub dataset, local data file, or 'hf_slim:stdlib' (offline)."})
+    prune_stages: list[dict[str, Any]] = field(
+        default_factory=list, metadata={"help": "One PruneConfig dict per stage; {} distills without pruning."}
+    )
+    stage_tokens: list[int] = field(default_factory=list, metadata={"help": "Training tokens of each stage."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_split: str = field(default="train", metadata={"help": "Dataset split to train on."})
+    student_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Start from this student instead of pruning the teacher itself."}
+    )
+    calibration_samples: int = field(default=64, metadata={"help": "Calibration sequences before each pruning."})
+    num_mtp_heads: int = field(default=1, metadata={"help": "MTP depths added to a stock student (SlimMoe convert)."})
+    final_dir: str | None = field(default=None, metadata={"help": "Hub-ready output folder ({output_dir}/final)."})
+    repo_id: str | None = field(default=None, metadata={"help": "Model name used in the model card."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing final folder."})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prune_stages, list) or not all(isinstance(s, dict) for s in self.prune_stages):
+            raise ValueError(f"prune_stages must be a list of PruneConfig dicts, got {self.prune_stages!r}.")
+        if not self.prune_stages:
+            raise ValueError("prune_stages must list at least one stage ({} distills without pruning), got [].")
+        if len(self.stage_tokens) != len(self.prune_stages):
+            raise ValueError(
+                f"stage_tokens must give one token budget per stage: {len(self.prune_stages)} prune_stages but "
+                f"stage_tokens={self.stage_tokens!r}."
+            )
+        for tokens in self.stage_tokens:
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+                raise ValueError(f"stage_tokens must be positive ints, got {self.stage_tokens!r}.")
+        for name in ("calibration_samples", "num_mtp_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "calibration_samples" else 0):
+                raise ValueError(f"{name} must be an int >= {1 if name == 'calibration_samples' else 0}, got {value!r}.")
+        # PruneConfig validates each stage (names the field) before anything is loaded
+        self.plan()
+
+    def plan(self) -> ProgressivePlan:
+        """The `ProgressivePlan` of `prune_stages` (validated by `PruneConfig`)."""
+        stages = [PruneConfig.from_dict(s) for s in self.prune_stages]
+        return ProgressivePlan(stages=stages)
+
+
+@dataclass
+class StageResult:
+    """What one stage did: its pruning config, budget, steps, output folder and log history."""
+
+    index: int
+    prune_config: dict[str, Any]
+    tokens: int
+    steps: int
+    step_offset: int
+    output_dir: str
+    log_history: list[dict[str, Any]]
+
+
+def load_distill_config(path: str | os.PathLike) -> tuple[DistillScriptArguments, SlimDistillationConfig]:
+    """Parse a YAML file holding [`DistillScriptArguments`] and [`SlimDistillationConfig`] fields.
+
+    Raises:
+        `ValueError`: unknown keys (named), invalid values (from either dataclass), or a missing file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist.")
+    parser = HfArgumentParser((DistillScriptArguments, SlimDistillationConfig))
+    try:
+        script_args, training_args = parser.parse_yaml_file(str(path), allow_extra_keys=False)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return script_args, training_args
+
+
+def _load_dataset(script_args: DistillScriptArguments, tokenizer, max_length: int) -> tuple[Dataset, Any]:
+    """The training dataset and the calibration data (texts, or the dataset itself)."""
+    name = script_args.dataset_name
+    if name == STDLIB_DATASET:
+        from hf_slim.data import packed_lm_dataset, stdlib_corpus
+
+        texts = stdlib_corpus()
+        return packed_lm_dataset(texts, tokenizer, max_length), texts
+    suffix = Path(name).suffix.lower()
+    if Path(name).is_file():
+        if suffix not in _LOCAL_BUILDERS:
+            raise ValueError(
+                f"dataset_name={name!r}: local files must be one of {sorted(_LOCAL_BUILDERS)}, got {suffix!r}."
+            )
+        dataset = load_dataset(_LOCAL_BUILDERS[suffix], data_files=name, split="train")
+    else:
+        dataset = load_dataset(name, script_args.dataset_config, split=script_args.dataset_split)
+    return dataset, dataset
+
+
+def _tokens_per_step(args: SlimDistillationConfig) -> int:
+    if args.max_length is None:
+        raise ValueError("max_length must be set for token budgets (tokens per step = batch x accumulation x length).")
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1) * args.max_length
+
+
+def _prepare_student(model: PreTrainedModel, num_mtp_heads: int) -> PreTrainedModel:
+    from hf_slim.models.slim_moe import SlimMoeForCausalLM
+
+    if isinstance(model, SlimMoeForCausalLM) or num_mtp_heads == 0:
+        return model
+    from hf_slim.convert import from_hf
+
+    return from_hf(model, num_mtp_heads=num_mtp_heads)
+
+
+def run_progressive(
+    script_args: DistillScriptArguments,
+    args: SlimDistillationConfig,
+    teacher: PreTrainedModel | None = None,
+    tokenizer: Any | None = None,
+) -> tuple[Path, list[StageResult]]:
+    """Run every stage (prune -> distill) and write the Hub-ready final folder.
+
+    Args:
+        script_args ([`DistillScriptArguments`]): Data, stages and budgets.
+        args ([`SlimDistillationConfig`]): Training settings shared by the stages (`output_dir` is the run folder;
+            stage `i` writes `{output_dir}/stage-{i}`).
+        teacher ([`~transformers.PreTrainedModel`], *optional*): The teacher; loaded from
+            `args.teacher_model_name_or_path` when not given.
+        tokenizer (*optional*): The shared tokenizer; loaded from the teacher's path when not given.
+
+    Returns:
+        `tuple[Path, list[StageResult]]`: the final folder and one result per stage.
+    """
+    final_dir = Path(script_args.final_dir or Path(args.output_dir) / "final")
+    if final_dir.exists() and any(final_dir.iterdir()) and not script_args.overwrite:
+        raise FileExistsError(f"final_dir {final_dir} exists and is not empty; set overwrite: true to replace it.")
+    teacher_path = args.teacher_model_name_or_path
+    if teacher is None:
+        if teacher_path is None:
+            raise ValueError("teacher_model_name_or_path must be set in the config (the model to prune and distill).")
+        kwargs = dict(args.teacher_model_init_kwargs or {})
+        if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
+            kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, **kwargs)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    teacher.eval()
+    dataset, calibration = _load_dataset(script_args, tokenizer, args.max_length or 1024)
+
+    per_step = _tokens_per_step(args)
+    steps = [max(1, math.ceil(tokens / per_step)) for tokens in script_args.stage_tokens]
+    total = sum(steps)
+    plan = script_args.plan()
+    original_config = teacher.config
+    current = (
+        AutoModelForCausalLM.from_pretrained(script_args.student_model_name_or_path)
+        if script_args.student_model_name_or_path
+        else teacher
+    )
+    results: list[StageResult] = []
+    offset = 0
+    for index, stage_steps in enumerate(steps):
+        stage_config = plan.resolve_stage(index, original_config, current.config)
+        if any(v is not None for k, v in stage_config.to_dict().items() if k in _size_fields()):
+            stats = collect_statistics(
+                current, calibration, num_samples=script_args.calibration_samples, max_length=args.max_length or 1024,
+                tokenizer=tokenizer, text_column=args.dataset_text_field, show_progress=not args.disable_tqdm,
+            )  # fmt: skip
+            current = prune(current, stage_config, stats)
+        elif current is teacher:
+            import copy
+
+            current = copy.deepcopy(teacher)
+        current = _prepare_student(current, script_args.num_mtp_heads)
+        current.train()
+        stage_dir = Path(args.output_dir) / f"stage-{index + 1}"
+        stage_args = dataclasses.replace(
+            args,
+            output_dir=str(stage_dir),
+            max_steps=stage_steps,
+            schedule_step_offset=offset,
+            schedule_total_steps=total,
+        )
+        trainer = SlimDistillationTrainer(
+            model=current, teacher_model=teacher, args=stage_args, train_dataset=dataset, processing_class=tokenizer
+        )
+        trainer.train()
+        trainer.save_model(str(stage_dir))
+        current = trainer.accelerator.unwrap_model(trainer.model)
+        history = [dict(h, global_step=h.get("step", 0) + offset) for h in trainer.state.log_history]
+        results.append(
+            StageResult(
+                index=index + 1, prune_config=stage_config.to_dict(), tokens=script_args.stage_tokens[index],
+                steps=stage_steps, step_offset=offset, output_dir=str(stage_dir), log_history=history,
+            )
+        )  # fmt: skip
+        offset += stage_steps
+    if args.process_index != 0:
+        return final_dir, results
+    _write_final(current, teacher, tokenizer, script_args, args, results, final_dir, teacher_path)
+    return final_dir, results
+
+
+def _size_fields() -> tuple[str, ...]:
+    from hf_slim.pruning import SIZE_FIELDS
+
+    return tuple(SIZE_FIELDS)
+
+
+def _loss_plot(results: list[StageResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("loss", "lm", "kd", "mtp_lm", "mtp_kd"):
+        points = [(h["global_step"], h[key]) for r in results for h in r.log_history if key in h and "train_runtime" not in h]
+        if points:
+            ax.plot(*zip(*points), label=key, marker="." if len(points) < 30 else None)
+    for r in results[1:]:
+        ax.axvline(r.step_offset, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("optimizer step (all stages)")
+    ax.set_ylabel("loss (per token)")
+    ax.set_title("Distillation loss terms (dotted: new pruning stage)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def render_distilled_card(
+    model: PreTrainedModel,
+    teacher_name: str,
+    script_args: DistillScriptArguments,
+    args: SlimDistillationConfig,
+    results: list[StageResult],
+    repo_id: str,
+) -> Any:
+    """Render `model_cards/distilled.md` into a `huggingface_hub.ModelCard`.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`]): The distilled student.
+        teacher_name (`str`): The teacher's name or path.
+        script_args ([`DistillScriptArguments`]), args ([`SlimDistillationConfig`]): The run's settings.
+        results (`list[StageResult]`): One result per stage.
+        repo_id (`str`): Model name used in the card.
+
+    Returns:
+        `huggingface_hub.ModelCard`
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from hf_slim.utils import count_parameters
+
+    counts = count_parameters(model)
+    last = {}
+    for r in results:
+        for h in r.log_history:
+            if "kd" in h:
+                last = h
+    stages = [
+        {
+            "index": r.index,
+            "prune": ", ".join(f"{k}={v}" for k, v in r.prune_config.items() if v is not None and k in _size_fields())
+            or "no pruning",
+            "tokens": f"{r.tokens:,}",
+            "steps": r.steps,
+        }
+        for r in results
+    ]
+    card_data = ModelCardData(
+        library_name="transformers", license="apache-2.0", pipeline_tag="text-generation",
+        base_model=teacher_name if teacher_name and not Path(teacher_name).exists() else None,
+        tags=["hf-slim", "moe", "distillation", model.config.model_type],
+    )  # fmt: skip
+    template = Path(__file__).resolve().parents[1] / "model_cards" / "distilled.md"
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template),
+        model_name=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        teacher=teacher_name,
+        architecture=type(model).__name__,
+        total_params=f"{counts['total']:,}",
+        active_params=f"{counts['active']:,}",
+        num_mtp_heads=getattr(model.config, "num_mtp_heads", 0),
+        stages=stages,
+        total_tokens=f"{sum(r.tokens for r in results):,}",
+        total_steps=sum(r.steps for r in results),
+        lambda_schedule=f"{args.lambda_schedule} {args.lambda_start} -> {args.lambda_end}",
+        beta_schedule=f"{args.beta_schedule} {args.beta_start} -> {args.beta_end}",
+        divergence=args.divergence + (f" (jsd_beta={args.jsd_beta})" if args.divergence == "jsd" else ""),
+        temperature=args.temperature,
+        teacher_top_k=args.teacher_top_k,
+        mtp_kd_target=args.mtp_kd_target,
+        optimizer=str(args.optim.value if hasattr(args.optim, "value") else args.optim),
+        learning_rate=args.learning_rate,
+        lr_scheduler=str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+        dataset=script_args.dataset_name,
+        final_terms={k: f"{last[k]:.4f}" for k in ("lm", "kd", "mtp_lm", "mtp_kd") if k in last},
+    )
+
+
+def _write_final(model, teacher, tokenizer, script_args, args, results, final_dir: Path, teacher_path) -> None:
+    teacher_name = teacher_path or getattr(teacher.config, "_name_or_path", "") or type(teacher).__name__
+    repo_id = script_args.repo_id or final_dir.name
+    with atomic_directory(final_dir, overwrite=script_args.overwrite) as tmp:
+        save_for_hub(model, tmp, processing_class=tokenizer, repo_id=repo_id, overwrite=True)
+        _loss_plot(results, tmp / "loss_curve.png")
+        recipe = {
+            "teacher": teacher_name,
+            "dataset": script_args.dataset_name,
+            "stages": [dataclasses.asdict(r) | {"log_history": None} for r in results],
+            "stage_tokens": script_args.stage_tokens,
+            "distillation": {k: getattr(args, k) for k in _RECIPE_FIELDS},
+        }
+        (tmp / "distillation_recipe.json").write_text(json.dumps(recipe, indent=2, default=str))
+        (tmp / "trainer_log_history.json").write_text(
+            json.dumps([h for r in results for h in r.log_history], indent=2, default=str)
+        )
+        render_distilled_card(model, teacher_name, script_args, args, results, repo_id).save(tmp / "README.md")
+
+
+_RECIPE_FIELDS = (
+    "lambda_start", "lambda_end", "lambda_schedule", "beta_start", "beta_end", "beta_schedule", "temperature",
+    "divergence", "jsd_beta", "teacher_top_k", "mtp_kd_target", "learning_rate", "max_length",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "router_aux_loss_coef", "seed",
+)  # fmt: skip
