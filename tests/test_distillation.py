@@ -281,17 +281,27 @@ def test_no_teacher(tmp_path, data):
         )  # fmt: skip
 
 
-def test_teacher_quantization_on_cpu_is_a_clear_error(tmp_path, data):
+# 4bit is the same code path; on this CPU bitsandbytes 0.50.2's Linear4bit fails under no_grad at hidden size 32
+# ("shape '[32, 0]' is invalid"), so only 8bit runs here (see docs/distillation.md).
+@pytest.mark.parametrize("kind, layer", [("8bit", "Linear8bitLt")])
+def test_quantized_teacher_from_path(tmp_path, data, kind, layer):
+    pytest.importorskip("bitsandbytes")
     tokenizer, dataset, teacher = data
     folder = tmp_path / "teacher"
     teacher.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    args = distill_args(tmp_path / "out", teacher_quantization="4bit")
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA; the CPU error path does not apply")
-    with pytest.raises(ValueError, match=r"teacher_quantization='4bit' needs a CUDA GPU.*teacher_quantization=None"):
+    args = distill_args(tmp_path / "out", max_steps=2, teacher_quantization=kind, teacher_model_name_or_path=str(folder))
+    trainer = SlimDistillationTrainer(
+        model=tiny_student(len(tokenizer)), args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    assert type(trainer.teacher_model.model.layers[0].self_attn.q_proj).__name__ == layer
+    trainer.train()
+    kd = [h["kd"] for h in trainer.state.log_history if "kd" in h]
+    assert len(kd) == 2 and all(0 < k < 10 for k in kd)
+    # an instantiated teacher cannot be quantized after the fact: say so instead of ignoring the field
+    with pytest.raises(ValueError, match=r"teacher_quantization.*already instantiated"):
         SlimDistillationTrainer(
-            model=tiny_student(len(tokenizer)), teacher_model=str(folder), args=args, train_dataset=dataset,
+            model=tiny_student(len(tokenizer)), teacher_model=teacher, args=args, train_dataset=dataset,
             processing_class=tokenizer,
         )  # fmt: skip
 

@@ -698,8 +698,11 @@ def teacher_quantization_config(kind: str):
         `transformers.BitsAndBytesConfig`
 
     Raises:
-        `ValueError`: unknown kind, bitsandbytes missing, or no CUDA device (bitsandbytes' quantized matmuls that
-        transformers loads need one).
+        `ValueError`: unknown kind, or bitsandbytes is not installed.
+
+    Note:
+        bitsandbytes quantizes the `nn.Linear` layers (attention, shared expert, router, MTP `fc`); the fused 3-D
+        expert tensors of transformers' MoE blocks stay in the load dtype. It runs on CPU too (bitsandbytes >= 0.48).
     """
     from transformers import BitsAndBytesConfig
     from transformers.utils import is_bitsandbytes_available
@@ -710,12 +713,6 @@ def teacher_quantization_config(kind: str):
         raise ValueError(
             f"teacher_quantization={kind!r} needs the bitsandbytes package (pip install bitsandbytes), which is not "
             "importable here; set teacher_quantization=None to load the teacher unquantized."
-        )
-    if not torch.cuda.is_available():
-        raise ValueError(
-            f"teacher_quantization={kind!r} needs a CUDA GPU: transformers' bitsandbytes loader quantizes on the GPU "
-            "and this machine has none. Set teacher_quantization=None (and e.g. teacher_model_init_kwargs="
-            "{'dtype': 'bfloat16'} to halve the teacher's memory) when training on CPU."
         )
     if kind == "4bit":
         return BitsAndBytesConfig(
