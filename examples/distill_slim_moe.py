@@ -54,9 +54,10 @@ def main() -> None:
     parser.add_argument("--make-teacher", metavar="DIR", help="Only train and save the teacher (for distill.yaml).")
     parser.add_argument("--output-dir", default="runs/distilled-example")
     parser.add_argument("--max-steps", type=int, default=60)
+    parser.add_argument("--teacher-steps", type=int, default=200)
     cli = parser.parse_args()
 
-    teacher, tokenizer, dataset, texts = make_teacher()
+    teacher, tokenizer, dataset, texts = make_teacher(cli.teacher_steps)
     if cli.make_teacher:
         teacher.save_pretrained(cli.make_teacher)
         tokenizer.save_pretrained(cli.make_teacher)
