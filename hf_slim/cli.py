@@ -69,6 +69,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from trainers.cli import add_distill_parser
+
     from .elastic.cli import add_slice_parser
     from .pruning.cli import add_prune_parser
 
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(subparsers)
     add_prune_parser(subparsers)
     add_slice_parser(subparsers)
+    add_distill_parser(subparsers)
     return parser
 
 
