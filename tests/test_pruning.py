@@ -310,6 +310,13 @@ def test_cli_prune_end_to_end(tmp_path, capsys):
     assert back.config.num_experts == 4 and back.config.hidden_size == 24
     assert (tmp_path / "out" / "tokenizer.json").exists()
     assert (tmp_path / "out" / "importance_stats.safetensors").exists()
+    # replay: the saved pruning_config.json and statistics reproduce the same model without calibrating again
+    again = parser.parse_args(["prune", str(src), str(tmp_path / "again"), "--config",
+                               str(tmp_path / "out" / "pruning_config.json"), "--stats",
+                               str(tmp_path / "out" / "importance_stats.safetensors")])
+    assert again.handler(again) == 0
+    replay = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    torch.testing.assert_close(logits(replay.eval()), logits(back.eval()), rtol=0, atol=0)
     bad = parser.parse_args(["prune", str(src), str(tmp_path / "bad"), "--num-experts", "16",
                              "--calibration", str(text)])
     with pytest.raises(ValueError, match="num_experts=16"):
