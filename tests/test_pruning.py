@@ -163,7 +163,8 @@ def test_qwen3_next_depth_keeps_layer_types_consistent():
     model, stats = model_and_stats("qwen3_next")
     small = prune(model, PruneConfig(num_hidden_layers=2, depth_method="block_influence"), stats)
     assert sorted(small.config.layer_types) == ["full_attention", "linear_attention"]
-    assert [type(l.self_attn if hasattr(l, "self_attn") else l.linear_attn).__name__ for l in small.model.layers] == [
+    mixers = [type(getattr(layer, "self_attn", None) or layer.linear_attn).__name__ for layer in small.model.layers]
+    assert mixers == [
         "Qwen3NextGatedDeltaNet" if t == "linear_attention" else "Qwen3NextAttention" for t in small.config.layer_types
     ]
 
@@ -280,11 +281,11 @@ def test_cli_prune_end_to_end(tmp_path, capsys):
     """`hf-slim prune` through the sub-parser: calibrate on a local text file, prune, Hub-ready output, table."""
     import argparse
 
-    from transformers import PreTrainedTokenizerFast
+    from test_anatomy import real_text
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     from hf_slim.pruning.cli import add_prune_parser
-    from test_anatomy import real_text
 
     model, _ = model_and_stats("qwen3_moe")
     src = tmp_path / "src"

@@ -1,7 +1,14 @@
 """Axes spec for `mixtral`: every layer sparse, experts counted by `num_local_experts`, expert width by
 `intermediate_size`."""
 
-from ._rules import DEFAULT_MODULES, attention_rules, decoder_norm_rules, embedding_rules, head_dim_units, router_expert_rules
+from ._rules import (
+    DEFAULT_MODULES,
+    attention_rules,
+    decoder_norm_rules,
+    embedding_rules,
+    head_dim_units,
+    router_expert_rules,
+)
 from .core import ArchSpec
 
 SPEC = ArchSpec(

@@ -1,9 +1,17 @@
-"""Axes spec for `olmoe`: expert width is `intermediate_size`; q/k RMSNorms span all heads, so they follow the head axis, and the modeling code sizes
-`q_norm` by `hidden_size`: a pruned OLMoE needs `hidden_size == num_attention_heads * head_dim`."""
+"""Axes spec for `olmoe`: expert width is `intermediate_size`; q/k RMSNorms span all heads, so they follow the
+head axis, and the modeling code sizes `q_norm` by `hidden_size`: a pruned OLMoE needs
+`hidden_size == num_attention_heads * head_dim`."""
 
 from typing import Any
 
-from ._rules import DEFAULT_MODULES, attention_rules, decoder_norm_rules, embedding_rules, head_dim_units, router_expert_rules
+from ._rules import (
+    DEFAULT_MODULES,
+    attention_rules,
+    decoder_norm_rules,
+    embedding_rules,
+    head_dim_units,
+    router_expert_rules,
+)
 from .core import ArchSpec
 
 

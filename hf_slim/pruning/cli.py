@@ -92,6 +92,8 @@ def before_after_table(before: dict[str, Any], after: dict[str, Any], title: str
 
 def run_prune(args: argparse.Namespace) -> int:
     """Handler of `hf-slim prune`: load, (calibrate), prune, save Hub-ready, print the before/after table."""
+    import json
+
     import torch
     from rich.console import Console
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -100,8 +102,6 @@ def run_prune(args: argparse.Namespace) -> int:
     from .export import save_pruned, size_summary
     from .prune import prune
     from .stats import ImportanceStats
-
-    import json
 
     base: dict[str, Any] = {}
     if args.config:

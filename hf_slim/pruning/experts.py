@@ -58,7 +58,9 @@ def expert_similarity(
     if method == "expert_output":
         v = F.normalize(stats["expert.mean_output"][layer].float(), dim=-1)
         return v @ v.T
-    raise ValueError(f"merge_similarity={method!r}: valid values are ['router_logits', 'router_weight', 'expert_output']")
+    raise ValueError(
+        f"merge_similarity={method!r}: valid values are ['router_logits', 'router_weight', 'expert_output']"
+    )
 
 
 def plan_experts(
@@ -93,7 +95,7 @@ def plan_experts(
     rest = order[n_keep:]
     if rest.numel():
         nearest = targets[similarity[rest][:, targets].argmax(dim=1)]
-        for src, dst in zip(rest.tolist(), nearest.tolist()):
+        for src, dst in zip(rest.tolist(), nearest.tolist(), strict=True):
             groups[dst].append(src)
     return ExpertPlan(kept=kept, groups=groups)
 

@@ -82,9 +82,8 @@ def plan_selection(
         heads = targets.get("num_attention_heads", mc.num_attention_heads)
         kv = targets.get("num_key_value_heads", mc.num_key_value_heads)
         scores = stats["head.out_norm"]
-        sel["head"] = {
-            k: choose_heads(scores[i], mc.num_key_value_heads, heads, kv) for i, k in layers_with(model, spec, "attn_out")
-        }
+        attn = layers_with(model, spec, "attn_out")
+        sel["head"] = {k: choose_heads(scores[i], mc.num_key_value_heads, heads, kv) for i, k in attn}
     sparse = layers_with(model, spec, "experts")
     if "num_experts" in targets:
         n_keep = targets["num_experts"]

@@ -12,7 +12,8 @@ import torch
 
 __all__ = ["ImportanceStats", "STAT_KEYS"]
 
-#: What each tensor holds (L = blocks: the decoder layers, then MTP layers where the model has them, H = hidden, E = experts, I = expert width, nH = attention heads).
+#: What each tensor holds (L = blocks: the decoder layers, then MTP layers where the model has them;
+#: H = hidden, E = experts, I = expert width, nH = attention heads).
 STAT_KEYS = {
     "hidden.norm_abs_mean": "[L, 2, H] mean |RMSNorm output| per channel at input/post-attention norms (SlimQwen)",
     "hidden.final_abs_mean": "[H] mean |final norm output| per channel",
