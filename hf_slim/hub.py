@@ -49,9 +49,13 @@ def render_model_card(
     base_model: str | None = None,
     remote_code: bool = False,
     mtp_note: str = "",
+    tags: list[str] | None = None,
     extra_card_data: dict[str, Any] | None = None,
 ) -> ModelCard:
-    """Render `model_cards/slim_moe.md` for `model` into a `huggingface_hub.ModelCard`."""
+    """Render `model_cards/slim_moe.md` for `model` into a `huggingface_hub.ModelCard`.
+
+    `tags` are added after the default ones (`hf-slim`, `moe`, the model type).
+    """
     config = model.config
     counts = count_parameters(model)
     card_data = ModelCardData(
@@ -59,7 +63,7 @@ def render_model_card(
         license="apache-2.0",
         pipeline_tag="text-generation",
         base_model=base_model,
-        tags=["hf-slim", "moe", config.model_type],
+        tags=list(dict.fromkeys(["hf-slim", "moe", config.model_type, *(tags or [])])),
         **(extra_card_data or {}),
     )
     elastic = getattr(config, "elastic", None) or {}

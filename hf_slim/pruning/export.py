@@ -93,7 +93,6 @@ def save_pruned(
         eval_results (`dict`, optional): evaluation numbers for the card.
         overwrite (`bool`): replace an existing non-empty folder.
     """
-    from huggingface_hub import ModelCard
 
     from ..hub import save_for_hub
     from ..utils import atomic_directory
@@ -116,6 +115,7 @@ def save_pruned(
                 "recipe": recipe,
                 "base_model": base_model,
                 "description": f"A pruned {model.config.model_type} Mixture-of-Experts model.",
+                "tags": ["pruned"],
             },
         )
         for item in Path(inner).iterdir():
@@ -133,8 +133,4 @@ def save_pruned(
         (tmp / PRUNING_CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
         if stats is not None:
             stats.save(tmp / STATS_FILE)
-        card = ModelCard.load(tmp / "README.md")
-        tags = list(card.data.tags or [])
-        card.data.tags = tags + [t for t in ("pruned", "moe", "hf-slim") if t not in tags]
-        card.save(tmp / "README.md")
     return folder.resolve()
