@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .config import PruneConfig
+from .config import SIZE_FIELDS, PruneConfig
 from .stats import ImportanceStats
 
 __all__ = ["save_pruned", "size_summary", "STATS_FILE", "PRUNING_CONFIG_FILE"]
@@ -26,17 +26,7 @@ def size_summary(model: Any) -> dict[str, Any]:
     spec = get_spec(model)
     counts = count_parameters(model)
     out: dict[str, Any] = {"total_params": counts["total"], "active_params": counts["active"]}
-    for name in (
-        "num_hidden_layers",
-        "hidden_size",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "num_experts",
-        "num_experts_per_tok",
-        "moe_intermediate_size",
-        "shared_expert_intermediate_size",
-        "intermediate_size",
-    ):
+    for name in SIZE_FIELDS:
         value = getattr(model.config, spec.field(name), None)
         if value is not None and not (name == "intermediate_size" and spec.field("moe_intermediate_size") == name):
             out[name] = value
