@@ -3,10 +3,12 @@
 1. Corpus: the Python standard library's documentation (`hf_slim.data`), a byte-level BPE tokenizer trained on it.
 2. Teacher: a small stock `Qwen3MoeForCausalLM` trained with `transformers.Trainer` on that text.
 3. Convert it losslessly to SlimMoe (`hf_slim.convert.from_hf`) with multi-token-prediction heads; check parity.
-4. Train the SlimMoe model (LM + MTP loss) with `Trainer`; report each loss term before and after.
-5. Export Hub-ready folders: SlimMoe with remote code, and stock Qwen3-MoE keeping `mtp.*`; reload and generate.
-
-The pipeline grows with the project (pruning, distillation, elastic variants come in later stages).
+4. Calibrate (`collect_statistics`) and prune it SlimQwen-style (`prune`: last layer, a quarter of the hidden
+   channels, half of the experts with partial preservation).
+5. Recover the student with `SlimDistillationTrainer` (LM + KD + MTP-LM + MTP-KD from the stock teacher).
+6. Nest a smaller variant inside the student (`make_elastic`) and evaluate both sizes from the one checkpoint.
+7. Export Hub-ready folders: the elastic SlimMoe (remote code), stock Qwen3-MoE keeping `mtp.*`, and the small
+   variant sliced out; reload, and generate with the small variant thinking and the full one answering.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from transformers import (
 
 from .convert import from_hf
 from .data import packed_lm_dataset, stdlib_corpus, train_tokenizer
+from .elastic import ElasticBudget, ElasticConfig, make_elastic, slice_variant
 from .hub import save_for_hub
+from .pruning import PruneConfig, collect_statistics, prune
 from .utils import count_parameters
 
 
@@ -50,16 +54,23 @@ class DemoConfig:
     moe_intermediate_size: int = 96
     num_mtp_heads: int = 2
     teacher_steps: int = 300
-    slim_steps: int = 100
+    distill_steps: int = 150
+    calibration_samples: int = 64
     batch_size: int = 16
     learning_rate: float = 3e-3
     eval_documents: int = 60
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("teacher_steps", "slim_steps", "batch_size", "block_size", "hidden_size"):
+        for name in ("teacher_steps", "distill_steps", "calibration_samples", "batch_size", "block_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DemoConfig.{name} must be positive, got {getattr(self, name)}.")
+        if self.hidden_size <= 0 or self.hidden_size % 16 or self.num_experts < 4 or self.num_hidden_layers < 2:
+            raise ValueError(
+                "DemoConfig needs hidden_size a positive multiple of 16, num_experts >= 4 and num_hidden_layers >= 2 "
+                f"to prune and nest; got hidden_size={self.hidden_size}, num_experts={self.num_experts}, "
+                f"num_hidden_layers={self.num_hidden_layers}."
+            )
 
 
 def _train(model, dataset, collator, config: DemoConfig, steps: int, run_dir: Path) -> None:
@@ -81,14 +92,36 @@ def _train(model, dataset, collator, config: DemoConfig, steps: int, run_dir: Pa
     Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator).train()
 
 
+def _distill(student, teacher, dataset, tokenizer, config: DemoConfig, run_dir: Path) -> None:
+    from trainers import SlimDistillationConfig, SlimDistillationTrainer
+
+    args = SlimDistillationConfig(
+        output_dir=str(run_dir),
+        max_steps=config.distill_steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate / 3,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, config.distill_steps // 20),
+        max_length=config.block_size,
+        logging_steps=max(1, config.distill_steps // 10),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=config.seed,
+    )
+    SlimDistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
+    ).train()
+
+
 @torch.no_grad()
-def _eval_losses(model, dataset, collator, batch_size: int = 16) -> dict[str, float]:
+def _eval_losses(model, dataset, collator, batch_size: int = 16, **forward_kwargs) -> dict[str, float]:
     model.eval()
     totals: dict[str, float] = {}
     batches = 0
     for start in range(0, len(dataset), batch_size):
         batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+        out = model(input_ids=batch["input_ids"], labels=batch["labels"], **forward_kwargs)
         terms = {"lm": (out.lm_loss if getattr(out, "lm_loss", None) is not None else out.loss).item()}
         for k, loss in enumerate(getattr(out, "mtp_losses", None) or (), start=1):
             terms[f"mtp_{k}"] = loss.item()
@@ -106,89 +139,107 @@ def run_demo(config: DemoConfig | None = None, console: Console | None = None) -
     out.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
     started = time.perf_counter()
+    rows: dict[str, dict] = {}
 
     console.rule("[bold]1. Corpus and tokenizer")
     texts = stdlib_corpus()
     tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size)
-    train_set = packed_lm_dataset(texts[: -config.eval_documents], tokenizer, config.block_size)
+    train_texts = texts[: -config.eval_documents]
+    train_set = packed_lm_dataset(train_texts, tokenizer, config.block_size)
     eval_set = packed_lm_dataset(texts[-config.eval_documents :], tokenizer, config.block_size)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     console.print(f"{len(texts)} stdlib docstrings -> {len(train_set)} train / {len(eval_set)} eval blocks "
                   f"of {config.block_size} tokens (vocab {len(tokenizer)})")
 
     console.rule("[bold]2. Teacher: stock Qwen3-MoE trained with Trainer")
-    teacher_config = Qwen3MoeConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.hidden_size,
-        intermediate_size=2 * config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=config.hidden_size // 4,
-        num_experts=config.num_experts,
-        num_experts_per_tok=config.num_experts_per_tok,
-        moe_intermediate_size=config.moe_intermediate_size,
-        norm_topk_prob=True,
-        max_position_embeddings=4 * config.block_size,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    teacher = Qwen3MoeForCausalLM(teacher_config)
+    hidden = config.hidden_size
+    teacher = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+        num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+        moe_intermediate_size=config.moe_intermediate_size, norm_topk_prob=True,
+        max_position_embeddings=4 * config.block_size, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))  # fmt: skip
     _train(teacher, train_set, collator, config, config.teacher_steps, out / "runs" / "teacher")
-    teacher_eval = _eval_losses(teacher, eval_set, collator)
-    console.print(f"teacher eval loss {teacher_eval['lm']:.3f} (perplexity {math.exp(teacher_eval['lm']):.1f})")
+    rows["teacher (stock Qwen3-MoE)"] = {"losses": _eval_losses(teacher, eval_set, collator),
+                                          "params": count_parameters(teacher)}
 
     console.rule("[bold]3. Lossless conversion to SlimMoe with MTP heads")
-    slim = from_hf(teacher, num_mtp_heads=config.num_mtp_heads)
+    full = from_hf(teacher, num_mtp_heads=config.num_mtp_heads)
     probe = torch.tensor([eval_set[0]["input_ids"]])
     with torch.no_grad():
-        parity = (slim(probe).logits - teacher(probe).logits).abs().max().item()
-    slim_before = _eval_losses(slim, eval_set, collator)
+        parity = (full(probe).logits - teacher(probe).logits).abs().max().item()
     console.print(f"max |logit difference| teacher vs SlimMoe: {parity:.2e}")
 
-    console.rule("[bold]4. Train SlimMoe (LM + MTP losses) with Trainer")
-    _train(slim, train_set, collator, config, config.slim_steps, out / "runs" / "slim_moe")
-    slim_after = _eval_losses(slim, eval_set, collator)
+    console.rule("[bold]4. Calibrate and prune (SlimQwen)")
+    stats = collect_statistics(full, train_texts, tokenizer=tokenizer, num_samples=config.calibration_samples,
+                               max_length=config.block_size, batch_size=8)
+    prune_config = PruneConfig(
+        num_hidden_layers=config.num_hidden_layers - 1, hidden_size=3 * hidden // 4,
+        num_experts=config.num_experts // 2, expert_strategy="partial_preserve",
+    )
+    student = prune(full, prune_config, stats)
+    rows["pruned, before recovery"] = {"losses": _eval_losses(student, eval_set, collator),
+                                        "params": count_parameters(student)}
 
-    console.rule("[bold]5. Hub-ready exports")
-    slim_dir = save_for_hub(slim, out / "slim_moe", processing_class=tokenizer, overwrite=True,
-                            card_kwargs={"recipe": "Converted from a Qwen3-MoE teacher trained on Python "
-                                         "stdlib documentation; MTP heads trained with LM + MTP loss."})
-    stock_dir = save_for_hub(slim, out / "qwen3_moe", model_type="qwen3_moe", processing_class=tokenizer,
-                             overwrite=True)
-    reloaded = AutoModelForCausalLM.from_pretrained(slim_dir, trust_remote_code=True).eval()
+    console.rule("[bold]5. Recover with SlimDistillationTrainer (LM + KD + MTP-LM + MTP-KD)")
+    _distill(student, teacher, train_set, tokenizer, config, out / "runs" / "distill")
+    rows["pruned + distilled"] = {"losses": _eval_losses(student, eval_set, collator),
+                                   "params": count_parameters(student)}
+
+    console.rule("[bold]6. Nest a small variant inside the student")
+    student_stats = collect_statistics(student, train_texts, tokenizer=tokenizer,
+                                       num_samples=config.calibration_samples, max_length=config.block_size,
+                                       batch_size=8)
+    small_sizes = {"hidden_size": hidden // 2, "num_experts": config.num_experts // 4, "num_experts_per_tok": 1}
+    elastic = make_elastic(student, ElasticConfig(variants={"small": small_sizes}), student_stats)
+    small = slice_variant(elastic, "small")
+    rows["elastic 'small' (runtime view)"] = {
+        "losses": _eval_losses(elastic, eval_set, collator, elastic_variant="small"),
+        "params": count_parameters(small),
+    }
+
+    console.rule("[bold]7. Hub-ready exports")
+    recipe = (f"Pruned from a Qwen3-MoE teacher trained on Python stdlib documentation ({prune_config.to_dict()}), "
+              f"recovered with {config.distill_steps} steps of SlimDistillationTrainer, nested variant 'small' "
+              f"({small_sizes}).")
+    elastic_dir = save_for_hub(elastic, out / "slim_moe_elastic", processing_class=tokenizer, overwrite=True,
+                               card_kwargs={"recipe": recipe})
+    stock_dir = save_for_hub(student, out / "qwen3_moe", model_type="qwen3_moe", processing_class=tokenizer,
+                             overwrite=True, card_kwargs={"recipe": recipe})
+    small_dir = save_for_hub(small, out / "slim_moe_small", processing_class=tokenizer, overwrite=True,
+                             card_kwargs={"recipe": recipe})
+    reloaded = AutoModelForCausalLM.from_pretrained(elastic_dir, trust_remote_code=True).eval()
     prompt = tokenizer("Return a list of", return_tensors="pt")
-    generated = reloaded.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    sample = tokenizer.decode(generated[0], skip_special_tokens=True)
+    budget = ElasticBudget("small", end_think_token_id=tokenizer.convert_tokens_to_ids("</think>"),
+                           max_thinking_tokens=12)
+    generated = reloaded.generate(**prompt, elastic_budget=budget, max_new_tokens=16, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id)
+    sample = tokenizer.decode(generated[0], skip_special_tokens=False)
 
-    counts = count_parameters(slim)
     summary = {
         "config": asdict(config),
-        "teacher_eval_loss": teacher_eval["lm"],
         "conversion_max_abs_logit_diff": parity,
-        "slim_eval_before": slim_before,
-        "slim_eval_after": slim_after,
-        "parameters": counts,
-        "exports": {"slim_moe": str(slim_dir), "qwen3_moe": str(stock_dir)},
-        "sample": sample,
+        "prune_config": prune_config.to_dict(),
+        "stages": rows,
+        "exports": {"elastic": str(elastic_dir), "qwen3_moe": str(stock_dir), "small": str(small_dir)},
+        "budget_generation_sample": sample,
         "seconds": round(time.perf_counter() - started, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
-    table = Table(title="hf-slim demo")
-    table.add_column("loss (eval)")
-    table.add_column("teacher", justify="right")
-    table.add_column("SlimMoe after conversion", justify="right")
-    table.add_column("SlimMoe after training", justify="right")
-    for key in slim_after:
-        table.add_row(key, f"{teacher_eval[key]:.3f}" if key in teacher_eval else "-",
-                      f"{slim_before[key]:.3f}", f"{slim_after[key]:.3f}")
+    table = Table(title="hf-slim demo (eval loss on held-out stdlib docs)")
+    for column in ("model", "total params", "active params", "lm loss", "perplexity", "mtp losses"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, row in rows.items():
+        losses = row["losses"]
+        mtp = ", ".join(f"{v:.3f}" for k, v in losses.items() if k.startswith("mtp")) or "-"
+        table.add_row(name, f"{row['params']['total']:,}", f"{row['params']['active']:,}", f"{losses['lm']:.3f}",
+                      f"{math.exp(losses['lm']):.1f}", mtp)
     console.print(table)
-    console.print(f"parameters: total {counts['total']:,}, active/token {counts['active']:,}, MTP {counts['mtp']:,}")
-    console.print(f"sample: {sample!r}")
-    console.print(f"exports: {slim_dir} (remote code), {stock_dir} (stock Qwen3-MoE + mtp.*); "
-                  f"{summary['seconds']} s")
+    console.print(f"budget generation (small thinks, full answers): {sample!r}")
+    console.print(f"exports: {elastic_dir}, {stock_dir}, {small_dir}; {summary['seconds']} s")
     return summary
 
 

@@ -25,14 +25,20 @@ def test_corpus_and_tokenizer_are_real_and_deterministic():
 def test_demo_runs_end_to_end_at_tiny_size(tmp_path):
     summary = run_demo(DemoConfig(
         output_dir=str(tmp_path), vocab_size=300, block_size=32, hidden_size=32, num_hidden_layers=2,
-        num_experts=4, moe_intermediate_size=16, num_mtp_heads=1, teacher_steps=3, slim_steps=3, batch_size=4,
-        eval_documents=20,
+        num_experts=4, moe_intermediate_size=16, num_mtp_heads=1, teacher_steps=3, distill_steps=3, batch_size=4,
+        calibration_samples=8, eval_documents=20,
     ))
     assert summary["conversion_max_abs_logit_diff"] < 1e-4
-    assert set(summary["slim_eval_after"]) == {"lm", "mtp_1"}
+    stages = summary["stages"]
+    assert list(stages) == ["teacher (stock Qwen3-MoE)", "pruned, before recovery", "pruned + distilled",
+                            "elastic 'small' (runtime view)"]
+    assert set(stages["pruned + distilled"]["losses"]) == {"lm", "mtp_1"}
+    sizes = [stages[name]["params"]["total"] for name in stages]
+    assert sizes[1] < sizes[0] and sizes[3] < sizes[2]  # pruning and the small variant really shrink the model
     saved = json.loads((tmp_path / "summary.json").read_text())
-    assert saved["parameters"]["mtp"] > 0
-    assert (tmp_path / "slim_moe" / "modeling_slim_moe.py").exists()
+    assert saved["stages"]["pruned + distilled"]["params"]["mtp"] > 0
+    assert json.loads((tmp_path / "slim_moe_elastic" / "config.json").read_text())["elastic"]["variants"]["small"]
+    assert (tmp_path / "slim_moe_small" / "modeling_slim_moe.py").exists()
     assert (tmp_path / "qwen3_moe" / "mtp.safetensors").exists()
 
 
