@@ -146,7 +146,7 @@ def test_config_validation_names_field_and_value(tmp_path, overrides, match):
 
 
 def _eval_terms(trainer, dataset) -> dict[str, float]:
-    metrics = trainer.evaluate(dataset)
+    metrics = trainer.evaluate(dataset) if dataset is not None else trainer.evaluate()
     return {k[len("eval_") :]: v for k, v in metrics.items() if k.startswith("eval_")}
 
 
@@ -324,6 +324,99 @@ def test_teacher_path_with_other_tokenizer(tmp_path, data):
     )  # fmt: skip
     trainer.train()
     assert trainer.state.log_history[0]["kd"] > 0
+
+
+# ---- chat / prompt-completion data: TRL's preparation, KD on the LM loss mask only ------------------------------
+
+# A minimal template with `{% generation %}` markers, so that TRL can build `assistant_only_loss` masks.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|assistant|>\n' }}{% generation %}"
+    "{{ m['content'] + eos_token }}{% endgeneration %}{% else %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '\n' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def chat_datasets(kind: str, n: int = 48) -> tuple[Dataset, Dataset]:
+    """(train, held-out) conversations: `messages` or conversational `prompt` / `completion` columns."""
+    words = " ".join(stdlib_corpus(max_documents=200)).split()
+    rows = [(" ".join(words[6 * i : 6 * i + 2]), " ".join(words[6 * i + 2 : 6 * i + 6])) for i in range(n + 8)]
+    if kind == "messages":
+        columns = {"messages": [[{"role": "user", "content": u}, {"role": "assistant", "content": a}] for u, a in rows]}
+    else:
+        columns = {
+            "prompt": [[{"role": "user", "content": u}] for u, _ in rows],
+            "completion": [[{"role": "assistant", "content": a}] for _, a in rows],
+        }
+    dataset = Dataset.from_dict(columns)
+    return dataset.select(range(n)), dataset.select(range(n, n + 8))
+
+
+def _teacher_perturbed_at(trainer, monkeypatch, where: str) -> None:
+    """Add noise to the teacher's final hidden states at every position (`"all"`) or only at the positions whose next
+    token is masked out of the LM loss (`"masked"`: under completion/assistant-only loss, the prompt)."""
+    current = {}
+    compute_loss, teacher_hidden = trainer.compute_loss, trainer._teacher_hidden
+
+    def remember_labels(model, inputs, *args, **kwargs):
+        current["labels"] = inputs["labels"]
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    def perturbed(inputs, want_mtp):
+        hidden, mtp = teacher_hidden(inputs, want_mtp)
+        noise = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(0)) * 3.0
+        if where == "masked":  # teacher position p only scores label p + 1 (main head and MTP-KD 'teacher_main')
+            masked = torch.nn.functional.pad(current["labels"][:, 1:] == -100, (0, 1), value=True)
+            noise = noise * masked[..., None]
+        return hidden + noise.to(hidden.dtype), mtp
+
+    monkeypatch.setattr(trainer, "compute_loss", remember_labels)
+    monkeypatch.setattr(trainer, "_teacher_hidden", perturbed)
+
+
+@pytest.mark.parametrize("kind, overrides", [("messages", dict(assistant_only_loss=True)), ("prompt_completion", {})])
+def test_chat_data_is_prepared_the_trl_way_and_kd_follows_the_loss_mask(tmp_path, data, monkeypatch, kind, overrides):
+    tokenizer, _, teacher = data
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    train, held_out = chat_datasets(kind)
+    train_steps = 10 if kind == "messages" else 0
+    args = distill_args(
+        tmp_path, max_steps=max(train_steps, 1), max_length=64, lambda_start=0.5, lambda_end=0.5, beta_start=0.5,
+        beta_end=0.5, lr_scheduler_type="constant", per_device_eval_batch_size=8, **overrides,
+    )  # fmt: skip
+    trainer = SlimDistillationTrainer(
+        model=tiny_student(len(tokenizer)), teacher_model=teacher, args=args, train_dataset=train,
+        eval_dataset=held_out, processing_class=tokenizer,
+    )  # fmt: skip
+    # TRL built the labels: the rendered prompt (user turn, "<|assistant|>" header) is -100, the answer is not
+    batch = next(iter(trainer.get_eval_dataloader()))
+    real = batch["attention_mask"].bool()
+    masked = (batch["labels"] == -100) & real
+    assert 0.2 < masked.sum() / real.sum() < 0.8
+    header = tokenizer("<|assistant|>\n")["input_ids"]
+    ids = batch["input_ids"][0].tolist()
+    start = next(i for i in range(len(ids)) if ids[i : i + len(header)] == header) + len(header)
+    assert (batch["labels"][0, :start] == -100).all() and (batch["labels"][0, start:][real[0, start:]] != -100).all()
+
+    def terms(where=None):
+        with monkeypatch.context() as patch:
+            if where is not None:
+                _teacher_perturbed_at(trainer, patch, where)
+            return _eval_terms(trainer, None)
+
+    before = terms()
+    # KD and MTP-KD are counted on the LM loss mask: a teacher changed only where the target is a prompt token
+    # leaves them unchanged, while the same change everywhere moves them (the check is not vacuous)
+    prompt_only, everywhere = terms("masked"), terms("all")
+    for term in ("kd", "mtp_kd_1", "mtp_kd_2"):
+        assert prompt_only[term] == pytest.approx(before[term], abs=1e-6), term
+        assert abs(everywhere[term] - before[term]) > 1e-2, term
+    assert prompt_only["lm"] == before["lm"]
+    if train_steps:
+        trainer.train()
+        after = terms()
+        for term in ("lm", "kd", "mtp_lm_1", "mtp_kd_1", "mtp_kd_2"):
+            assert after[term] < before[term] - 0.05, (term, before[term], after[term])
 
 
 # ---- ecosystem: accumulation, resume, aurora, LoRA, checkpointing ---------------------------------------------------
