@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import HfApi, ModelCard, ModelCardData
 from safetensors.torch import save_file
 from transformers import GenerationConfig, PreTrainedModel
 
@@ -191,4 +191,41 @@ def save_for_hub(
     return folder.resolve()
 
 
-__all__ = ["AUTO_MAP", "REMOTE_CODE_FILES", "render_model_card", "save_for_hub"]
+def push_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    commit_message: str = "Upload with hf-slim",
+    token: str | None = None,
+    api: HfApi | None = None,
+) -> str:
+    """Upload a folder written by `save_for_hub` (or `hf_slim.pruning.save_pruned`) to a Hub model repository.
+
+    Creates the repository if needed, then uploads the folder with `huggingface_hub.HfApi.upload_folder`.
+
+    Args:
+        folder: A Hub-ready folder; it must contain `config.json`.
+        repo_id: `"user/name"` of the model repository.
+        private: Visibility of a newly created repository.
+        commit_message: Message of the upload commit.
+        token: Hub token (defaults to the logged-in one).
+        api: An `HfApi` instance to use (for custom endpoints).
+
+    Returns:
+        The URL of the upload commit.
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"folder {folder} has no config.json; write it with hf_slim.hub.save_for_hub first.")
+    if not isinstance(repo_id, str) or not repo_id.strip():
+        raise ValueError(f"repo_id must be a non-empty 'user/name' string, got {repo_id!r}.")
+    api = api or HfApi(token=token)
+    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id, repo_type="model", folder_path=str(folder), commit_message=commit_message
+    )
+    return str(getattr(commit, "commit_url", commit))
+
+
+__all__ = ["AUTO_MAP", "REMOTE_CODE_FILES", "push_to_hub", "render_model_card", "save_for_hub"]

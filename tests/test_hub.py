@@ -94,3 +94,31 @@ def test_model_card_states_sizes(tmp_path):
     card = (folder / "README.md").read_text()
     assert "library_name: transformers" in card and "Pruned from X" in card
     assert "multi-token-prediction depths | 1" in card
+
+
+class _RecordingApi:
+    """Stands in for huggingface_hub.HfApi: records calls instead of touching the network."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, **kwargs):
+        self.calls.append(("create_repo", kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs))
+        return type("Commit", (), {"commit_url": f"https://hub.example/{kwargs['repo_id']}/commit/1"})()
+
+
+def test_push_to_hub_creates_repo_and_uploads_the_folder(tmp_path):
+    from hf_slim.hub import push_to_hub
+
+    folder = save_for_hub(_model(), tmp_path / "export")
+    api = _RecordingApi()
+    url = push_to_hub(folder, "me/tiny-slim", private=True, api=api)
+    assert url.endswith("me/tiny-slim/commit/1")
+    assert [name for name, _ in api.calls] == ["create_repo", "upload_folder"]
+    assert api.calls[0][1] == {"repo_id": "me/tiny-slim", "repo_type": "model", "private": True, "exist_ok": True}
+    assert api.calls[1][1]["folder_path"] == str(folder)
+    with pytest.raises(ValueError, match="config.json"):
+        push_to_hub(tmp_path, "me/tiny-slim", api=api)
