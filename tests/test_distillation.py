@@ -419,6 +419,43 @@ def test_chat_data_is_prepared_the_trl_way_and_kd_follows_the_loss_mask(tmp_path
             assert after[term] < before[term] - 0.05, (term, before[term], after[term])
 
 
+# ---- packed pretraining text: per-document terms -----------------------------------------------------------------
+
+
+def test_bfd_packing_gives_the_terms_of_the_separate_documents(tmp_path, data, monkeypatch):
+    """Padding-free `bfd` packing puts several documents in one row with `position_ids` restarting at 0; every term
+    (LM, KD, MTP-LM and MTP-KD per depth) must equal the one computed on the documents padded one per row."""
+    import trainers.distillation_trainer as module
+
+    tokenizer, _, teacher = data
+    documents = _ragged(12)  # 6..32 tokens each, <= max_length so bfd packs them whole
+    common = dict(max_steps=2, per_device_eval_batch_size=4, per_device_train_batch_size=4, lambda_start=0.5,
+                  beta_start=0.5)  # fmt: skip
+    packed = SlimDistillationTrainer(
+        model=tiny_student(len(tokenizer)), teacher_model=teacher, train_dataset=documents, eval_dataset=documents,
+        args=distill_args(tmp_path / "p", packing=True, packing_strategy="bfd", **common), processing_class=tokenizer,
+    )  # fmt: skip
+    padded = _train(tmp_path / "u", teacher, tokenizer, documents, **common)
+    batch = next(iter(packed.get_eval_dataloader()))
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1  # padding-free: one row
+    restarts = (batch["position_ids"][0] == 0).sum().item()
+    assert restarts > 1  # several documents share the row, positions reset at each
+    assert len(packed.eval_dataset) < len(documents)
+    reference = _eval_terms(padded, documents)
+    got = _eval_terms(packed, None)
+    for term in ("lm", "kd", "mtp_lm_1", "mtp_lm_2", "mtp_kd_1", "mtp_kd_2"):
+        assert got[term] == pytest.approx(reference[term], rel=1e-5, abs=1e-6), term
+    # control: masking only position_ids == 0 (TRL's depth-0 rule) lets MTP depths score the next document's tokens
+    with monkeypatch.context() as patch:
+        original = module.depth_labels
+        patch.setattr(module, "depth_labels", lambda labels, position_ids, depth: original(labels, position_ids, 0))
+        leaky = _eval_terms(packed, None)
+    assert leaky["kd"] == pytest.approx(reference["kd"], rel=1e-5)
+    assert abs(leaky["mtp_lm_2"] - reference["mtp_lm_2"]) > 1e-3
+    packed.train()
+    assert all(h["kd"] > 0 for h in packed.state.log_history if "kd" in h)
+
+
 # ---- ecosystem: accumulation, resume, aurora, LoRA, checkpointing ---------------------------------------------------
 
 

@@ -165,6 +165,30 @@ def _vocab_rows(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     return weight if weight.shape[1] == hidden.shape[-1] else weight[:, : hidden.shape[-1]]
 
 
+def depth_labels(labels: torch.Tensor, position_ids: torch.Tensor | None, depth: int) -> torch.Tensor:
+    """`labels` with the targets of depth `depth` that lie in another packed document set to -100.
+
+    A head of depth `k` at position `i` predicts token `i + 1 + k`. In padding-free packing (TRL's `bfd`, or
+    `padding_free=True`) several documents share one row and `position_ids` restart at 0 for each; the target of
+    `labels[j]` then belongs to the same document as its source position `j - 1 - k` exactly when
+    `position_ids[j] >= 1 + k`. TRL's collator already masks `position_ids == 0` (depth 0); the MTP depths need
+    the wider mask. Without `position_ids` (no packing, or `packing_strategy="wrapped"`, which has no document
+    boundaries) `labels` is returned as is.
+
+    Args:
+        labels (`torch.Tensor`): Unshifted labels `[B, T]`.
+        position_ids (`torch.Tensor`, *optional*): `[B, T]` (or `[1, T]`) positions that restart per document.
+        depth (`int`): Head depth `k >= 0` (0 = main head).
+
+    Returns:
+        `torch.Tensor`: labels `[B, T]` (a new tensor when anything is masked).
+    """
+    if position_ids is None:
+        return labels
+    position_ids = position_ids.to(labels.device).expand_as(labels)
+    return labels.masked_fill(position_ids < 1 + depth, -100)
+
+
 def _num_mtp_depths(model: nn.Module) -> int:
     base = _unwrap(model)
     return int(getattr(base.config, "num_mtp_heads", 0) or 0) if getattr(base, "mtp", None) is not None else 0
@@ -374,7 +398,10 @@ class SlimDistillationTrainer(SFTTrainer):
         self._mtp_num_items = {}
         if num_items is not None and self.num_mtp_depths and batch_samples and "labels" in batch_samples[0]:
             for k in range(1, self.num_mtp_depths + 1):
-                count = sum(batch["labels"][..., 1 + k :].ne(-100).sum() for batch in batch_samples)
+                count = sum(
+                    depth_labels(batch["labels"], batch.get("position_ids"), k)[..., 1 + k :].ne(-100).sum()
+                    for batch in batch_samples
+                )
                 count = torch.as_tensor(count, device=device)
                 if self.args.average_tokens_across_devices and self.args.world_size > 1:
                     count = self.accelerator.gather(count).sum()
@@ -509,9 +536,10 @@ class SlimDistillationTrainer(SFTTrainer):
         t_weight, t_bias = _head(self.teacher_model)
         s_weight, s_bias = _head(model)
         # counted targets per depth in this micro-batch (for the logged per-token means)
-        counts = {
-            k: self._count(labels, attention_mask, k) for k in range(depths + 1)
-        }
+        # per depth, the labels without targets in another packed document (padding-free packing)
+        position_ids = inputs.get("position_ids")
+        labels_at = {k: depth_labels(labels, position_ids, k) for k in range(depths + 1)}
+        counts = {k: self._count(labels_at[k], attention_mask, k) for k in range(depths + 1)}
         full_hidden = None
         total = None
         for variant in variants:
@@ -527,7 +555,7 @@ class SlimDistillationTrainer(SFTTrainer):
                         full_hidden, _, _ = self._forward_hidden(model, forward_inputs, want_mtp=False, want_aux=False)
                 kd_source = (full_hidden, s_weight.detach(), None if s_bias is None else s_bias.detach(), ())
             loss, raw = self._objective(
-                hidden, mtp_hidden, s_weight, s_bias, kd_source, labels, attention_mask, lam, beta, depths,
+                hidden, mtp_hidden, s_weight, s_bias, kd_source, labels_at, attention_mask, lam, beta, depths,
                 num_items_in_batch, counts,
             )
             # Like SFTTrainer: `num_items_in_batch` counts the tokens of every rank, and DDP averages the gradients.
@@ -572,7 +600,7 @@ class SlimDistillationTrainer(SFTTrainer):
         s_weight: torch.Tensor,
         s_bias: torch.Tensor | None,
         kd_source: tuple,
-        labels: torch.Tensor,
+        labels_at: dict[int, torch.Tensor],
         attention_mask: torch.Tensor | None,
         lam: float,
         beta: float,
@@ -580,7 +608,10 @@ class SlimDistillationTrainer(SFTTrainer):
         num_items_in_batch: torch.Tensor | int | None,
         counts: dict[int, torch.Tensor],
     ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-        """SlimQwen's objective for one student forward; also the raw (summed) terms and their token counts."""
+        """SlimQwen's objective for one student forward; also the raw (summed) terms and their token counts.
+
+        `labels_at[k]` are the labels of depth k (see [`depth_labels`]); every term of depth k counts exactly the
+        positions whose target in `labels_at[k]` is not -100 (and are real tokens under `attention_mask`)."""
         args = self.args
         t_hidden, t_weight, t_bias, t_mtp = kd_source
         kd_kwargs = dict(
@@ -610,13 +641,13 @@ class SlimDistillationTrainer(SFTTrainer):
             return value / denominator(depth)
 
         w_s = _vocab_rows(s_weight, hidden)
-        lm = term("lm", 0, 1.0 - lam, lambda: lm_loss(hidden, w_s, labels, head_bias=s_bias, **lm_kwargs))
+        lm = term("lm", 0, 1.0 - lam, lambda: lm_loss(hidden, w_s, labels_at[0], head_bias=s_bias, **lm_kwargs))
         kd = term(
             "kd",
             0,
             lam,
             lambda: mtp_kd_loss(
-                hidden, w_s, t_hidden, _vocab_rows(t_weight, t_hidden), 0, labels=labels,
+                hidden, w_s, t_hidden, _vocab_rows(t_weight, t_hidden), 0, labels=labels_at[0],
                 attention_mask=attention_mask, student_head_bias=s_bias, teacher_head_bias=t_bias, **kd_kwargs,
             ),
         )
@@ -628,7 +659,7 @@ class SlimDistillationTrainer(SFTTrainer):
             mtp_lm.append(
                 term(
                     f"mtp_lm_{k}", k, beta * (1.0 - lam),
-                    lambda h_k=h_k, k=k: mtp_lm_loss(h_k, w_s, labels, k, head_bias=s_bias, **lm_kwargs),
+                    lambda h_k=h_k, k=k: mtp_lm_loss(h_k, w_s, labels_at[k], k, head_bias=s_bias, **lm_kwargs),
                 )
             )
             if t_mtp:
@@ -639,7 +670,7 @@ class SlimDistillationTrainer(SFTTrainer):
                 term(
                     f"mtp_kd_{k}", k, beta * lam,
                     lambda h_k=h_k, k=k, target=target, teacher_depth=teacher_depth: mtp_kd_loss(
-                        h_k, w_s, target, _vocab_rows(t_weight, target), k, labels=labels,
+                        h_k, w_s, target, _vocab_rows(t_weight, target), k, labels=labels_at[k],
                         attention_mask=attention_mask, teacher_depth=teacher_depth, student_head_bias=s_bias,
                         teacher_head_bias=t_bias, **kd_kwargs,
                     ),
@@ -741,5 +772,5 @@ def _check_teacher_tokenizer(path: str, tokenizer: PreTrainedTokenizerBase, trus
         )
 
 
-__all__ += ["check_dataset_columns", "teacher_quantization_config"]
+__all__ += ["check_dataset_columns", "depth_labels", "teacher_quantization_config"]
 
