@@ -302,6 +302,7 @@ class SlimDistillationTrainer(SFTTrainer):
 
             self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
         elif getattr(teacher_model, "is_loaded_in_4bit", False) or getattr(teacher_model, "is_loaded_in_8bit", False):
+            fit_bnb_4bit_cpu_layers(teacher_model)
             self.teacher_model = teacher_model  # bitsandbytes models are already placed and cannot be moved
         else:
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
@@ -733,7 +734,8 @@ def teacher_quantization_config(kind: str):
 
     Note:
         bitsandbytes quantizes the `nn.Linear` layers (attention, shared expert, router, MTP `fc`); the fused 3-D
-        expert tensors of transformers' MoE blocks stay in the load dtype. It runs on CPU too (bitsandbytes >= 0.48).
+        expert tensors of transformers' MoE blocks stay in the load dtype. It runs on CPU too (bitsandbytes >= 0.48);
+        for 4bit the trainer applies [`fit_bnb_4bit_cpu_layers`] to the loaded teacher.
     """
     from transformers import BitsAndBytesConfig
     from transformers.utils import is_bitsandbytes_available
@@ -751,6 +753,42 @@ def teacher_quantization_config(kind: str):
             bnb_4bit_use_double_quant=True,
         )
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+# bitsandbytes' CPU packed-weight layout (bitsandbytes.functional._convert_weight_packed_for_cpu) packs the output
+# rows in blocks of 32 and reshapes the absmax of the input columns to [out, in // blocksize].
+_BNB_CPU_PACK_ROWS = 32
+
+
+def fit_bnb_4bit_cpu_layers(model: nn.Module) -> list[str]:
+    """Keep bitsandbytes' 4bit CPU fast path away from the `Linear4bit` layers whose shape it cannot pack.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.48 - 0.50 at least) converts a `Linear4bit` weight to a packed layout
+    on its first forward in eval mode under `no_grad` — exactly how the teacher runs. That conversion needs
+    `out_features % 32 == 0` and `in_features % blocksize == 0` (blocksize 64 for NF4); any other layer fails:
+    `in_features=32` gives `RuntimeError: shape '[32, 0]' is invalid` (32 // 64 = 0 absmax columns), and a
+    `shared_expert_gate` (`out_features=1`) or a router with 4 experts gives `AssertionError: N must be divisible by
+    block_n`. Real MoE teachers have such gates, so this is not a toy-size problem. For those layers only, this turns
+    the fast path off (`support_avx512bf16_for_cpu = False`), so they run bitsandbytes' generic dequantize + matmul
+    path, which handles any shape; the other layers keep the fast path. The result is the same NF4 computation.
+
+    Args:
+        model (`nn.Module`): A model loaded with `load_in_4bit` (other models are left alone).
+
+    Returns:
+        `list[str]`: the names of the layers switched to the generic path.
+    """
+    switched = []
+    for name, module in model.named_modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu") or not module.support_avx512bf16_for_cpu:
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        blocksize = int(getattr(state, "blocksize", None) or getattr(module.weight, "blocksize", 64))
+        out_features, in_features = module.out_features, module.in_features
+        if out_features % _BNB_CPU_PACK_ROWS or in_features < blocksize or in_features % blocksize:
+            module.support_avx512bf16_for_cpu = False
+            switched.append(name)
+    return switched
 
 
 def _check_teacher_tokenizer(path: str, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool) -> None:
@@ -772,5 +810,5 @@ def _check_teacher_tokenizer(path: str, tokenizer: PreTrainedTokenizerBase, trus
         )
 
 
-__all__ += ["check_dataset_columns", "depth_labels", "teacher_quantization_config"]
+__all__ += ["check_dataset_columns", "depth_labels", "fit_bnb_4bit_cpu_layers", "teacher_quantization_config"]
 
