@@ -5,8 +5,9 @@ saved once as a nested checkpoint; every variant is also sliced and saved standa
 
 1. storage: nested checkpoint bytes / sum of the standalone checkpoints (full included); the floor is full / sum;
 2. loading the smallest variant: peak RSS of `from_pretrained(nested, elastic_variant=...)` / peak RSS of
-   `from_pretrained(standalone_small)`, each in its own fresh subprocess (`ru_maxrss`), interleaved, median of
-   `--repeats`; plus the bytes the partial load read;
+   `from_pretrained(standalone_small)`, both measured the same way: each in its own fresh subprocess, the resident
+   set sampled from just before the load until the model is fully materialised (every parameter read, one
+   forward), interleaved, median of `--repeats`; plus the bytes and reads of the partial load;
 3. greedy decode tokens/s of each sliced variant relative to the full model, next to its active-parameter ratio
    (and the same variant run as prefix views of the full model, `elastic_variant=`);
 4. budget-controlled generation (small variant thinks for `--think` tokens, full variant answers `--answer` tokens)
@@ -36,12 +37,23 @@ _LOAD_SCRIPT = """
 import json, os, resource, sys, threading, time
 import torch
 import hf_slim
-from hf_slim.models.slim_moe import SlimMoeForCausalLM
+from hf_slim.models.slim_moe import SlimMoeConfig, SlimMoeForCausalLM
+from transformers import GenerationConfig
 page = os.sysconf("SC_PAGE_SIZE")
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * page
-path, variant = sys.argv[1], sys.argv[2]
+path, variant, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.set_num_threads(threads)
+ids = torch.randint(0, 64, (1, 8))
+# warm-up outside the measurement, the same for both loads: config parsing, model classes built on the meta device
+config = SlimMoeConfig.from_pretrained(path)
+with torch.device("meta"):
+    SlimMoeForCausalLM(config)
+try:
+    GenerationConfig.from_pretrained(path)
+except OSError:
+    pass
 baseline, peak, done = rss(), [0], threading.Event()
 def sample():
     while not done.is_set():
@@ -49,13 +61,22 @@ def sample():
         time.sleep(0.0005)
 thread = threading.Thread(target=sample, daemon=True)
 thread.start()
+start = time.perf_counter()
 model = SlimMoeForCausalLM.from_pretrained(path, elastic_variant=None if variant == "-" else variant)
+load_seconds = time.perf_counter() - start
+after_load = rss() - baseline
+# materialise: read every byte of every parameter (a memory-mapped weight is then resident), then one forward
+with torch.no_grad():
+    touched = sum(float(p.float().sum()) for p in model.parameters())
+    model(ids)
 peak[0] = max(peak[0], rss())
 done.set()
 thread.join()
 report = getattr(model, "elastic_load_report", None) or {}
 print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "load_peak": peak[0] - baseline,
-                  "bytes_read": report.get("bytes_read")}))
+                  "after_load": after_load, "bytes_read": report.get("bytes_read"), "reads": report.get("reads"),
+                  "load_seconds": load_seconds,
+                  "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}))
 """
 
 
@@ -66,7 +87,8 @@ def _folder_bytes(folder: Path) -> int:
 def _load_peak(path: Path, variant: str, threads: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(
-        [sys.executable, "-c", _LOAD_SCRIPT, str(path), variant], capture_output=True, text=True, env=env, check=True
+        [sys.executable, "-c", _LOAD_SCRIPT, str(path), variant, str(threads)], capture_output=True, text=True, env=env,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -131,7 +153,7 @@ def run(args: argparse.Namespace) -> str:
         storage = {
             "nested": nested_bytes, "sum": sum(standalone.values()), **standalone,
         }
-        peaks: dict[str, list] = {"nested": [], "standalone": [], "nested_report": None}
+        peaks: dict[str, list] = {"nested": [], "standalone": []}
         for r in range(args.repeats):
             order = [("nested", tmp / "nested", "small"), ("standalone", tmp / "small", "-")]
             for kind, path, variant in order if r % 2 == 0 else order[::-1]:
@@ -195,20 +217,43 @@ def run(args: argparse.Namespace) -> str:
         "",
         "### Loading the smallest variant",
         "",
-        "Each load runs in a fresh subprocess. `load peak` is the highest resident set sampled every 0.5 ms "
-        "(`/proc/self/statm`) during `from_pretrained`, minus the resident set just before it (libraries loaded); "
+        "Each load runs in a fresh subprocess and is measured the same way. Before the measurement both parse the "
+        "config and build the model class on the meta device (imports, not weights). `peak` is the highest "
+        "resident set sampled every 0.5 ms (`/proc/self/statm`) from just before `from_pretrained` until the model "
+        "is fully materialised (every parameter read once, then one forward, so weights a load leaves "
+        "memory-mapped are resident too), minus the resident set just before the load; it includes what the "
+        "load and the first forward import or cache on first use, the same for both. `after load` is the resident "
+        "set right after `from_pretrained` returns (before the weights are touched), `params` the parameter bytes. "
         "`ru_maxrss` is the process high-water mark, dominated here by importing torch and transformers.",
         "",
-        "| load | load peak (MiB) | ru_maxrss (MiB) | bytes read |",
-        "|---|---:|---:|---:|",
+        "| load | peak (MiB) | after load (MiB) | params (MiB) | ru_maxrss (MiB) | bytes read | reads | load s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    nested_load = med([p["load_peak"] for p in peaks["nested"]]) / 2**20
-    alone_load = med([p["load_peak"] for p in peaks["standalone"]]) / 2**20
-    nested_peak = med([p["peak_kib"] for p in peaks["nested"]]) / 1024
-    alone_peak = med([p["peak_kib"] for p in peaks["standalone"]]) / 1024
-    lines.append(f"| `from_pretrained(nested, elastic_variant=\"small\")` | {nested_load:.1f} | {nested_peak:.1f} | {bytes_read:,} of {storage['nested']:,} |")
-    lines.append(f"| `from_pretrained(standalone_small)` | {alone_load:.1f} | {alone_peak:.1f} | {storage['small']:,} (whole file) |")
-    lines.append(f"| **ratio nested / standalone** | **{nested_load / max(alone_load, 1e-9):.3f}** | {nested_peak / alone_peak:.3f} | |")
+    def summary(kind: str) -> dict:
+        runs = peaks[kind]
+        return {
+            "load": med([p["load_peak"] for p in runs]) / 2**20,
+            "after": med([p["after_load"] for p in runs]) / 2**20,
+            "params": runs[0]["param_bytes"] / 2**20,
+            "maxrss": med([p["peak_kib"] for p in runs]) / 1024,
+            "seconds": med([p["load_seconds"] for p in runs]),
+        }
+
+    nested, alone = summary("nested"), summary("standalone")
+    reads = peaks["nested"][0]["reads"]
+    lines.append(
+        f"| `from_pretrained(nested, elastic_variant=\"small\")` | {nested['load']:.1f} | {nested['after']:.1f} | "
+        f"{nested['params']:.1f} | {nested['maxrss']:.1f} | {bytes_read:,} of {storage['nested']:,} | {reads:,} | "
+        f"{nested['seconds']:.2f} |"
+    )
+    lines.append(
+        f"| `from_pretrained(standalone_small)` | {alone['load']:.1f} | {alone['after']:.1f} | {alone['params']:.1f} | "
+        f"{alone['maxrss']:.1f} | {storage['small']:,} (whole file, mapped) | | {alone['seconds']:.2f} |"
+    )
+    lines.append(
+        f"| **ratio nested / standalone** | **{nested['load'] / max(alone['load'], 1e-9):.3f}** | "
+        f"{nested['after'] / max(alone['after'], 1e-9):.3f} | | {nested['maxrss'] / alone['maxrss']:.3f} | | | |"
+    )
     lines += [
         "",
         "### Decode speed per variant",

@@ -1,4 +1,5 @@
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -232,66 +233,47 @@ def test_elastic_variant_context_nests_and_errors(pair, ids):
 
 
 # ---- partial loading -----------------------------------------------------------------------------------------------
-class _SliceSpy:
-    """Wraps safetensors' safe_open and records every element read; full-tensor reads are refused."""
+class _ReadSpy:
+    """Wraps the loader's file read and records every `(fd, offset, bytes)`; safetensors' mmap reader is refused."""
 
     def __init__(self):
-        self.elements = 0
-        self.shapes = []
+        self.reads = []
 
-    def __call__(self, *args, **kwargs):
-        spy = self
-        handle = _REAL_SAFE_OPEN(*args, **kwargs)
+    def __call__(self, fd, view, offset):
+        count = _REAL_PREAD(fd, view, offset)
+        self.reads.append((fd, offset, count))
+        return count
 
-        class Slice:
-            def __init__(self, part):
-                self.part = part
-
-            def get_shape(self):
-                return self.part.get_shape()
-
-            def __getitem__(self, index):
-                out = self.part[index]
-                spy.elements += out.numel()
-                spy.shapes.append(tuple(out.shape))
-                return out
-
-        class Handle:
-            def __enter__(self):
-                handle.__enter__()
-                return self
-
-            def __exit__(self, *exc):
-                return handle.__exit__(*exc)
-
-            def keys(self):
-                return handle.keys()
-
-            def get_slice(self, name):
-                return Slice(handle.get_slice(name))
-
-            def get_tensor(self, name):
-                raise AssertionError(f"full read of {name}")
-
-        return Handle()
+    @staticmethod
+    def refuse_safe_open(*args, **kwargs):
+        raise AssertionError(f"safe_open (memory-mapped read) called with {args}")
 
 
-_REAL_SAFE_OPEN = modeling_slim_moe.safe_open
+_REAL_PREAD = modeling_slim_moe._pread_into
 
 
 def test_partial_loading_reads_only_the_variant(pair, ids, tmp_path, monkeypatch):
     _, elastic = pair
     elastic.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
-    spy = _SliceSpy()
-    monkeypatch.setattr(modeling_slim_moe, "safe_open", spy)
+    spy = _ReadSpy()
+    monkeypatch.setattr(modeling_slim_moe, "_pread_into", spy)
+    monkeypatch.setattr(modeling_slim_moe, "safe_open", _ReadSpy.refuse_safe_open)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, elastic_variant="small")
     monkeypatch.undo()
     reference = elastic.slice_variant("small").eval()
     variant_elements = sum(t.numel() for t in reference.state_dict().values())
-    assert spy.elements == variant_elements
+    # exactly the variant's bytes, each read once: no range read twice or overlapping another
+    assert sum(count for _, _, count in spy.reads) == 4 * variant_elements
+    by_file = {}
+    for fd, offset, count in spy.reads:
+        by_file.setdefault(fd, []).append((offset, count))
+    for runs in by_file.values():
+        runs.sort()
+        assert all(a + n <= b for (a, n), (b, _) in itertools.pairwise(runs))
     report = loaded.elastic_load_report
     assert report["bytes_read"] == 4 * variant_elements < report["checkpoint_bytes"] / 2
+    assert report["reads"] == len(spy.reads) < variant_elements
     loaded_config = {k: v for k, v in loaded.config.to_dict().items() if k != "_name_or_path"}
     assert loaded_config == {k: v for k, v in reference.config.to_dict().items() if k != "_name_or_path"}
     assert not loaded.training
@@ -303,6 +285,46 @@ def test_partial_loading_reads_only_the_variant(pair, ids, tmp_path, monkeypatch
     assert bf16.dtype == torch.bfloat16 and bf16.config.hidden_size == 24
     with pytest.raises(TypeError, match="device_map"):
         AutoModelForCausalLM.from_pretrained(tmp_path, elastic_variant="small", device_map="cpu")
+
+
+def test_tensor_runs_coalesce_contiguous_ranges():
+    runs = modeling_slim_moe._tensor_runs
+    assert runs((4, 6), ([(0, 2)], [(0, 6)]), 4) == [(0, 48)]  # [:2, :] is one read
+    assert runs((4, 6), ([(0, 4)], [(0, 3)]), 4) == [(0, 12), (24, 12), (48, 12), (72, 12)]  # [:, :3]: one per row
+    assert runs((4, 6), ([(0, 4)], [(0, 6)]), 2) == [(0, 48)]
+    # fused gate/up halves of dim 1, whole rows: one read per half per expert, adjacent halves coalesce
+    assert runs((2, 8, 3), ([(0, 2)], [(0, 2), (4, 6)], [(0, 3)]), 1) == [(0, 6), (12, 6), (24, 6), (36, 6)]
+    assert runs((2, 4, 3), ([(0, 1)], [(0, 2), (2, 4)], [(0, 3)]), 1) == [(0, 12)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_read_safetensors_ranges_equals_slicing(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "model.layers.0.mlp.experts.gate_up_proj": torch.randn(3, 8, 5, generator=g).to(dtype),
+        "lm_head.weight": torch.randn(7, 6, generator=g).to(dtype),
+        "norm": torch.randn(6, generator=g).to(dtype),
+    }
+    path = str(tmp_path / "t.safetensors")
+    save_file(tensors, path)
+    header, start = modeling_slim_moe._safetensors_header(path)
+    expected = {
+        "model.layers.0.mlp.experts.gate_up_proj": (
+            (2, 4, 3), torch.cat([tensors["model.layers.0.mlp.experts.gate_up_proj"][:2, a : a + 2, :3] for a in (0, 4)], 1)
+        ),
+        "lm_head.weight": ((5, 6), tensors["lm_head.weight"][:5]),
+        "norm": ((4,), tensors["norm"][:4]),
+    }
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for name, (shape, want) in expected.items():
+            got, count, _ = modeling_slim_moe._read_safetensors_ranges(path, header, start, name, shape, fd)
+            assert got.dtype == dtype and count == want.numel() * want.element_size()
+            assert torch.equal(got, want), name
+    finally:
+        os.close(fd)
 
 
 def test_remote_code_elastic_loading_without_hf_slim(pair, ids, tmp_path):

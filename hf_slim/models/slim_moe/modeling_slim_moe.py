@@ -8,9 +8,11 @@ Building blocks that transformers already ships (RoPE, RMSNorm, attention kernel
 """
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -473,8 +475,7 @@ def elastic_ranges(name: str, shape: tuple[int, ...], source_shape: tuple[int, .
 
 
 def _slice_tensor(source, ranges: tuple[list[tuple[int, int]], ...], copy: bool = True) -> torch.Tensor:
-    """Read the ranges from a sliceable source (a tensor or `safe_open(...).get_slice(name)`), one read per part;
-    `copy` clones a single read (slicing an in-memory tensor gives a view)."""
+    """Read the ranges from an in-memory tensor, one slice per part; `copy` clones a single slice (else a view)."""
     split = next((d for d, r in enumerate(ranges) if len(r) > 1), None)
     if split is None:
         out = torch.as_tensor(source[tuple(slice(*r[0]) for r in ranges)])
@@ -484,6 +485,116 @@ def _slice_tensor(source, ranges: tuple[list[tuple[int, int]], ...], copy: bool 
         index = tuple(slice(*part) if d == split else slice(*r[0]) for d, r in enumerate(ranges))
         pieces.append(torch.as_tensor(source[index]))
     return torch.cat(pieces, dim=split)
+
+
+# ---- reading byte ranges of safetensors files (partial loading) -----------------------------------------------------
+# The safetensors layout is public: 8-byte little-endian header length, a JSON header mapping each tensor to its
+# `dtype`, `shape` and `data_offsets` (relative to the end of the header), then the raw row-major little-endian data.
+# Partial loading reads the needed byte ranges with plain file reads straight into the destination tensor's buffer,
+# so no page of a full tensor is ever mapped into the process.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+for _name, _dtype in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _dtype):
+        _SAFETENSORS_DTYPES[_name] = getattr(torch, _dtype)
+
+
+def _safetensors_header(path: str) -> tuple[dict, int]:
+    """`({tensor name: {"dtype", "shape", "data_offsets"}}, absolute offset of the data section)` of one file."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path} is not a safetensors file: it is shorter than the 8-byte header length.")
+        length = int.from_bytes(head, "little")
+        if length > os.path.getsize(path) - 8:
+            raise ValueError(f"{path} is not a safetensors file: header length {length} exceeds the file size.")
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def _tensor_runs(
+    shape: tuple[int, ...], ranges: tuple[list[tuple[int, int]], ...], itemsize: int
+) -> list[tuple[int, int]]:
+    """`(source byte offset, byte count)` runs that, read back to back, give the sub-tensor of a row-major tensor of
+    `shape` made of `ranges` per dim (see `elastic_ranges`); runs adjacent in the source are coalesced."""
+    # dims after `inner` are kept whole, so each index of the dims up to `inner` reads one contiguous block
+    inner = max((d for d, r in enumerate(ranges) if r != [(0, shape[d])]), default=-1)
+    if inner < 0:
+        total = itemsize
+        for size in shape:
+            total *= size
+        return [(0, total)] if total else []
+    strides = [itemsize] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    outer = [0]
+    for d in range(inner):
+        outer = [base + i * strides[d] for base in outer for start, stop in ranges[d] for i in range(start, stop)]
+    runs: list[tuple[int, int]] = []
+    for base in outer:
+        for start, stop in ranges[inner]:
+            offset, count = base + start * strides[inner], (stop - start) * strides[inner]
+            if not count:
+                continue
+            if runs and runs[-1][0] + runs[-1][1] == offset:
+                runs[-1] = (runs[-1][0], runs[-1][1] + count)
+            else:
+                runs.append((offset, count))
+    return runs
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill `view` from file offset `offset` (looping over short reads); returns the bytes read."""
+    done = 0
+    while done < len(view):
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [view[done:]], offset + done)
+        else:  # pragma: no cover - platforms without preadv (Windows)
+            os.lseek(fd, offset + done, os.SEEK_SET)
+            got = os.readv(fd, [view[done:]])
+        if got <= 0:
+            raise OSError(f"unexpected end of file at offset {offset + done} while reading {len(view)} bytes")
+        done += got
+    return done
+
+
+def _read_safetensors_ranges(
+    path: str, header: dict, data_start: int, name: str, shape: tuple[int, ...], fd: int
+) -> tuple[torch.Tensor, int, int]:
+    """Read variant tensor `name` of `shape` (prefix ranges, see `elastic_ranges`) from an open safetensors file.
+
+    Returns `(tensor, bytes read, number of reads)`.
+    """
+    entry = header[name]
+    if entry["dtype"] not in _SAFETENSORS_DTYPES:
+        raise ValueError(
+            f"{path}: tensor {name!r} has dtype {entry['dtype']!r}; partial loading reads {sorted(_SAFETENSORS_DTYPES)}."
+        )
+    if sys.byteorder != "little":  # pragma: no cover
+        raise ValueError("partial loading of safetensors files needs a little-endian machine.")
+    dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+    source_shape = tuple(entry["shape"])
+    begin, end = entry["data_offsets"]
+    ranges = elastic_ranges(name, shape, source_shape)
+    out = torch.empty(shape, dtype=dtype)
+    itemsize = out.element_size()
+    expected = itemsize
+    for size in source_shape:
+        expected *= size
+    if end - begin != expected:
+        raise ValueError(f"{path}: tensor {name!r} has {end - begin} data bytes, its dtype and shape need {expected}.")
+    if not out.numel():
+        return out, 0, 0
+    buffer = memoryview((ctypes.c_char * (out.numel() * itemsize)).from_address(out.data_ptr())).cast("B")
+    position = reads = 0
+    for offset, count in _tensor_runs(source_shape, ranges, itemsize):
+        position += _pread_into(fd, buffer[position : position + count], data_start + begin + offset)
+        reads += 1
+    return out, position, reads
 
 
 def _build_variant(
@@ -534,17 +645,19 @@ def _weight_map(path: str, hub_kwargs: dict) -> dict[str, str]:
         files = {file: cached_file(path, file, **hub_kwargs) for file in set(names.values())}
         return {name: files[file] for name, file in names.items()}
     single = cached_file(path, "model.safetensors", **hub_kwargs)
-    with safe_open(single, framework="pt") as handle:
-        return dict.fromkeys(handle.keys(), single)
+    return dict.fromkeys(_safetensors_header(single)[0], single)
 
 
 def load_elastic_variant(
     model_class: type, path: str | os.PathLike, name: str, **kwargs
 ) -> "SlimMoePreTrainedModel":
-    """Load variant `name` of an elastic checkpoint, reading only its slices (`safe_open(...).get_slice`).
+    """Load variant `name` of an elastic checkpoint, reading only its slices.
 
-    Each tensor is read through its own short-lived `safe_open`, so at most one full tensor's pages are mapped at a
-    time and peak memory follows the variant's size. `model.elastic_load_report` records the bytes read.
+    The variant is built on the meta device; each of its tensors is allocated at the variant's size and filled with
+    plain file reads (`os.preadv`) of exactly the byte ranges it needs, located through the safetensors header
+    (adjacent ranges coalesced: a `[:d, :]` prefix is one read, `[:, :d]` one read per row). No page of a full
+    tensor is mapped, so peak memory follows the variant's size. `model.elastic_load_report` records the bytes read
+    and the number of reads.
     """
     hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
     config = kwargs.pop("config", None)
@@ -563,19 +676,28 @@ def load_elastic_variant(
     if not isinstance(config, SlimMoeConfig):
         config = SlimMoeConfig.from_pretrained(path, **hub_kwargs)
     weight_map = _weight_map(path, hub_kwargs)
-    report = {"variant": name, "bytes_read": 0, "tensors_read": 0}
+    report = {"variant": name, "bytes_read": 0, "tensors_read": 0, "reads": 0}
+    headers: dict[str, tuple[dict, int]] = {}
+    files: dict[str, int] = {}
 
     def read(source: str, shape: tuple[int, ...]) -> torch.Tensor | None:
         if source not in weight_map:
             return None
-        with safe_open(weight_map[source], framework="pt") as handle:
-            part = handle.get_slice(source)
-            tensor = _slice_tensor(part, elastic_ranges(source, shape, tuple(part.get_shape())), copy=False)
-        report["bytes_read"] += tensor.numel() * tensor.element_size()
+        file = weight_map[source]
+        if file not in files:
+            headers[file] = _safetensors_header(file)
+            files[file] = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        tensor, count, reads = _read_safetensors_ranges(file, *headers[file], source, shape, files[file])
+        report["bytes_read"] += count
+        report["reads"] += reads
         report["tensors_read"] += 1
         return tensor
 
-    model = _build_variant(model_class, config, name, read)
+    try:
+        model = _build_variant(model_class, config, name, read)
+    finally:
+        for fd in files.values():
+            os.close(fd)
     if dtype is not None and dtype != "auto":
         model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     report["checkpoint_bytes"] = sum(os.path.getsize(f) for f in set(weight_map.values()))
@@ -885,8 +1007,8 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, GenerationMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, elastic_variant: str | None = None, **kwargs):
         r"""
         elastic_variant (`str`, *optional*):
-            Load only this nested variant of an elastic checkpoint: each tensor's prefix is read with
-            `safe_open(...).get_slice`, so memory follows the variant's size. Takes `config`, `dtype` and the Hub
+            Load only this nested variant of an elastic checkpoint: each tensor's prefix is read with plain file
+            reads of its byte ranges (nothing memory-mapped), so memory follows the variant's size. Takes `config`, `dtype` and the Hub
             arguments; the model's config is `config.variant_config(elastic_variant)`.
         """
         if elastic_variant is None or elastic_variant == FULL_VARIANT:
