@@ -445,3 +445,124 @@ def test_slice_cli_exports_stock_architecture(ids, tmp_path):
     assert isinstance(stock, Qwen3MoeForCausalLM) and stock.config.hidden_size == 16
     with torch.no_grad():
         torch.testing.assert_close(stock(ids).logits, elastic(ids, elastic_variant="small").logits, atol=1e-5, rtol=1e-5)
+
+
+# ---- per-layer expert FFN widths -----------------------------------------------------------------------------------
+# layer 1 is dense: its entry is unused and stored as the widest sparse width
+PER_LAYER = {
+    "tiny": {"num_hidden_layers": [0, 2], "hidden_size": 16, "num_experts": 4, "moe_intermediate_size": [8, 4]},
+    "narrow": {"moe_intermediate_size": [12, 3, 8], "num_experts": 5},
+}
+
+
+@pytest.fixture(scope="module")
+def per_layer_model():
+    torch.manual_seed(1)
+    full = SlimMoeForCausalLM(tiny_config()).eval()
+    return make_elastic(full, ElasticConfig(variants=PER_LAYER), _stats(full))
+
+
+def test_per_layer_widths_resolve_and_nest(per_layer_model):
+    config = per_layer_model.config
+    assert config.elastic_variant_sizes("narrow")["moe_intermediate_size"] == [12, 12, 8]
+    assert config.elastic_variant_sizes("tiny")["moe_intermediate_size"] == [8, 4]
+    narrow = config.variant_config("narrow")
+    assert narrow.moe_intermediate_size == [12, 12, 8] and narrow.expert_intermediate_size(3) == 12  # MTP: widest
+    assert narrow.variant_config("tiny").to_dict() == config.variant_config("tiny").to_dict()
+    # uniform widths over the sparse layers are stored as one int
+    same = ElasticConfig(variants={"v": {"moe_intermediate_size": [8, 2, 8]}}).validate(config)
+    assert same["v"]["moe_intermediate_size"] == 8
+
+
+@pytest.mark.parametrize(
+    "variants, match",
+    [
+        ({"v": {"moe_intermediate_size": [8, 8]}}, r"'v'.*moe_intermediate_size has 2 entries .*keeps 3 layers"),
+        ({"v": {"num_hidden_layers": 2, "moe_intermediate_size": [8, 8, 8]}}, r"'v'.*has 3 entries .*keeps 2"),
+        ({"v": {"moe_intermediate_size": [8, 8, 17]}}, r"'v'.*moe_intermediate_size\[2\]=17 \(layer 2\).*full model's 16"),
+        ({"v": {"moe_intermediate_size": [8, 8, 0]}}, r"'v'.*moe_intermediate_size\[2\]=0"),
+        ({"v": {"moe_intermediate_size": [8, "8", 8]}}, r"'v'.*moe_intermediate_size=.*list of integers"),
+        (
+            {"a": {"moe_intermediate_size": [8, 8, 4]}, "b": {"moe_intermediate_size": [4, 8, 8]}},
+            r"'a' and 'b' do not nest on axis moe_intermediate_size \(layer \d\)",
+        ),
+    ],
+)
+def test_per_layer_widths_bad_input(variants, match):
+    with pytest.raises(ValueError, match=match):
+        ElasticConfig(variants=variants).validate(tiny_config())
+
+
+def test_config_per_layer_expert_width_validation():
+    config = tiny_config(moe_intermediate_size=[16, 4, 8])
+    model = SlimMoeForCausalLM(config)
+    assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (6, 32, 32)
+    assert model.model.layers[2].mlp.experts.down_proj.shape == (6, 32, 8)
+    assert model.mtp.layers[0].mlp.experts.down_proj.shape == (6, 32, 16)  # widest sparse layer
+    with pytest.raises(ValueError, match=r"moe_intermediate_size has 2 entries but num_hidden_layers is 3"):
+        tiny_config(moe_intermediate_size=[16, 8])
+    with pytest.raises(ValueError, match=r"moe_intermediate_size entries must be positive integers, got \[0\]"):
+        tiny_config(moe_intermediate_size=[16, 0, 8])
+
+
+@pytest.mark.parametrize("name", ["tiny", "narrow"])
+def test_per_layer_widths_runtime_equals_sliced_and_loaded(per_layer_model, ids, tmp_path, name):
+    elastic = per_layer_model
+    by_anatomy = slice_variant(elastic, name).eval()
+    by_model = elastic.slice_variant(name).eval()
+    expected = elastic.config.variant_config(name).to_dict()
+    assert by_anatomy.config.to_dict() == expected and by_model.config.to_dict() == expected
+    widths = elastic.config.variant_config(name)
+    for j, layer in enumerate(by_model.model.layers):
+        if widths.mlp_layer_types[j] == "sparse":
+            assert layer.mlp.experts.down_proj.shape[-1] == widths.expert_intermediate_size(j)
+    elastic.save_pretrained(tmp_path / "nested")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nested", elastic_variant=name)
+    assert loaded.elastic_load_report["bytes_read"] == 4 * sum(t.numel() for t in by_model.state_dict().values())
+    by_model.save_pretrained(tmp_path / "standalone")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "standalone").eval()
+    with torch.no_grad():
+        runtime = elastic(ids, labels=ids, elastic_variant=name)
+        for model in (by_anatomy, by_model, loaded, reloaded):
+            out = model(ids, labels=ids)
+            torch.testing.assert_close(out.logits, runtime.logits, atol=1e-5, rtol=1e-5)
+            assert len(out.mtp_logits) == 2
+            for x, y in zip(out.mtp_logits, runtime.mtp_logits, strict=True):
+                torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+        # a variant narrower than the full model: the per-layer widths matter
+        assert not torch.allclose(runtime.logits, elastic(ids).logits, atol=1e-3)
+    for key, value in by_anatomy.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, atol=0, rtol=0, msg=key)
+
+
+def test_anatomy_per_layer_sizes_only_where_the_config_holds_them():
+    from transformers import Qwen3MoeConfig
+
+    from hf_slim.anatomy import select
+
+    slim = SlimMoeForCausalLM(tiny_config(num_mtp_heads=0)).eval()
+    cut = select(slim, "expert_ffn", {0: torch.arange(10), 2: torch.arange(4)})
+    assert cut.config.moe_intermediate_size == [10, 10, 4]
+    assert cut.model.layers[2].mlp.experts.gate_up_proj.shape == (6, 8, 32)
+    # MTP blocks take the widest decoder width: a selection that leaves them wider is refused
+    with pytest.raises(ValueError, match=r"mtp.layers.0 keeps 16 .* give mtp.layers.0 10 indices"):
+        select(SlimMoeForCausalLM(tiny_config()), "expert_ffn", {0: torch.arange(10), 2: torch.arange(4)})
+    stock = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+    ))
+    with pytest.raises(ValueError, match="same number in every layer"):
+        select(stock, "expert_ffn", {0: torch.arange(6), 1: torch.arange(4)})
+
+
+def test_slice_cli_per_layer_widths(per_layer_model, ids, tmp_path):
+    source = save_for_hub(per_layer_model, tmp_path / "elastic")
+    with pytest.raises(ValueError, match=r"--to qwen3_moe: variant 'narrow' has per-layer moe_intermediate_size"):
+        _run_cli(["slice", str(source), "narrow", str(tmp_path / "stock"), "--to", "qwen3_moe"])
+    assert _run_cli(["slice", str(source), "narrow", str(tmp_path / "narrow")]) == 0
+    sliced = AutoModelForCausalLM.from_pretrained(tmp_path / "narrow", trust_remote_code=True).eval()
+    assert sliced.config.moe_intermediate_size == [12, 12, 8]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            sliced(ids).logits, per_layer_model(ids, elastic_variant="narrow").logits, atol=1e-5, rtol=1e-5
+        )

@@ -105,6 +105,11 @@ class ArchSpec:
         pin_fields (`tuple[str]`): config attributes written explicitly whenever hidden/heads change, so that a
             value the modeling code would derive (`head_dim = hidden_size // num_attention_heads`) stays fixed.
         layer_list_fields (`tuple[str]`): per-layer list attributes selected along with the layer axis.
+        per_layer_fields (`tuple[str]`): canonical size fields (`moe_intermediate_size`, ...) whose config attribute
+            may hold one size per decoder layer. A selection keeping different sizes in different decoder layers then
+            writes a list (one entry per kept layer; layers without indices keep their size) instead of raising;
+            MTP-style blocks outside the decoder are left to `config_hook` / `validate`. Uniform sizes still write one
+            int. Families whose configs hold one int leave it empty.
         config_hook (`Callable`, optional): `(old_config, new_config, selection)` for family-specific config rules.
         validate (`Callable`, optional): `(new_config)` raising `ValueError` when the architecture cannot hold it.
         config_rules (`Callable`, optional): `(config) -> block rules` that depend on config switches (e.g. whether
@@ -120,6 +125,7 @@ class ArchSpec:
     block_containers: tuple[str, ...] = ("model.layers",)
     pin_fields: tuple[str, ...] = ("head_dim",)
     layer_list_fields: tuple[str, ...] = ()
+    per_layer_fields: tuple[str, ...] = ()
     config_hook: Callable[[Any, Any, dict], None] | None = None
     validate: Callable[[Any], None] | None = None
     config_rules: Callable[[Any], tuple[TensorRule, ...]] | None = None
@@ -456,8 +462,33 @@ def renamed(spec: ArchSpec, name: str, selection: Mapping[str, Any]) -> str:
     return f"{spec.block_containers[0]}.{new}.{rel}"
 
 
+def _block_sizes(axis: str, per: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    return {blk: (int(t.shape[-1]) if axis == "expert_ffn" else int(t.numel())) for blk, t in per.items()}
+
+
+def _per_layer(spec: ArchSpec, axis: str, canonical: str, per: Mapping[str, torch.Tensor], config: Any) -> bool:
+    """Whether the selection's sizes along `axis` go into the config as one entry per decoder layer."""
+    if canonical not in spec.per_layer_fields:
+        return False
+    return isinstance(getattr(config, spec.field(canonical)), list) or len(set(_block_sizes(axis, per).values())) > 1
+
+
+def _per_layer_size(
+    spec: ArchSpec, axis: str, canonical: str, per: Mapping[str, torch.Tensor], config: Any, kept: list[int]
+) -> int | list[int]:
+    """One size per kept decoder layer (in kept order): the selection's, else the layer's old size; one int when
+    they are all equal."""
+    old = getattr(config, spec.field(canonical))
+    sizes = {}
+    for blk, size in _block_sizes(axis, per).items():
+        if spec.is_decoder_block(blk):
+            sizes[int(blk.rsplit(".", 1)[1])] = size
+    widths = [sizes.get(i, old[i] if isinstance(old, list) else old) for i in kept]
+    return widths[0] if len(set(widths)) == 1 else widths
+
+
 def _uniform_size(spec: ArchSpec, axis: str, per: Mapping[str, torch.Tensor], config: Any) -> int:
-    sizes = {blk: (int(t.shape[-1]) if axis == "expert_ffn" else int(t.numel())) for blk, t in per.items()}
+    sizes = _block_sizes(axis, per)
     if len(set(sizes.values())) > 1:
         raise ValueError(
             f"{axis}: the config holds one size for every layer, but the selection keeps {sizes}; keep the same "
@@ -483,6 +514,7 @@ def select_config(
                 setattr(new, f, units[f])
     if "hidden" in selection:
         setattr(new, spec.field("hidden_size"), int(selection["hidden"].numel()))
+    per_layer_done: set[str] = set()
     for axis, canonical in (
         ("expert", "num_experts"),
         ("expert_ffn", "moe_intermediate_size"),
@@ -492,6 +524,11 @@ def select_config(
     ):
         per = selection.get(axis)
         if not per:
+            continue
+        if _per_layer(spec, axis, canonical, per, config):
+            kept = selection["layer"].tolist() if "layer" in selection else list(range(config.num_hidden_layers))
+            setattr(new, spec.field(canonical), _per_layer_size(spec, axis, canonical, per, config, kept))
+            per_layer_done.add(canonical)
             continue
         size = _uniform_size(spec, axis, per, config)
         setattr(new, spec.field(canonical), size)
@@ -517,6 +554,11 @@ def select_config(
             val = getattr(config, f, None)
             if isinstance(val, (list, tuple)) and len(val) == n_old:
                 setattr(new, f, [val[i] for i in kept])
+        for canonical in spec.per_layer_fields:
+            val = getattr(config, spec.field(canonical), None)
+            if canonical not in per_layer_done and isinstance(val, list) and len(val) == n_old:
+                widths = [val[i] for i in kept]
+                setattr(new, spec.field(canonical), widths[0] if len(set(widths)) == 1 else widths)
     if spec.config_hook is not None:
         spec.config_hook(config, new, dict(selection))
     if spec.validate is not None:
@@ -560,6 +602,8 @@ def _check_coverage(spec: ArchSpec, config: Any, tensors: Mapping[str, Any], sel
         per = sel.get(axis)
         if not per:
             continue
+        if _per_layer(spec, axis, canonical, per, config):
+            continue  # one size per layer: a block without indices keeps its own size
         size = _uniform_size(spec, axis, per, config)
         if size == getattr(config, spec.field(canonical), size):
             continue

@@ -51,7 +51,31 @@ _SIZES = (
 )
 
 
+def _expert_widths(old: Any, new: Any, selection: dict) -> None:
+    # `moe_intermediate_size` may be one width per decoder layer; the stored form keeps dense layers' entries at the
+    # widest sparse width and collapses to one int when the sparse layers agree. MTP blocks are as wide as the widest
+    # sparse decoder layer, so their selection must match that.
+    from ..models.slim_moe.configuration_slim_moe import canonical_expert_widths
+
+    new.moe_intermediate_size = canonical_expert_widths(new.moe_intermediate_size, new.mlp_layer_types)
+    if not getattr(new, "num_mtp_heads", 0):
+        return
+    width = new.expert_intermediate_size(new.num_hidden_layers)
+    per = selection.get("expert_ffn") or {}
+    mtp = {blk: int(idx.shape[-1]) for blk, idx in per.items() if not blk.startswith("model.layers.")}
+    for k in range(new.num_mtp_heads):
+        blk = f"mtp.layers.{k}"
+        kept = mtp.get(blk, old.expert_intermediate_size(old.num_hidden_layers))
+        if kept != width:
+            raise ValueError(
+                f"expert_ffn: {blk} keeps {kept} expert FFN neurons, but MTP blocks take the widest sparse decoder "
+                f"layer's moe_intermediate_size, {width} after this selection ({new.moe_intermediate_size}); give "
+                f"{blk} {width} indices"
+            )
+
+
 def _hook(old: Any, new: Any, selection: dict) -> None:
+    _expert_widths(old, new, selection)
     # Elastic variants are prefixes of the source's axes: a permutation keeps them meaningful to whoever re-ranks,
     # a shrink does not, so they are dropped as soon as any size changes.
     if getattr(old, "elastic", None) and any(getattr(old, f) != getattr(new, f) for f in _SIZES):
@@ -71,6 +95,7 @@ SPEC = ArchSpec(
     modules=DEFAULT_MODULES,
     block_containers=("model.layers", "mtp.layers"),
     layer_list_fields=("layer_types", "mlp_layer_types"),
+    per_layer_fields=("moe_intermediate_size",),
     config_hook=_hook,
     config_rules=_qk_norm_rules,
 )

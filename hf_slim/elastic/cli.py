@@ -42,6 +42,14 @@ def run_slice(args: argparse.Namespace) -> int:
     from ..utils import count_parameters
 
     config = SlimMoeConfig.from_pretrained(args.checkpoint)
+    if args.model_type is not None:
+        widths = config.variant_config(args.variant).moe_intermediate_size
+        if isinstance(widths, list):
+            raise ValueError(
+                f"--to {args.model_type}: variant {args.variant!r} has per-layer moe_intermediate_size={widths}, but "
+                "stock architectures hold one expert width for every layer; slice it without --to (SlimMoe with "
+                "remote code)."
+            )
     model = SlimMoeForCausalLM.from_pretrained(args.checkpoint, config=config, elastic_variant=args.variant)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)

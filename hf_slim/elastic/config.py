@@ -24,7 +24,8 @@ class ElasticConfig:
     Each variant maps config fields to its size along that axis: `num_hidden_layers` (a count, meaning the first
     layers, or a sorted list of kept layer indices), `hidden_size`, `num_attention_heads` / `num_key_value_heads`
     (whole KV groups: the query heads per KV head stay the full model's), `num_experts`, `num_experts_per_tok`,
-    `moe_intermediate_size`, `shared_expert_intermediate_size` (0 drops the shared expert) and `intermediate_size`
+    `moe_intermediate_size` (an int, or a list of one int per kept layer as Gemma 3n's `intermediate_size`),
+    `shared_expert_intermediate_size` (0 drops the shared expert) and `intermediate_size`
     (dense layers). Fields left out keep the full model's size. Every variant is a prefix of the full model along
     every axis, so every smaller variant must fit inside every larger one.
 
@@ -53,8 +54,9 @@ class ElasticConfig:
             )
         self.variants = copy.deepcopy(self.variants)
         for fields in self.variants.values():
-            if isinstance(fields, dict) and isinstance(fields.get("num_hidden_layers"), tuple):
-                fields["num_hidden_layers"] = list(fields["num_hidden_layers"])
+            for key in ("num_hidden_layers", "moe_intermediate_size"):
+                if isinstance(fields, dict) and isinstance(fields.get(key), tuple):
+                    fields[key] = list(fields[key])
         resolve_elastic_variants(self.to_dict())
 
     @property

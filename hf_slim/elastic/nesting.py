@@ -159,11 +159,17 @@ def variant_selection(model: Any, name: str) -> tuple[dict[str, Any], dict[str, 
 
     spec = get_spec(model)
     sizes = model.config.elastic_variant_sizes(name)
-    kept = set(sizes["layers"])
+    variant = model.config.variant_config(name)
+    kept = {layer: position for position, layer in enumerate(sizes["layers"])}
 
-    def per_block(module: str, size: int) -> dict[Any, torch.Tensor]:
+    def expert_width(key: int | str) -> int:
+        # decoder layer `key` is the variant's layer kept[key]; every MTP block has the MTP width
+        position = kept[key] if isinstance(key, int) else variant.num_hidden_layers
+        return variant.expert_intermediate_size(position)
+
+    def per_block(module: str, size: Any) -> dict[Any, torch.Tensor]:
         return {
-            key: torch.arange(size)
+            key: torch.arange(size(key) if callable(size) else size)
             for _, key in layers_with(model, spec, module)
             if not isinstance(key, int) or key in kept
         }
@@ -173,7 +179,7 @@ def variant_selection(model: Any, name: str) -> tuple[dict[str, Any], dict[str, 
         "hidden": torch.arange(sizes["hidden_size"]),
         "head": per_block("attn_out", sizes["num_attention_heads"]),
         "expert": per_block("experts", sizes["num_experts"]),
-        "expert_ffn": per_block("experts", sizes["moe_intermediate_size"]),
+        "expert_ffn": per_block("experts", expert_width),
         "ffn": per_block("dense_down", sizes["intermediate_size"]),
     }
     updates: dict[str, Any] = {"num_experts_per_tok": sizes["num_experts_per_tok"]}

@@ -76,7 +76,9 @@ class SlimMoeConfig(PreTrainedConfig):
         attention_dropout (`float`): Dropout on attention probabilities.
         num_experts (`int`): Routed experts per sparse layer.
         num_experts_per_tok (`int`): Experts each token is routed to (top-k).
-        moe_intermediate_size (`int`): FFN width of one routed expert.
+        moe_intermediate_size (`int` or `list[int]`): FFN width of one routed expert: one int for every layer, or one
+            per decoder layer (as Gemma 3n's `intermediate_size`; entries of dense layers are unused). MTP blocks use
+            the widest sparse layer's width (see `expert_intermediate_size`).
         norm_topk_prob (`bool`): Renormalise the top-k routing weights to sum to one.
         shared_expert_intermediate_size (`int`): FFN width of the sigmoid-gated shared expert; 0 means none.
         mlp_layer_types (`list[str]`, *optional*): Per layer `"sparse"` (MoE) or `"dense"`; defaults to all sparse.
@@ -135,7 +137,7 @@ class SlimMoeConfig(PreTrainedConfig):
     attention_dropout: float | int = 0.0
     num_experts: int = 128
     num_experts_per_tok: int = 8
-    moe_intermediate_size: int = 768
+    moe_intermediate_size: int | list[int] = 768
     norm_topk_prob: bool = True
     shared_expert_intermediate_size: int = 0
     mlp_layer_types: list[str] | None = None
@@ -172,12 +174,28 @@ class SlimMoeConfig(PreTrainedConfig):
             "head_dim",
             "num_experts",
             "num_experts_per_tok",
-            "moe_intermediate_size",
         )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"SlimMoeConfig.{name} must be a positive integer, got {value!r}.")
+        widths = self.moe_intermediate_size
+        if isinstance(widths, list):
+            if len(widths) != self.num_hidden_layers:
+                raise ValueError(
+                    f"SlimMoeConfig.moe_intermediate_size has {len(widths)} entries but num_hidden_layers is "
+                    f"{self.num_hidden_layers}; give one positive integer, or one per layer."
+                )
+            bad = [w for w in widths if isinstance(w, bool) or not isinstance(w, int) or w <= 0]
+            if bad:
+                raise ValueError(
+                    f"SlimMoeConfig.moe_intermediate_size entries must be positive integers, got {bad} in {widths}."
+                )
+        elif isinstance(widths, bool) or not isinstance(widths, int) or widths <= 0:
+            raise ValueError(
+                f"SlimMoeConfig.moe_intermediate_size must be a positive integer or a list of one per layer, got "
+                f"{widths!r}."
+            )
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"SlimMoeConfig.num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
@@ -218,6 +236,16 @@ class SlimMoeConfig(PreTrainedConfig):
         if self.elastic is not None:
             resolve_elastic_variants(self.elastic, self)
 
+    def expert_intermediate_size(self, layer_idx: int) -> int:
+        """FFN width of the routed experts of block `layer_idx`; MTP block `k` is `num_hidden_layers + k` and uses
+        the widest sparse decoder layer's width when `moe_intermediate_size` is a per-layer list."""
+        widths = self.moe_intermediate_size
+        if not isinstance(widths, list):
+            return widths
+        if layer_idx < self.num_hidden_layers:
+            return widths[layer_idx]
+        return _mtp_width(widths, self.mlp_layer_types)
+
     # ---- elastic variants --------------------------------------------------------------------------------------
     def elastic_variant_names(self) -> list[str]:
         """Names of the nested variants, smallest first, ending with the implicit `"full"`."""
@@ -229,7 +257,8 @@ class SlimMoeConfig(PreTrainedConfig):
 
         Returns:
             `dict` with `layers` (the kept decoder layers, as indices of this model) and one int per entry of
-            `ELASTIC_FIELDS` (`num_hidden_layers` being `len(layers)`).
+            `ELASTIC_FIELDS` (`num_hidden_layers` being `len(layers)`; `moe_intermediate_size` may be a list of one
+            width per kept layer, in the form of `canonical_expert_widths`).
 
         Raises:
             `ValueError`: the config has no `elastic` variants (and `name` is not `"full"`).
@@ -275,6 +304,26 @@ class SlimMoeConfig(PreTrainedConfig):
         return type(self)(**data)
 
 
+def _mtp_width(widths: list[int], mlp_layer_types: list[str] | None) -> int:
+    sparse = [w for w, kind in zip(widths, mlp_layer_types or ["sparse"] * len(widths)) if kind == "sparse"]
+    return max(sparse or widths)
+
+
+def canonical_expert_widths(widths: int | list[int], mlp_layer_types: list[str] | None) -> int | list[int]:
+    """The stored form of per-layer expert widths: one int when every sparse layer has the same width, else the list
+    with the entries of dense layers (which have no experts) set to the widest sparse layer's width."""
+    if not isinstance(widths, list):
+        return widths
+    types = mlp_layer_types or ["sparse"] * len(widths)
+    sparse = [w for w, kind in zip(widths, types) if kind == "sparse"]
+    if len(set(sparse or widths)) == 1:
+        return (sparse or widths)[0]
+    if not sparse:
+        return max(widths)
+    widest = max(sparse)
+    return [w if kind == "sparse" else widest for w, kind in zip(widths, types)]
+
+
 def _full_sizes(config: Any) -> dict[str, Any]:
     sizes = {key: getattr(config, key) for key in ELASTIC_FIELDS}
     sizes["layers"] = list(range(config.num_hidden_layers))
@@ -289,9 +338,39 @@ def _fits(small: dict, large: dict) -> bool:
                 small["layers"] is None or not set(small["layers"]) <= set(large["layers"])
             ):
                 return False
+        elif key == "moe_intermediate_size":
+            if large[key] is not None and (
+                small[key] is None or any(a > b for _, a, b in _width_pairs(small, large))
+            ):
+                return False
         elif large[key] is not None and (small[key] is None or small[key] > large[key]):
             return False
     return True
+
+
+def _width_pairs(a: dict, b: dict) -> list[tuple[int | None, Any, Any]]:
+    """`(layer, width in a, width in b)` of the expert FFN on the layers both keep (`layer` None for two ints);
+    a width of `None` (the full model's, unknown without a base config) compares as infinite."""
+    va, vb = a["moe_intermediate_size"], b["moe_intermediate_size"]
+    inf = float("inf")
+    if not isinstance(va, list) and not isinstance(vb, list):
+        return [(None, inf if va is None else va, inf if vb is None else vb)]
+    la, lb = a["layers"], b["layers"]
+    if la is not None and lb is not None:
+        common = sorted(set(la) & set(lb))
+    else:
+        common = la if la is not None else lb
+        if common is None:
+            common = range(len(va if isinstance(va, list) else vb))
+
+    def at(value: Any, layers: list[int] | None, layer: int) -> Any:
+        if not isinstance(value, list):
+            return inf if value is None else value
+        position = layer if layers is None else layers.index(layer)
+        return value[position] if position < len(value) else None
+
+    pairs = [(layer, at(va, la, layer), at(vb, lb, layer)) for layer in common]
+    return [(layer, x, y) for layer, x, y in pairs if x is not None and y is not None]
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -371,9 +450,12 @@ def resolve_elastic_variants(elastic: Any, base: Any = None) -> dict[str, dict[s
             sizes["layers"] = None
         if sizes["layers"] is not None:
             sizes["num_hidden_layers"] = len(sizes["layers"])
-        for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_experts", "moe_intermediate_size"):
+        for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_experts"):
             if sizes[key] is not None:
                 _int_field(name, key, sizes[key], 1, full[key])
+        sizes["moe_intermediate_size"] = _resolve_expert_widths(
+            name, sizes, full, "moe_intermediate_size" in fields, base
+        )
         for key in ("shared_expert_intermediate_size", "intermediate_size"):
             if sizes[key] is not None:
                 _int_field(name, key, sizes[key], 0 if key.startswith("shared") else 1, full[key])
@@ -393,6 +475,52 @@ def resolve_elastic_variants(elastic: Any, base: Any = None) -> dict[str, dict[s
             _check_nested(a, resolved[a], b, resolved[b])
     order = sorted(names, key=lambda n: sum(1 for m in names if m != n and _fits(resolved[m], resolved[n]) and not _fits(resolved[n], resolved[m])))
     return {n: resolved[n] for n in order}
+
+
+def _resolve_expert_widths(name: str, sizes: dict, full: dict, given: bool, base: Any) -> Any:
+    """A variant's `moe_intermediate_size` (an int, or one int per kept layer) checked against the full model and
+    brought to the stored form of `canonical_expert_widths`."""
+    key, value, layers = "moe_intermediate_size", sizes["moe_intermediate_size"], sizes["layers"]
+    full_widths = full[key]
+    types = list(base.mlp_layer_types) if base is not None else None
+    if not given and isinstance(full_widths, list) and layers is not None:
+        value = [full_widths[i] for i in layers]
+    if value is None:
+        return None
+
+    def full_at(layer: int | None) -> int | None:
+        if full_widths is None or not isinstance(full_widths, list):
+            return full_widths
+        return full_widths[layer] if layer is not None else None
+
+    def sparse(layer: int | None) -> bool:
+        return types is None or layer is None or types[layer] == "sparse"
+
+    if isinstance(value, list):
+        if not value or any(isinstance(w, bool) or not isinstance(w, int) for w in value):
+            raise ValueError(
+                f"elastic variant {name!r}: {key}={value!r} must be an integer or a non-empty list of integers, one "
+                "per kept layer."
+            )
+        if layers is not None and len(value) != len(layers):
+            raise ValueError(
+                f"elastic variant {name!r}: {key} has {len(value)} entries but the variant keeps {len(layers)} "
+                f"layers {layers}; give one integer, or one per kept layer."
+            )
+        for position, width in enumerate(value):
+            layer = layers[position] if layers is not None else None
+            high = full_at(layer) if sparse(layer) else None
+            if width < 1 or (high is not None and width > high):
+                where = f" (layer {layer})" if layer is not None else ""
+                bound = f"between 1 and the full model's {high}" if high is not None else ">= 1"
+                raise ValueError(
+                    f"elastic variant {name!r}: {key}[{position}]={width}{where} is out of range; it must be {bound}."
+                )
+        return canonical_expert_widths(value, [types[i] for i in layers] if types and layers is not None else None)
+    if isinstance(full_widths, list):
+        kept = [i for i in (layers if layers is not None else range(len(full_widths))) if sparse(i)]
+        return _int_field(name, key, value, 1, min(full_widths[i] for i in kept) if kept else None)
+    return _int_field(name, key, value, 1, full_widths)
 
 
 def _resolve_heads(name: str, fields: dict, sizes: dict, full: dict, group: int | None) -> None:
@@ -441,6 +569,14 @@ def _check_nested(a: str, sa: dict, b: str, sb: dict) -> None:
                 smaller_b.append((key, la, lb))
             if not set(lb) <= set(la):
                 smaller_a.append((key, la, lb))
+            continue
+        if key == "moe_intermediate_size":
+            for layer, va, vb in _width_pairs(sa, sb):
+                label = key if layer is None else f"{key} (layer {layer})"
+                if va > vb:
+                    smaller_b.append((label, va, vb))
+                elif vb > va:
+                    smaller_a.append((label, va, vb))
             continue
         va, vb = sa[key], sb[key]
         va = float("inf") if va is None else va

@@ -234,11 +234,11 @@ class SlimMoeExperts(nn.Module):
     forward below is the `"eager"` reference they are checked against.
     """
 
-    def __init__(self, config: SlimMoeConfig):
+    def __init__(self, config: SlimMoeConfig, intermediate_size: int | None = None):
         super().__init__()
         self.num_experts = config.num_experts
         self.hidden_dim = config.hidden_size
-        self.intermediate_dim = config.moe_intermediate_size
+        self.intermediate_dim = config.moe_intermediate_size if intermediate_size is None else intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
         self.act_fn = ACT2FN[config.hidden_act]
@@ -289,10 +289,10 @@ class SlimMoeTopKRouter(nn.Module):
 class SlimMoeSparseMoeBlock(nn.Module):
     """Routed experts plus an optional shared expert scaled by `sigmoid(shared_expert_gate(x))` (Qwen2-MoE)."""
 
-    def __init__(self, config: SlimMoeConfig):
+    def __init__(self, config: SlimMoeConfig, layer_idx: int = 0):
         super().__init__()
         self.gate = SlimMoeTopKRouter(config)
-        self.experts = SlimMoeExperts(config)
+        self.experts = SlimMoeExperts(config, config.expert_intermediate_size(layer_idx))
         if config.shared_expert_intermediate_size > 0:
             self.shared_expert = SlimMoeMLP(config, config.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
@@ -328,7 +328,7 @@ class SlimMoeDecoderLayer(GradientCheckpointingLayer):
         self.self_attn = SlimMoeAttention(config, layer_idx)
         mlp_type = mlp_type or config.mlp_layer_types[layer_idx]
         if mlp_type == "sparse":
-            self.mlp = SlimMoeSparseMoeBlock(config)
+            self.mlp = SlimMoeSparseMoeBlock(config, layer_idx)
         else:
             self.mlp = SlimMoeMLP(config, config.intermediate_size)
         self.input_layernorm = SlimMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -1066,7 +1066,10 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, GenerationMixin):
         sizes, variant = self._elastic_plan(name)
         hidden, head_dim = sizes["hidden_size"], self.config.head_dim
         kept = {layer: position for position, layer in enumerate(sizes["layers"])}
+        n_layers = self.config.num_hidden_layers
         for index, block in enumerate(self._elastic_blocks()):
+            # expert width of the variant's own block: kept decoder layer `kept[index]`, or MTP block `k`
+            position = kept.get(index, 0) if index < n_layers else variant.num_hidden_layers + index - n_layers
             block._set_elastic(
                 SlimMoeElasticSizes(
                     hidden=hidden,
@@ -1074,7 +1077,7 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, GenerationMixin):
                     kv_width=sizes["num_key_value_heads"] * head_dim,
                     num_experts=sizes["num_experts"],
                     top_k=sizes["num_experts_per_tok"],
-                    expert_ffn=sizes["moe_intermediate_size"],
+                    expert_ffn=variant.expert_intermediate_size(position),
                     shared_ffn=sizes["shared_expert_intermediate_size"],
                     ffn=sizes["intermediate_size"],
                     cache_index=kept.get(index, index),
