@@ -8,7 +8,7 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_distillation import SEQ, distill_args, tiny_student, tiny_tokenizer, train_teacher  # noqa: E402
+from test_distillation import SEQ, distill_args, elastic_student, tiny_tokenizer, train_teacher  # noqa: E402
 
 from hf_slim.data import packed_lm_dataset  # noqa: E402
 from trainers import SlimDistillationTrainer  # noqa: E402
@@ -19,8 +19,14 @@ def main(out_dir: str) -> None:
     texts, tokenizer = tiny_tokenizer()
     dataset = packed_lm_dataset(texts, tokenizer, SEQ)
     teacher = train_teacher(dataset, len(tokenizer), steps=5)
-    student = tiny_student(len(tokenizer))
-    args = distill_args(out_dir, max_steps=3, per_device_train_batch_size=2, ddp_backend="gloo", lambda_start=0.5)
+    # an elastic student whose "small" variant drops a layer and is trained alone in some steps: DDP must find the
+    # unused parameters of those steps (the trainer sets ddp_find_unused_parameters=True)
+    student = elastic_student(len(tokenizer))
+    args = distill_args(
+        out_dir, max_steps=3, per_device_train_batch_size=2, ddp_backend="gloo", lambda_start=0.5,
+        elastic_sampling="probabilities",
+        elastic_variant_probabilities={"full": 0.5, "small": 0.5},
+    )  # fmt: skip
     trainer = SlimDistillationTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=dataset.select(range(64)),
         processing_class=tokenizer,
@@ -39,6 +45,8 @@ def main(out_dir: str) -> None:
                 "checksum": checksum,
                 "num_tokens": logs[-1]["num_tokens"],
                 "kd": [h["kd"] for h in logs],
+                "variants": [sorted({k.split("/")[0] for k in h if "/" in k}) for h in logs],
+                "find_unused": getattr(trainer.model_wrapped, "find_unused_parameters", None),
             }
         )
     )

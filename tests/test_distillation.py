@@ -106,7 +106,7 @@ def test_config_fields_have_help_and_slimqwen_defaults(tmp_path):
 
 def test_config_parses_json_strings_like_the_cli(tmp_path):
     args = SlimDistillationConfig(
-        output_dir=str(tmp_path), bf16=False, use_cpu=True, elastic_sampling="probabilities",
+        output_dir=str(tmp_path), bf16=False, use_cpu=True, elastic_sampling="probabilities", gradient_checkpointing=False,
         elastic_variant_probabilities='{"full": 0.5, "small": 0.5}', teacher_model_init_kwargs='{"dtype": "float32"}',
     )  # fmt: skip
     assert args.elastic_variant_probabilities == {"full": 0.5, "small": 0.5}
@@ -133,6 +133,8 @@ def test_config_parses_json_strings_like_the_cli(tmp_path):
         (dict(elastic_variant_probabilities={"full": 1.0}), r"elastic_sampling is None"),
         (dict(elastic_sampling="random"), r"elastic_sampling.*sandwich.*'random'"),
         (dict(elastic_teacher="self"), r"elastic_teacher.*'self'"),
+        (dict(elastic_sampling="sandwich", gradient_checkpointing=True),
+         r"elastic_sampling='sandwich'.*gradient_checkpointing=True.*gradient_checkpointing=False"),
         (dict(schedule_step_offset=10, schedule_total_steps=5), r"schedule_total_steps=5"),
         (dict(teacher_model_init_kwargs="{not json"), r"teacher_model_init_kwargs.*JSON"),
     ],
@@ -684,6 +686,57 @@ def test_elastic_bad_input(tmp_path, data, student_kind, overrides, match):
         )  # fmt: skip
 
 
+def test_only_layer_dropping_variants_leave_parameters_without_gradient(data):
+    """The premise of `unused_parameter_reasons`: width variants slice tensors that all still get a gradient; a
+    variant with fewer layers leaves the dropped layers' parameters without one."""
+    tokenizer, dataset, _ = data
+    student = elastic_student(len(tokenizer))  # small: hidden 16 and 1 of 2 layers; medium: hidden 24
+    batch = torch.tensor(dataset["input_ids"][:2])
+    unused = {}
+    for variant in ("full", "medium", "small"):
+        student.zero_grad(set_to_none=True)
+        kwargs = {} if variant == "full" else {"elastic_variant": variant}
+        student(input_ids=batch, labels=batch, output_router_logits=True, **kwargs).loss.backward()
+        unused[variant] = {n for n, p in student.named_parameters() if p.grad is None}
+    assert unused["full"] == set() and unused["medium"] == set()
+    assert unused["small"] and all(n.startswith("model.layers.1.") for n in unused["small"])
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (dict(elastic_sampling="probabilities", elastic_variant_probabilities={"full": 0.5, "small": 0.5}), True),
+        (dict(elastic_sampling="probabilities", elastic_variant_probabilities={"full": 0.5, "medium": 0.5}), None),
+        (dict(elastic_sampling="sandwich"), None),  # the full variant runs every step
+        (dict(beta_start=0.0, beta_end=0.0), True),  # MTP heads unused
+        (dict(), None),
+    ],
+)  # fmt: skip
+def test_ddp_find_unused_parameters_is_set_when_a_step_can_skip_parameters(tmp_path, data, overrides, expected):
+    tokenizer, dataset, teacher = data
+    # gradient checkpointing (SFTConfig's default) is what makes the Trainer default to find_unused_parameters=False
+    args = distill_args(tmp_path, gradient_checkpointing="elastic_sampling" not in overrides, **overrides)
+    trainer = SlimDistillationTrainer(
+        model=elastic_student(len(tokenizer)), teacher_model=teacher, args=args, train_dataset=dataset,
+        processing_class=tokenizer,
+    )  # fmt: skip
+    assert trainer.args.ddp_find_unused_parameters is expected
+
+
+def test_explicit_find_unused_parameters_false_with_a_layer_dropping_variant(tmp_path, data, monkeypatch):
+    tokenizer, dataset, teacher = data
+    monkeypatch.setattr(SlimDistillationConfig, "world_size", property(lambda self: 2))  # as under DDP
+    args = distill_args(
+        tmp_path, ddp_find_unused_parameters=False, elastic_sampling="probabilities",
+        elastic_variant_probabilities={"full": 0.8, "small": 0.2},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"ddp_find_unused_parameters=False.*'small'.*keeps 1 of 2 layers.*=True"):
+        SlimDistillationTrainer(
+            model=elastic_student(len(tokenizer)), teacher_model=teacher, args=args, train_dataset=dataset,
+            processing_class=tokenizer,
+        )  # fmt: skip
+
+
 # ---- accelerate launch: 2 CPU processes (DDP, gloo) ---------------------------------------------------------------
 
 
@@ -709,6 +762,9 @@ def test_accelerate_launch_two_process_ddp(tmp_path):
     assert results[0]["checksum"] == results[1]["checksum"]
     assert results[0]["kd"] == results[1]["kd"] and all(k > 0 for k in results[0]["kd"])
     assert results[0]["num_tokens"] == 3 * 2 * 2 * SEQ  # steps x processes x batch x sequence
+    # the elastic student trained its 1-layer "small" variant alone in some step: DDP ran with find_unused_parameters
+    assert results[0]["find_unused"] is True
+    assert ["small"] in results[0]["variants"] and results[0]["variants"] == results[1]["variants"]
 
 
 # ---- progressive runner: hf-slim distill CONFIG.yaml ------------------------------------------------------------

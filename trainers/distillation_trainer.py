@@ -194,6 +194,43 @@ def _num_mtp_depths(model: nn.Module) -> int:
     return int(getattr(base.config, "num_mtp_heads", 0) or 0) if getattr(base, "mtp", None) is not None else 0
 
 
+def unused_parameter_reasons(model: nn.Module | str, args: SlimDistillationConfig) -> list[str]:
+    """Why some training step of this student/config leaves trainable parameters without gradient (empty: none).
+
+    Args:
+        model (`nn.Module` or `str`): The student, or a path to its config.
+        args ([`SlimDistillationConfig`]): The run's settings.
+
+    Returns:
+        `list[str]`: one sentence per cause (a layer-dropping variant that can run alone, MTP heads unused at β = 0).
+    """
+    if isinstance(model, str):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code)
+    else:
+        config = _unwrap(model).config
+    reasons = []
+    if args.elastic_sampling == "probabilities" and getattr(config, "elastic", None):
+        from hf_slim.elastic import ElasticConfig
+
+        variants = ElasticConfig.from_model_config(config).variants
+        total = int(config.num_hidden_layers)
+        for name, p in (args.elastic_variant_probabilities or {}).items():
+            layers = (variants.get(name) or {}).get("num_hidden_layers")
+            kept = len(layers) if isinstance(layers, (list, tuple)) else layers
+            if float(p) > 0 and isinstance(kept, int) and kept < total:
+                reasons.append(
+                    f"elastic variant {name!r} (probability {p}) keeps {kept} of {total} layers and is trained alone "
+                    "in its steps"
+                )
+    if not args.uses_mtp and int(getattr(config, "num_mtp_heads", 0) or 0) > 0:
+        reasons.append(
+            f"beta_start = beta_end = 0 leaves the student's {config.num_mtp_heads} MTP heads out of every step"
+        )
+    return reasons
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------------------------------------------
@@ -275,6 +312,7 @@ class SlimDistillationTrainer(SFTTrainer):
                 "pass the teacher as a path (or teacher_model_name_or_path) to have it loaded with them."
             )
 
+        self._fit_ddp_find_unused_parameters(model, args)
         super().__init__(
             model=model,
             args=args,
@@ -373,6 +411,30 @@ class SlimDistillationTrainer(SFTTrainer):
                     f"but the teacher has {n_teacher}. Use mtp_kd_target='teacher_main' (the teacher's main head at "
                     "position i + k)."
                 )
+
+    @staticmethod
+    def _fit_ddp_find_unused_parameters(model: nn.Module | str, args: SlimDistillationConfig) -> None:
+        """Turn DDP's `find_unused_parameters` on when some step can leave trainable parameters without gradient.
+
+        That happens when `elastic_sampling="probabilities"` can draw a variant with fewer layers (its step never
+        runs the dropped layers; width, head and expert variants slice tensors that still all get a gradient), and
+        when β = 0 leaves a student's MTP heads out of every step. `SFTConfig` enables gradient checkpointing by
+        default, and then the Trainer's default is `find_unused_parameters=False`, with which DDP stops at the next
+        step ("Expected to have finished reduction in the prior iteration ..."). `None` is set to `True`; an
+        explicit `False` on more than one process is an error.
+        """
+        reasons = unused_parameter_reasons(model, args)
+        if not reasons:
+            return
+        if args.ddp_find_unused_parameters is None:
+            args.ddp_find_unused_parameters = True
+        elif not args.ddp_find_unused_parameters and args.world_size > 1:
+            raise ValueError(
+                f"ddp_find_unused_parameters=False, but {'; '.join(reasons)}: those parameters get no gradient in "
+                "such a step and DistributedDataParallel then fails. Set ddp_find_unused_parameters=True (or leave "
+                "it None and the trainer sets it), or use elastic_sampling='sandwich', which runs the full variant "
+                "every step."
+            )
 
     @staticmethod
     def _check_elastic(model: nn.Module, args: SlimDistillationConfig) -> list[str]:
@@ -810,5 +872,11 @@ def _check_teacher_tokenizer(path: str, tokenizer: PreTrainedTokenizerBase, trus
         )
 
 
-__all__ += ["check_dataset_columns", "depth_labels", "fit_bnb_4bit_cpu_layers", "teacher_quantization_config"]
+__all__ += [
+    "check_dataset_columns",
+    "depth_labels",
+    "fit_bnb_4bit_cpu_layers",
+    "teacher_quantization_config",
+    "unused_parameter_reasons",
+]
 
