@@ -283,6 +283,11 @@ def slim_config_from_hf(config: PreTrainedConfig, num_mtp_heads: int = 0) -> Sli
 def hf_config_from_slim(config: SlimMoeConfig, model_type: str) -> PreTrainedConfig:
     """Translate a `SlimMoeConfig` into the stock config of `model_type`, or raise naming the field it cannot hold."""
     family = _family(model_type)
+    if isinstance(config.moe_intermediate_size, list):
+        raise ValueError(
+            f"Cannot convert SlimMoe to {model_type!r}: config.moe_intermediate_size is a per-layer list "
+            f"{config.moe_intermediate_size} but {model_type} holds one expert width for every layer."
+        )
     return family.config_class(**family.from_slim(config))
 
 

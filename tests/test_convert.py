@@ -86,3 +86,9 @@ def test_unexpressible_feature_names_the_field(model_type, field):
     )
     with pytest.raises(ValueError, match=field):
         to_hf(SlimMoeForCausalLM(config), model_type)
+
+
+def test_per_layer_expert_widths_cannot_go_to_a_stock_family():
+    config = SlimMoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=[8, 16, 8])
+    with pytest.raises(ValueError, match="moe_intermediate_size is a per-layer list"):
+        to_hf(SlimMoeForCausalLM(config), "qwen3_moe")
