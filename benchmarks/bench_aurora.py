@@ -1,10 +1,11 @@
-"""Aurora benchmarks: optimizer cost vs Muon, batched experts, row balance, small-LM training, LoRA.
+"""Aurora benchmarks: optimizer cost vs Muon, batched experts, row balance, small-LM training, LoRA, routers.
 
 Writes docs/aurora_bench.md (tables) and PNG plots into docs/. Every ratio is measured side by side in
 one run. Sizes are chosen so that the whole script runs in under ~10 minutes on a 2-core CPU.
 
-    HF_HUB_OFFLINE=1 python benchmarks/bench_aurora.py            # all parts
+    HF_HUB_OFFLINE=1 python benchmarks/bench_aurora.py            # cost,e2e,batched,balance,lm,lora
     HF_HUB_OFFLINE=1 python benchmarks/bench_aurora.py --parts cost,balance
+    HF_HUB_OFFLINE=1 python benchmarks/bench_aurora.py --parts router --output docs/aurora_bench_router.md
 """
 
 from __future__ import annotations
@@ -423,6 +424,153 @@ def bench_lora(tok, pre_ids: torch.Tensor, pre_steps: int, steps: int, seeds: in
     _plot(curves, "step", "LoRA train loss (mean of seeds, smoothed)", DOCS / "aurora_lora_loss.png")
 
 
+# --------------------------------------------------------------------------------------------------
+# 6. Where router weights go: AdamW (the default) vs Aurora
+# --------------------------------------------------------------------------------------------------
+
+
+def _router_model(vocab: int, seed: int, aux_coef: float):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3MoeConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=256, moe_intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=256, tie_word_embeddings=False, output_router_logits=aux_coef > 0,
+        router_aux_loss_coef=aux_coef,
+    )  # fmt: skip
+    return Qwen3MoeForCausalLM(cfg)
+
+
+class _ExpertCounter:
+    """Counts the tokens each router sends to each expert (forward hooks on the `mlp.gate` modules)."""
+
+    def __init__(self, model: nn.Module):
+        self.gates = [(n, m) for n, m in model.named_modules() if n.endswith("mlp.gate") and hasattr(m, "num_experts")]
+        self.counts = [torch.zeros(m.num_experts) for _, m in self.gates]
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, (_, m) in enumerate(self.gates)]
+
+    def _hook(self, i: int):
+        def hook(module, args, output):
+            indices = output[2]  # (tokens, top_k)
+            self.counts[i] += torch.bincount(indices.flatten(), minlength=module.num_experts).float()
+
+        return hook
+
+    def reset(self) -> None:
+        for c in self.counts:
+            c.zero_()
+
+    def stats(self) -> tuple[float, float, float]:
+        """Mean over layers of the coefficient of variation of expert counts (population sd / mean), the
+        fraction of (layer, expert) pairs that got < 10% of their fair share, and the largest count / fair share."""
+        cvs, starved, top = [], [], []
+        for c in self.counts:
+            fair = c.sum() / c.numel()
+            cvs.append(float(c.std(unbiased=False) / fair))
+            starved.extend((c < 0.1 * fair).tolist())
+            top.append(float(c.max() / fair))
+        return statistics.mean(cvs), sum(starved) / len(starved), max(top)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _router_groups(model: nn.Module, router: str, router_lr: float | None) -> list[dict]:
+    groups = aurora_param_groups(model, router=router)
+    if router_lr is None:
+        return groups
+    # Give the router its own learning rate: move it out of whichever group the rule put it in.
+    is_router = lambda name: name.endswith("mlp.gate.weight")
+    moved = [(n, p) for g in groups for n, p in g["params"] if is_router(n)]
+    for g in groups:
+        g["params"] = [(n, p) for n, p in g["params"] if not is_router(n)]
+    return groups + [{"params": moved, "use_aurora": router == "aurora", "lr": router_lr}]
+
+
+def _parse_arm(spec: str) -> tuple[str, float | None]:
+    router, _, lr = spec.partition(":")
+    if router not in ("adamw", "aurora"):
+        raise ValueError(f"router arm {spec!r}: expected adamw[:lr] or aurora[:lr]")
+    return router, float(lr) if lr else None
+
+
+def bench_router(steps: int, seeds: int, arms: list[str], aux_settings: list[float], plot: Path) -> None:
+    out(f"## 6. Router weights in AdamW (default) or in Aurora ({steps} steps x {seeds} seeds per arm)")
+    out()
+    text = _corpus("/usr/share/vim/vim90/doc/*.txt", 3_000_000)
+    tok = _tokenizer(text, 512)
+    ids = _ids(tok, text)
+    split = int(0.95 * len(ids))
+    train_ids, val_ids = ids[:split], ids[split:]
+    val = _batches(val_ids, 128, 16, 8, 999)
+    out(f"Data: as section 4 (Vim help, byte-level BPE vocab 512, {len(train_ids) / 1e6:.2f} M train / "
+        f"{len(val_ids) / 1e3:.0f} k val tokens). Model: Qwen3-MoE config, hidden 64, 2 layers, **8 experts, top-2**, "
+        f"expert width 128, router `mlp.gate.weight` [8, 64]; batch {BS} x 128 tokens.")
+    out("Every arm: `Aurora(aurora_param_groups(model, router=...), lr=0.01, adamw_lr=3e-3)` (section 4's chosen lrs); "
+        "only the router's group differs (`adamw`: AdamW at 3e-3, `aurora`: Aurora at 0.01, `name:lr`: that group with the "
+        "router's lr overridden). Same seed = same init and batches in every arm. Load-balancing auxiliary loss: "
+        f"Qwen3-MoE's `router_aux_loss_coef` in {[f'{a:g}' for a in aux_settings]} (0.001 is its default when enabled; 0 = off).")
+    out("Metrics at the end, on the 16 k validation tokens: LM loss (aux loss excluded); expert load per layer: "
+        "coefficient of variation (CV, population sd / mean) of tokens per expert, mean over layers (0 = perfectly balanced); "
+        "starved = fraction of (layer, expert) pairs receiving < 10% of the fair share (tokens x top-k / experts); "
+        "max/fair = the busiest expert's load over the fair share (worst layer).")
+    out()
+    rows, curves = {}, {}
+    for aux in aux_settings:
+        for arm in arms:
+            router, router_lr = _parse_arm(arm)
+            vals, cvs, starv, tops, cv_curves = [], [], [], [], []
+            for seed in range(seeds):
+                model = _router_model(512, seed, aux)
+                opt = Aurora(_router_groups(model, router, router_lr), lr=0.01, adamw_lr=3e-3, ns_dtype="float32")
+                counter = _ExpertCounter(model)
+                curve = []
+                for b in _batches(train_ids, 128, BS, steps, seed):
+                    counter.reset()
+                    loss = model(input_ids=b, labels=b).loss
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    curve.append(counter.stats()[0])
+                counter.reset()
+                model.eval()
+                with torch.no_grad():
+                    vals.append(statistics.mean(float(model(input_ids=b, labels=b, output_router_logits=False).loss) for b in val))
+                cv, st, top = counter.stats()
+                counter.remove()
+                cvs.append(cv)
+                starv.append(st)
+                tops.append(top)
+                cv_curves.append(curve)
+            rows[(aux, arm)] = (vals, cvs, starv, tops)
+            curves[f"router={arm}, aux {aux:g}"] = _smooth([statistics.mean(x) for x in zip(*cv_curves)])
+
+    def ms(x: list[float], fmt: str = ".3f") -> str:
+        sd = statistics.stdev(x) if len(x) > 1 else 0.0
+        return f"{statistics.mean(x):{fmt}} ± {sd:{fmt.lstrip('+')}}"
+
+    out("| aux loss coef | router in | val loss | load CV | starved experts | max/fair | per-seed val loss |")
+    out("|---:|---|---:|---:|---:|---:|---|")
+    for (aux, arm), (vals, cvs, starv, tops) in rows.items():
+        out(f"| {aux:g} | `{arm}`{' (default)' if arm == 'adamw' else ''} | {ms(vals)} | {ms(cvs, '.2f')} | "
+            f"{ms(starv, '.3f')} | {ms(tops, '.2f')} | {', '.join(f'{v:.3f}' for v in vals)} |")
+    out()
+    if len(arms) > 1:
+        out(f"Paired difference vs `{arms[0]}` (same seed), mean ± sd over seeds:")
+        out()
+        out("| aux loss coef | arm | Δ val loss | Δ load CV | Δ starved |")
+        out("|---:|---|---:|---:|---:|")
+        for aux in aux_settings:
+            for arm in arms[1:]:
+                a, b = rows[(aux, arms[0])], rows[(aux, arm)]
+                d = [[y - x for x, y in zip(a[k], b[k])] for k in range(3)]
+                out(f"| {aux:g} | `{arm}` | {ms(d[0], '+.3f')} | {ms(d[1], '+.2f')} | {ms(d[2], '+.3f')} |")
+        out()
+    _plot(curves, "step", "expert-load CV (train batch; mean of layers, seeds)", plot)
+
+
 def _smooth(x: list[float], k: int = 10) -> list[float]:
     return [statistics.mean(x[max(0, i - k + 1) : i + 1]) for i in range(len(x))]
 
@@ -452,6 +600,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="timed optimizer steps per measurement")
     parser.add_argument("--lm-steps", type=int, default=150)
     parser.add_argument("--lora-steps", type=int, default=60)
+    parser.add_argument("--router-steps", type=int, default=300)
+    parser.add_argument("--router-arms", default="adamw,aurora", help="router arms: adamw|aurora, optionally :lr")
+    parser.add_argument("--router-aux", default="0.001,0", help="router_aux_loss_coef values (0 = no aux loss)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared CPU was oversubscribed)")
     parser.add_argument("--output", default=str(DOCS / "aurora_bench.md"))
@@ -483,6 +634,9 @@ def main() -> None:
     tok = ids = None
     if "lm" in parts or "lora" in parts:
         tok, ids = bench_lm(args.lm_steps, args.seeds) if "lm" in parts else (None, None)
+    if "router" in parts:
+        bench_router(args.router_steps, args.seeds, args.router_arms.split(","),
+                     [float(a) for a in args.router_aux.split(",")], Path(args.output).with_name(Path(args.output).stem + "_load.png"))
     if "lora" in parts:
         if tok is None:
             text = _corpus("/usr/share/vim/vim90/doc/*.txt", 3_000_000)
