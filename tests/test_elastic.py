@@ -213,6 +213,26 @@ def test_runtime_variant_uses_prefix_views_and_shares_gradients(pair, ids, monke
     assert not torch.equal(model.model.embed_tokens.weight.grad[:, :16], small_grad[:, :16])
 
 
+@pytest.mark.parametrize("name", ["small", "medium"])
+def test_gradient_checkpointing_recomputes_the_same_variant(pair, ids, name):
+    # The backward recompute runs after `elastic_variant` has exited; it must still use the variant's sizes.
+    _, elastic = pair
+    grads = []
+    for checkpointing in (False, True):
+        model = SlimMoeForCausalLM(elastic.config).train()
+        model.load_state_dict(elastic.state_dict())
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            assert model.model.layers[0].gradient_checkpointing
+        model(ids, labels=ids, elastic_variant=name).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert model.active_elastic_variant == "full"
+        assert all(block._elastic_sizes is None for block in model._elastic_blocks())  # nothing left switched on
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], atol=1e-6, rtol=1e-5, msg=key)
+
+
 def test_elastic_variant_context_nests_and_errors(pair, ids):
     _, elastic = pair
     with torch.no_grad():

@@ -69,7 +69,7 @@ class SlimDistillationConfig(SFTConfig):
 
         elastic_sampling (`str`, *optional*): `"probabilities"` (one variant per micro-batch drawn with
             `elastic_variant_probabilities`) or `"sandwich"` (largest + smallest + one random variant per
-            micro-batch). `None` trains the model as is. Needs `gradient_checkpointing=False`; under DDP the trainer
+            micro-batch). `None` trains the model as is. Works with gradient checkpointing; under DDP the trainer
             sets `ddp_find_unused_parameters=True` when a variant with fewer layers can be trained alone.
         elastic_variant_probabilities (`dict[str, float]` or `str`, *optional*): Variant name (`"full"` for the whole
             model) -> probability, summing to 1 (Star Elastic: 0.5 / 0.3 / 0.2).
@@ -269,15 +269,6 @@ class SlimDistillationConfig(SFTConfig):
             raise ValueError(
                 "elastic_sampling='probabilities' needs elastic_variant_probabilities (variant name -> probability, "
                 "summing to 1), got None."
-            )
-        if self.elastic_sampling is not None and self.gradient_checkpointing:
-            # SlimMoeForCausalLM.elastic_variant sets the variant on its modules for the duration of the forward only;
-            # activation checkpointing recomputes each layer in backward after that, at the full sizes.
-            raise ValueError(
-                f"elastic_sampling={self.elastic_sampling!r} cannot be combined with gradient_checkpointing=True "
-                "(SFTConfig's default): the elastic variant is active only during the forward, and checkpointing "
-                "recomputes the layers in backward as the full model (size mismatch or 'A different number of "
-                "tensors was saved' from torch.utils.checkpoint). Set gradient_checkpointing=False."
             )
         if self.elastic_sampling is None and probs is not None:
             raise ValueError(

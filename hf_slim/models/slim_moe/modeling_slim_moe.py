@@ -334,6 +334,7 @@ class SlimMoeDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = SlimMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = SlimMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self._elastic_hidden: int | None = None
+        self._elastic_sizes: SlimMoeElasticSizes | None = None
 
     def forward(
         self,
@@ -343,8 +344,27 @@ class SlimMoeDecoderLayer(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        elastic_sizes: SlimMoeElasticSizes | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        r"""
+        elastic_sizes (`SlimMoeElasticSizes`, *optional*):
+            The sizes this call computes with. Callers pass the block's sizes at call time, so a gradient-checkpointing
+            recompute (which replays the call after the `elastic_variant` context has exited) uses the same variant.
+        """
+        if elastic_sizes is not self._elastic_sizes:
+            previous = self._elastic_sizes
+            self._set_elastic(elastic_sizes)
+            try:
+                return self._block(hidden_states, attention_mask, position_ids, past_key_values, use_cache,
+                                   position_embeddings, **kwargs)
+            finally:
+                self._set_elastic(previous)
+        return self._block(hidden_states, attention_mask, position_ids, past_key_values, use_cache,
+                           position_embeddings, **kwargs)
+
+    def _block(self, hidden_states, attention_mask, position_ids, past_key_values, use_cache, position_embeddings,
+               **kwargs) -> torch.Tensor:
         width = self._elastic_hidden
         residual = hidden_states
         hidden_states, _ = self.self_attn(
@@ -367,6 +387,7 @@ class SlimMoeDecoderLayer(GradientCheckpointingLayer):
         return residual + hidden_states
 
     def _set_elastic(self, sizes: SlimMoeElasticSizes | None) -> None:
+        self._elastic_sizes = sizes
         self._elastic_hidden = None if sizes is None else sizes.hidden
         self.self_attn._elastic = sizes
         if isinstance(self.mlp, SlimMoeSparseMoeBlock):
@@ -768,6 +789,7 @@ class SlimMoeModel(SlimMoePreTrainedModel):
                 past_key_values=past_key_values,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
+                elastic_sizes=decoder_layer._elastic_sizes,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states) if elastic is None else _rms_norm(self.norm, hidden_states, elastic[1])
@@ -852,6 +874,7 @@ class SlimMoeMultiTokenPredictor(nn.Module):
                 attention_mask=mask,
                 position_ids=positions,
                 position_embeddings=rotary_emb(fused, positions),
+                elastic_sizes=layer._elastic_sizes,
             )
             width = self._elastic_hidden
             outputs.append(self.norm(previous) if width is None else _rms_norm(self.norm, previous, width))
