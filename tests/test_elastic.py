@@ -586,3 +586,24 @@ def test_slice_cli_per_layer_widths(per_layer_model, ids, tmp_path):
         torch.testing.assert_close(
             sliced(ids).logits, per_layer_model(ids, elastic_variant="narrow").logits, atol=1e-5, rtol=1e-5
         )
+
+
+def test_calibrate_and_nest_a_model_with_per_layer_expert_widths(ids):
+    # A model whose config already holds per-layer expert widths (e.g. a sliced variant) can be calibrated, pruned
+    # and nested again: the expert_ffn statistic is stored at the widest width and each layer uses its own prefix.
+    torch.manual_seed(0)
+    model = SlimMoeForCausalLM(tiny_config(moe_intermediate_size=[16, 16, 8])).eval()
+    widths = [layer.mlp.experts.gate_up_proj.shape[1] // 2 for layer in model.model.layers
+              if hasattr(layer.mlp, "experts")]
+    assert sorted(set(widths)) == [8, 16]
+    stats = _stats(model)
+    act = stats["expert_ffn.act"]
+    assert act.shape[-1] == 16
+    narrow = [i for i, layer in enumerate(model.model.layers)
+              if hasattr(layer.mlp, "experts") and layer.mlp.experts.gate_up_proj.shape[1] == 16]
+    assert narrow and all(torch.all(act[i, :, 8:] == 0) and act[i, :, :8].sum() > 0 for i in narrow)
+    nested = make_elastic(model, ElasticConfig(variants={"small": {"hidden_size": 16, "num_experts": 3}}), stats)
+    with torch.no_grad():
+        torch.testing.assert_close(nested(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+        small = slice_variant(nested, "small")
+        torch.testing.assert_close(small(ids).logits, nested(ids, elastic_variant="small").logits, atol=1e-5, rtol=1e-5)

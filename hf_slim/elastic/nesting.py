@@ -64,7 +64,7 @@ def importance_orders(
     """
     from ..anatomy import get_spec
     from ..pruning.experts import expert_importance
-    from ..pruning.prune import layers_with
+    from ..pruning.prune import expert_ffn_activations, layers_with
     from ..pruning.scores import hidden_importance
 
     spec = get_spec(model)
@@ -76,8 +76,7 @@ def importance_orders(
     }
     sparse = layers_with(model, spec, "experts")
     selection["expert"] = {key: _descending(expert_importance(statistics, i, expert_method)) for i, key in sparse}
-    act = statistics["expert_ffn.act"]
-    selection["expert_ffn"] = {key: _descending(act[i]) for i, key in sparse}
+    selection["expert_ffn"] = {key: _descending(act) for key, act in expert_ffn_activations(model, spec, statistics)}
     for axis, module, stat in (("shared_ffn", "shared_down", "shared_ffn.act"), ("ffn", "dense_down", "ffn.act")):
         blocks = layers_with(model, spec, module)
         if blocks:
@@ -155,7 +154,7 @@ def variant_selection(model: Any, name: str) -> tuple[dict[str, Any], dict[str, 
         does not have (the shared expert at width 0).
     """
     from ..anatomy import get_spec
-    from ..pruning.prune import layers_with
+    from ..pruning.prune import expert_ffn_activations, layers_with
 
     spec = get_spec(model)
     sizes = model.config.elastic_variant_sizes(name)

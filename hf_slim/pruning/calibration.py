@@ -223,6 +223,11 @@ class _Collector:
 
         return hook
 
+    def _widest_expert_ffn(self) -> int:
+        return max(
+            p.shape[1] // 2 for name, p in self.model.named_parameters() if name.endswith("gate_up_proj") and p.dim() == 3
+        )
+
     def _patch_experts(self, experts: Any, i: int) -> None:
         collector = self
         grouped_linear = _grouped_linear_kernel(experts)
@@ -232,7 +237,8 @@ class _Collector:
         soft = self.zeros("expert.soft", self.L, E)
         reap = self.zeros("expert.reap", self.L, E)
         mean_out = self.zeros("expert.mean_output", self.L, E, H)
-        act = self.zeros("expert_ffn.act", self.L, E, n_ffn)
+        # stored at the widest expert width of the model; narrower blocks (per-layer widths) fill a prefix
+        act = self.zeros("expert_ffn.act", self.L, E, self._widest_expert_ffn())
 
         def forward(self, hidden_states, top_k_index, top_k_weights):
             # The arithmetic of transformers' eager experts loop, with tokens grouped by expert once and every
@@ -266,7 +272,7 @@ class _Collector:
                     gate, up = F.linear(x[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
                     torch.mul(self.act_fn(gate), up, out=h_all[rows])
                     torch.mm(h_all[rows], self.down_proj[e].T, out=y_all[rows])
-            act[i].index_add_(0, e_sorted, h_all.float().abs())
+            act[i, :, :n_ffn].index_add_(0, e_sorted, h_all.float().abs())
             yf = y_all.float()
             reap[i].index_add_(0, e_sorted, gw.float() * yf.norm(dim=-1))
             mean_out[i].index_add_(0, e_sorted, yf)

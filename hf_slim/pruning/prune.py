@@ -38,6 +38,21 @@ def layers_with(model: Any, spec: Any, key: str) -> list[tuple[int, int | str]]:
     return out
 
 
+def expert_ffn_activations(model: Any, spec: Any, stats: Any) -> list[tuple[int | str, torch.Tensor]]:
+    """`(selection key, [E, I_layer])` per block with routed experts, from the `expert_ffn.act` statistic.
+
+    The statistic is stored at the widest expert width; blocks with narrower experts (a per-layer
+    `moe_intermediate_size`) use only their own first `I_layer` columns.
+    """
+    act = stats["expert_ffn.act"]
+    out = []
+    for i, key in layers_with(model, spec, "experts"):
+        block = spec.blocks(model)[i]
+        width = model.get_submodule(f"{block}.{spec.modules['experts']}").gate_up_proj.shape[1] // 2
+        out.append((key, act[i, :, :width]))
+    return out
+
+
 def plan_selection(
     model: Any, config: PruneConfig, stats: ImportanceStats | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, dict[str, Any], dict[str, Any]]:
@@ -113,8 +128,10 @@ def plan_selection(
     if "num_experts_per_tok" in targets:
         updates["num_experts_per_tok"] = targets["num_experts_per_tok"]
     if "moe_intermediate_size" in targets:
-        act = stats["expert_ffn.act"]
-        sel["expert_ffn"] = {k: choose_expert_neurons(act[i], targets["moe_intermediate_size"]) for i, k in sparse}
+        sel["expert_ffn"] = {
+            k: choose_expert_neurons(act, targets["moe_intermediate_size"])
+            for k, act in expert_ffn_activations(model, spec, stats)
+        }
     if "shared_expert_intermediate_size" in targets:
         act = stats["shared_ffn.act"]
         layers = layers_with(model, spec, "shared_down")
