@@ -1,21 +1,22 @@
 """optim="aurora" / "aurora_lora" through transformers.Trainer, HfArgumentParser, TRL, and DDP (gloo)."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _launch import launch_two_processes
 from datasets import Dataset
-from transformers import HfArgumentParser, Qwen3MoeConfig, Qwen3MoeForCausalLM, Trainer, TrainingArguments
+from transformers import (
+    HfArgumentParser,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+    Trainer,
+    TrainingArguments,
+)
 from transformers.training_args import OptimizerNames
 
-import hf_slim.optim as optim
 from hf_slim.optim import Aurora, AuroraFactory, register_aurora_with_transformers
-
 
 VOCAB = 128
 
@@ -178,21 +179,7 @@ def test_trl_sft_trainer_optim_aurora(tmp_path):
 
 
 def test_accelerate_launch_two_process_ddp(tmp_path):
-    script = Path(__file__).with_name("_aurora_ddp_script.py")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # `--multi_gpu` selects accelerate's torchrun launcher; without CUDA each process joins a gloo group.
-    # (`--cpu` with several processes would need mpirun.)
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(port), str(script), str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    results = launch_two_processes(Path(__file__).with_name("_aurora_ddp_script.py"), tmp_path, timeout=240)
     assert results[0]["world_size"] == 2 and results[0]["optimizer"] == "Aurora"
     assert results[0]["backend"] == "gloo" and results[0]["wrapped"] == "DistributedDataParallel"
     # DDP averaged the gradients, so both ranks took identical Aurora steps.

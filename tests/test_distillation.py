@@ -5,23 +5,23 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import socket
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from _launch import launch_two_processes
 from datasets import Dataset
 from safetensors.torch import load_file
 from trl import SFTConfig
 
 from hf_slim.data import packed_lm_dataset, stdlib_corpus, train_tokenizer
 from hf_slim.models.slim_moe import SlimMoeConfig, SlimMoeForCausalLM
-from trainers import SlimDistillationConfig, SlimDistillationTrainer, sample_elastic_variants
-
+from trainers import (
+    SlimDistillationConfig,
+    SlimDistillationTrainer,
+    sample_elastic_variants,
+)
 
 SEQ = 32
 
@@ -757,20 +757,7 @@ def test_explicit_find_unused_parameters_false_with_a_layer_dropping_variant(tmp
 
 
 def test_accelerate_launch_two_process_ddp(tmp_path):
-    script = Path(__file__).with_name("_distill_ddp_script.py")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # `--multi_gpu` selects accelerate's torchrun launcher; without CUDA each process joins a gloo group.
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(port), str(script), str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    results = launch_two_processes(Path(__file__).with_name("_distill_ddp_script.py"), tmp_path, timeout=300)
     assert results[0]["world_size"] == 2 and results[0]["backend"] == "gloo"
     assert results[0]["wrapped"] == "DistributedDataParallel"
     assert results[0]["teacher_wrapped"] != "DistributedDataParallel"  # the frozen teacher is not wrapped
