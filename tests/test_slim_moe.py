@@ -194,3 +194,16 @@ def test_bf16_forward_backward():
 
 def test_top_level_exports():
     assert hf_slim.SlimMoeForCausalLM is SlimMoeForCausalLM
+
+
+@pytest.mark.parametrize("width, expected", [(6, "batched_mm"), (16, "grouped_mm")])
+def test_default_experts_kernel_handles_unaligned_widths(width, expected):
+    # grouped_mm needs 16-byte row strides; a pruned width like 6 falls back to batched_mm instead of failing.
+    model = SlimMoeForCausalLM(tiny_config(moe_intermediate_size=width)).eval()
+    assert model.config._experts_implementation == expected
+    model.set_experts_implementation("eager")
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        reference = model(ids).logits
+        model.set_experts_implementation(expected)
+        torch.testing.assert_close(model(ids).logits, reference, atol=1e-5, rtol=1e-5)

@@ -416,6 +416,18 @@ class SlimMoePreTrainedModel(PreTrainedModel):
         "attentions": SlimMoeAttention,
     }
 
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        # torch's grouped_mm (transformers' default experts kernel) needs every row stride to be a multiple of 16
+        # bytes; pruned or sliced widths need not be. Default to batched_mm then instead of failing at run time.
+        if requested_experts is None:
+            config = self.config
+            widths = config.moe_intermediate_size if isinstance(config.moe_intermediate_size, list) else [
+                config.moe_intermediate_size
+            ]
+            if any(width % 8 for width in [config.hidden_size, *widths]):
+                requested_experts = "batched_mm"
+        return super().get_correct_experts_implementation(requested_experts)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         # transformers only reports size mismatches in a log table; check local checkpoints first so the error
