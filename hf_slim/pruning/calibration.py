@@ -21,21 +21,18 @@ def _token_lists(data: Any, tokenizer: Any, text_column: str) -> list[list[int]]
         if data.ndim == 2:
             return [row.tolist() for row in data]
         raise ValueError(f"data: a token tensor must be 1-D or 2-D, got shape {tuple(data.shape)}")
-    try:
-        import datasets
+    import datasets  # imported here so `import hf_slim` stays light
 
-        if isinstance(data, datasets.Dataset):
-            if "input_ids" in data.column_names:
-                return [list(map(int, r)) for r in data["input_ids"]]
-            if text_column in data.column_names:
-                data = list(data[text_column])
-            else:
-                raise ValueError(
-                    f"data: the dataset has columns {data.column_names}; expected 'input_ids' or text_column="
-                    f"{text_column!r}"
-                )
-    except ImportError:  # datasets is a dependency, but token lists do not need it
-        pass
+    if isinstance(data, datasets.Dataset):
+        if "input_ids" in data.column_names:
+            return [list(map(int, r)) for r in data["input_ids"]]
+        if text_column in data.column_names:
+            data = list(data[text_column])
+        else:
+            raise ValueError(
+                f"data: the dataset has columns {data.column_names}; expected 'input_ids' or text_column="
+                f"{text_column!r}"
+            )
     if isinstance(data, str):
         data = [data]
     data = list(data)
