@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import math
 import platform
 import statistics
 import sys

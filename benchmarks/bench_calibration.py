@@ -22,13 +22,13 @@ import inspect
 import json
 import os
 import platform
-import re
 import statistics
 import textwrap
 import time
 
 import torch
 import transformers
+from _docs import write_marked_block
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_slim.pruning import collect_statistics
@@ -36,17 +36,6 @@ from hf_slim.pruning import collect_statistics
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "pruning.md")
 BEGIN, END = "<!-- bench_calibration:begin -->", "<!-- bench_calibration:end -->"
 QBEGIN, QEND = "<!-- bench_pruning_quality:begin -->", "<!-- bench_pruning_quality:end -->"
-
-
-def write_block(begin: str, end: str, table: str) -> None:
-    with open(DOC, encoding="utf-8") as f:
-        doc = f.read()
-    block = f"{begin}\n{table}\n{end}"
-    doc = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
-    tmp = DOC + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(doc)
-    os.replace(tmp, DOC)
 
 
 def quality(args: argparse.Namespace) -> str:
@@ -178,7 +167,7 @@ def main() -> None:
         table = quality(args)
         print(table)
         if args.write_docs:
-            write_block(QBEGIN, QEND, table)
+            write_marked_block(DOC, QBEGIN, QEND, table, "Structured pruning")
         return
     model = build(args.hidden, args.layers, args.experts, args.topk, args.vocab)
     ids = text_ids(args.samples, args.length, args.vocab)
@@ -241,7 +230,7 @@ def main() -> None:
     ])
     print(table)
     if args.write_docs:
-        write_block(BEGIN, END, table)
+        write_marked_block(DOC, BEGIN, END, table, "Structured pruning")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _docs import write_marked_block
+
 
 MARK_START, MARK_END = "<!-- bench_elastic:start -->", "<!-- bench_elastic:end -->"
 
@@ -136,7 +138,6 @@ def run(args: argparse.Namespace) -> str:
     names = ["small", "medium", "full"]
     models = {name: elastic.slice_variant(name).eval() if name != "full" else elastic for name in names}
 
-    rows: dict[str, list] = {}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         elastic.save_pretrained(tmp / "nested")
@@ -189,7 +190,7 @@ def run(args: argparse.Namespace) -> str:
                     full_runs.append((time.perf_counter() - start, total))
 
     med = statistics.median
-    lines = [MARK_START, "", "## Benchmark", ""]
+    lines = ["", "## Benchmark", ""]
     lines.append(
         f"`HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_elastic.py {' '.join(sys.argv[1:])}`".replace(" `", "`")
     )
@@ -291,21 +292,8 @@ def run(args: argparse.Namespace) -> str:
         f"{think_s / (think_s + answer_s):.0%} | {answer_s / (think_s + answer_s):.0%} |",
         f"| full only | {full_s:.2f} | {(args.think + 1 + args.answer) / full_s:.1f} | | |",
         "",
-        MARK_END,
     ]
     return "\n".join(lines)
-
-
-def _write(path: Path, block: str) -> None:
-    text = path.read_text() if path.exists() else "# Elastic checkpoints\n\n" + MARK_START + "\n" + MARK_END + "\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + block + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main() -> None:
@@ -328,7 +316,7 @@ def main() -> None:
     block = run(args)
     print(block)
     if not args.no_write:
-        _write(args.output, block)
+        write_marked_block(args.output, MARK_START, MARK_END, block, "Elastic checkpoints")
 
 
 if __name__ == "__main__":

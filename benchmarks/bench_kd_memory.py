@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from _docs import write_marked_block
+
 
 METHODS = {
     "naive": "naive full-logit KD (F.log_softmax + F.kl_div on [N, V] logits)",
@@ -199,7 +201,6 @@ def _report(args: argparse.Namespace, results: dict[str, list[dict]], env: dict,
     base_mem = statistics.median(r["peak_delta_bytes"] for r in results["naive"])
     base_time = statistics.median(r["time_s"] for r in results["naive"])
     lines = [
-        MARK_START,
         f"Command: `{command}`",
         "",
         f"Hardware: {env['cpu']}, {env['cores']} cores visible, {env['mem_gib']:.0f} GiB RAM, {args.threads} torch "
@@ -243,22 +244,8 @@ def _report(args: argparse.Namespace, results: dict[str, list[dict]], env: dict,
         "",
         f"Check: the largest resident-set high-water mark left over from setup was {_mib(excess)} MiB above the "
         "resident set at the baseline (0 means ru_maxrss measured the loss's own peak).",
-        MARK_END,
     ]
     return "\n".join(lines)
-
-
-def _write(path: Path, block: str) -> None:
-    text = path.read_text() if path.exists() else "# Memory-efficient KD\n\n" + MARK_START + "\n" + MARK_END + "\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        tail = rest.split(MARK_END, 1)[1]
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main() -> None:
@@ -302,7 +289,7 @@ def main() -> None:
     block = _report(args, results, _environment(), command.strip())
     print(block)
     if not args.no_write:
-        _write(args.output, block)
+        write_marked_block(args.output, MARK_START, MARK_END, block, "Memory-efficient KD")
         print(f"wrote {args.output}")
 
 
