@@ -39,6 +39,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
 )
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, cached_file
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -151,7 +152,7 @@ class SlimMoeAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -180,9 +181,9 @@ class SlimMoeAttention(nn.Module):
 
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(
-                key, value, self.layer_idx if elastic is None else elastic.cache_index
+        if cache is not None:
+            key, value = cache.update(
+                key, value, self.layer_idx if elastic is None else elastic.cache_index, kwargs=kwargs
             )
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -341,7 +342,7 @@ class SlimMoeDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         elastic_sizes: SlimMoeElasticSizes | None = None,
@@ -356,14 +357,14 @@ class SlimMoeDecoderLayer(GradientCheckpointingLayer):
             previous = self._elastic_sizes
             self._set_elastic(elastic_sizes)
             try:
-                return self._block(hidden_states, attention_mask, position_ids, past_key_values, use_cache,
+                return self._block(hidden_states, attention_mask, position_ids, cache, use_cache,
                                    position_embeddings, **kwargs)
             finally:
                 self._set_elastic(previous)
-        return self._block(hidden_states, attention_mask, position_ids, past_key_values, use_cache,
+        return self._block(hidden_states, attention_mask, position_ids, cache, use_cache,
                            position_embeddings, **kwargs)
 
-    def _block(self, hidden_states, attention_mask, position_ids, past_key_values, use_cache, position_embeddings,
+    def _block(self, hidden_states, attention_mask, position_ids, cache, use_cache, position_embeddings,
                **kwargs) -> torch.Tensor:
         width = self._elastic_hidden
         residual = hidden_states
@@ -373,7 +374,7 @@ class SlimMoeDecoderLayer(GradientCheckpointingLayer):
             else _rms_norm(self.input_layernorm, hidden_states, width),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
@@ -404,11 +405,11 @@ class SlimMoePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["SlimMoeDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True
     _supports_attention_backend = True
     _can_record_outputs = {
         "router_logits": OutputRecorder(SlimMoeTopKRouter, index=0),
@@ -761,12 +762,13 @@ class SlimMoeModel(SlimMoePreTrainedModel):
 
     @merge_with_config_defaults
     @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
@@ -778,16 +780,17 @@ class SlimMoeModel(SlimMoePreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         elif inputs_embeds is None:
             inputs_embeds = F.embedding(input_ids, self.embed_tokens.weight[:, : elastic[1]], self.padding_idx)
-        if use_cache and past_key_values is None:
+        _refuse_stateful_kwargs(kwargs)
+        if use_cache and cache is None:
             # a variant numbers its cache layers 0..n-1 over the layers it keeps
-            past_key_values = DynamicCache(config=self.config if elastic is None else elastic[2])
+            cache = DynamicCache(config=self.config if elastic is None else elastic[2])
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
         if not isinstance(mask_mapping := attention_mask, dict):
-            mask_mapping = _causal_masks(self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
+            mask_mapping = _causal_masks(self.config, inputs_embeds, attention_mask, cache, position_ids)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
@@ -798,22 +801,47 @@ class SlimMoeModel(SlimMoePreTrainedModel):
                 hidden_states,
                 attention_mask=mask_mapping[self.config.layer_types[i]],
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 elastic_sizes=decoder_layer._elastic_sizes,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states) if elastic is None else _rms_norm(self.norm, hidden_states, elastic[1])
-        return MoeModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
 
-def _causal_masks(config, inputs_embeds, attention_mask, past_key_values, position_ids) -> dict:
+# Names older or other transformers releases use for decoding state. A keyword the forward does not take ends up in
+# `**kwargs`, which flows on to the attention kernels and is otherwise ignored: a cache passed under a name we do not
+# read would silently turn cached decoding into per-token decoding (the transformers 5.24 `cache=` rename did that).
+_STATE_KWARGS = ("past_key_values", "cache_params", "layer_past", "cache_position")
+
+
+def _refuse_stateful_kwargs(kwargs: dict) -> None:
+    """Raise `TypeError` for a keyword that carries decoding state SlimMoe would not read."""
+    for key, value in kwargs.items():
+        if key in _STATE_KWARGS or isinstance(value, Cache):
+            raise TypeError(
+                f"SlimMoe's forward got {key}={type(value).__name__}, which it does not read; pass the KV cache as "
+                "`cache=` (positions come from `position_ids` or the cache's length)."
+            )
+
+
+def _wants_static_cache(generation_config, default_config, kwargs: dict) -> bool:
+    """Whether `generate` will build a compilable cache itself (then a variant must not get a dynamic one)."""
+    implementation = kwargs.get("cache_implementation")
+    for config in (generation_config, default_config):
+        if implementation is None and config is not None:
+            implementation = getattr(config, "cache_implementation", None)
+    return implementation is not None and implementation != "dynamic"
+
+
+def _causal_masks(config, inputs_embeds, attention_mask, cache, position_ids) -> dict:
     mask_kwargs = {
         "config": config,
         "inputs_embeds": inputs_embeds,
         "attention_mask": attention_mask,
-        "past_key_values": past_key_values,
+        "cache": cache,
         "position_ids": position_ids,
     }
     masks = {"full_attention": create_causal_mask(**mask_kwargs)}
@@ -879,7 +907,7 @@ class SlimMoeMultiTokenPredictor(nn.Module):
             positions = position_ids[..., :length]
             padding = attention_mask[:, :length] if attention_mask is not None and attention_mask.dim() == 2 else None
             mask = create_causal_mask(
-                config=config, inputs_embeds=fused, attention_mask=padding, past_key_values=None, position_ids=positions
+                config=config, inputs_embeds=fused, attention_mask=padding, cache=None, position_ids=positions
             )
             previous = layer(
                 fused,
@@ -930,12 +958,13 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, GenerationMixin):
         self.post_init()
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -962,7 +991,7 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, GenerationMixin):
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     position_ids=position_ids,
-                    past_key_values=past_key_values,
+                    cache=cache,
                     inputs_embeds=inputs_embeds,
                     labels=labels,
                     use_cache=use_cache,
@@ -987,7 +1016,7 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, GenerationMixin):
         outputs: MoeModelOutputWithPast = self.model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
@@ -1028,7 +1057,7 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
@@ -1072,8 +1101,11 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, GenerationMixin):
         variant = kwargs.pop("elastic_variant", None) or self.active_elastic_variant
         if variant != FULL_VARIANT:
             kwargs["elastic_variant"] = variant
-            if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
-                kwargs["past_key_values"] = DynamicCache(config=self._elastic_plan(variant)[1])
+            user_cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if user_cache is None and kwargs.get("use_cache", True) is not False and not _wants_static_cache(
+                generation_config, self.generation_config, kwargs
+            ):
+                kwargs["cache"] = DynamicCache(config=self._elastic_plan(variant)[1])
         return super().generate(inputs, generation_config, *args, **kwargs)
 
     def _logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -1174,10 +1206,16 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, GenerationMixin):
         return model
 
     def _mtp_loss(self, logits: torch.Tensor, labels: torch.Tensor, depth: int, kwargs: dict) -> torch.Tensor:
-        # Depth k at position i predicts token i+k+1; positions past the end are ignored.
+        # Depth k at position i predicts token i+k+1; positions past the end are ignored. With `shift_labels` (token
+        # i+1 for position i, given under sequence/context parallelism where a rank holds a slice of the sequence)
+        # that target is shift_labels[i+k]; rebuilding it from the local `labels` would shift it wrongly.
         length = logits.shape[1]
-        targets = labels[:, depth + 1 : depth + 1 + length]
-        targets = F.pad(targets, (0, length - targets.shape[1]), value=-100)
+        shift_labels = kwargs.get("shift_labels")
+        if shift_labels is not None:
+            targets = shift_labels[:, depth : depth + length]
+        else:
+            targets = labels[:, depth + 1 : depth + 1 + length]
+        targets = F.pad(targets, (0, length - targets.shape[1]), value=-100).contiguous()
         return self.loss_function(
             logits, None, self.vocab_size, shift_labels=targets, num_items_in_batch=kwargs.get("num_items_in_batch")
         )
