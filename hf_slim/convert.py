@@ -338,7 +338,7 @@ def to_hf(model: SlimMoeForCausalLM, model_type: str) -> PreTrainedModel:
     """Convert a `SlimMoeForCausalLM` into the stock transformers model of `model_type` with identical logits.
 
     MTP heads have no place in stock modules and are dropped here; `hf_slim.hub.save_for_hub(..., model_type=...)`
-    can keep them in the checkpoint under `mtp.*`, which stock transformers ignores and vLLM's MTP loaders read.
+    can keep them in the checkpoint under `mtp.*` (hf-slim's own layout), which stock transformers ignores.
 
     Raises:
         ValueError: if `model_type` is unsupported (the message lists the supported ones) or the SlimMoe config uses

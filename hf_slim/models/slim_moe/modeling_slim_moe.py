@@ -851,12 +851,13 @@ def _causal_masks(config, inputs_embeds, attention_mask, cache, position_ids) ->
 
 
 class SlimMoeMultiTokenPredictor(nn.Module):
-    """Multi-token-prediction heads in the Qwen3-Next / vLLM `qwen3_next_mtp` layout.
+    """Multi-token-prediction heads, DeepSeek-V3 / Qwen3-Next style.
 
     Depth k (1-based) combines the previous depth's hidden state at position i with the embedding of token i+k:
     `h^k_i = layers[k-1](fc(cat[pre_fc_norm_embedding(emb(t_{i+k})), pre_fc_norm_hidden(h^{k-1}_i)]))`, and predicts
     token i+k+1 through `norm` and the model's shared `lm_head`. `h^0` is the main model's final hidden state.
-    `fc`, the two input norms and `norm` are shared by all depths (as vLLM loads them); each depth has its own block.
+    `fc`, the two input norms and `norm` are shared by all depths; each depth has its own block. The names (`mtp.fc`,
+    `mtp.layers.N`, ...) are hf-slim's own: no inference engine is known to load this layout as it is.
     """
 
     def __init__(self, config: SlimMoeConfig):
