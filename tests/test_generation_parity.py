@@ -289,3 +289,24 @@ def test_shipped_remote_code_generates_like_stock(tmp_path, stock, batch):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE_GENERATE_OK" in result.stdout
 
+
+
+def test_shipped_code_refuses_a_transformers_without_the_cache_api(tmp_path):
+    # Before 5.24 the cache travelled as `past_key_values`: this code would decode with it ignored, so it refuses.
+    from hf_slim.models.slim_moe import modeling_slim_moe
+
+    script = textwrap.dedent(
+        f"""
+        import importlib, sys, transformers
+        transformers.__version__ = "5.23.0"
+        sys.path.insert(0, {os.path.dirname(os.path.dirname(modeling_slim_moe.__file__))!r})
+        try:
+            importlib.import_module("slim_moe.modeling_slim_moe")
+        except ImportError as error:
+            print("REFUSED", error)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert "REFUSED SlimMoe's modeling code needs transformers>=5.24.0" in result.stdout, result.stderr[-2000:]
+    assert "this environment has transformers 5.23.0" in result.stdout

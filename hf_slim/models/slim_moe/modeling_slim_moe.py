@@ -19,9 +19,22 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 from safetensors import safe_open
 from torch import nn
-from transformers import initialization as init
+
+
+# This file also ships next to the weights as remote code, so it may meet any transformers. Before 5.24 the KV cache
+# travelled as `past_key_values` and this code would decode with the cache ignored; refuse clearly instead.
+MIN_TRANSFORMERS = "5.24.0"
+if Version(transformers.__version__).release < Version(MIN_TRANSFORMERS).release:
+    raise ImportError(
+        f"SlimMoe's modeling code needs transformers>={MIN_TRANSFORMERS} (its `cache=` API); this environment has "
+        f"transformers {transformers.__version__}. Upgrade with: pip install -U 'transformers>={MIN_TRANSFORMERS},<6'"
+    )
+
+from transformers import initialization as init  # noqa: E402  (after the version check, which explains failures)
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationConfig, GenerationMixin
