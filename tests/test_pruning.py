@@ -323,3 +323,95 @@ def test_cli_prune_end_to_end(tmp_path, capsys):
     with pytest.raises(ValueError, match="num_experts=16"):
         bad.handler(bad)
     assert not (tmp_path / "bad").exists()
+
+
+# ---- SlimMoe with MTP heads: the report keys decoder layers by int and MTP blocks by prefix ----------------------
+
+from hf_slim.pruning.config import _CHOICES  # noqa: E402  (the strategies PruneConfig accepts)
+
+_MTP: dict[str, tuple] = {}
+
+
+def mtp_model_and_stats():
+    """A tiny SlimMoe with 2 MTP heads (sparse decoder layers 0, 2, 3; layer 1 dense) and its statistics."""
+    if not _MTP:
+        model = tiny_model("slim_moe", num_mtp_heads=2)
+        _MTP["slim_moe"] = (model, collect_statistics(model, X, num_samples=8, max_length=32, batch_size=8,
+                                                      show_progress=False))
+    return _MTP["slim_moe"]
+
+
+def _json_keys(mapping: dict) -> dict:
+    """What JSON makes of a report mapping: every key a string, nested mappings too."""
+    return {str(k): _json_keys(v) if isinstance(v, dict) else v for k, v in mapping.items()}
+
+
+def test_pruning_record_orders_mixed_keys_numerically_then_blocks():
+    from hf_slim.pruning.export import _json_ready
+
+    report = {"mtp.layers.10": [1], 10: [2], "mtp.layers.2": [3], 2: {7: [7, 1], 3: [3]}, 0: (4, 5)}
+    ready = _json_ready(report)
+    assert list(ready) == ["0", "2", "10", "mtp.layers.2", "mtp.layers.10"]
+    assert list(ready["2"]) == ["3", "7"] and ready["0"] == [4, 5]
+    with pytest.raises(ValueError, match="clashes"):
+        _json_ready({1: [1], "1": [2]})
+    with pytest.raises(TypeError, match=r"keyed by int or str, got float"):
+        _json_ready({1.5: [1]})
+
+
+@pytest.mark.parametrize("strategy", _CHOICES["expert_strategy"])
+def test_expert_pruning_of_mtp_model_saves_and_reloads(strategy, tmp_path):
+    """Every expert strategy on a SlimMoe with MTP heads: `save_pruned` writes the report with decoder layers in
+    numeric order then the MTP blocks, and the folder loads through the Auto classes with the same outputs."""
+    model, stats = mtp_model_and_stats()
+    pc = PruneConfig(num_experts=4, expert_strategy=strategy)
+    small = prune(model, pc, stats)
+    report = small.hf_slim_pruning_report
+    out = tmp_path / "pruned"
+    save_pruned(small, out, prune_config=pc, before=size_summary(model), stats=stats)
+    text = (out / "pruning_config.json").read_text()
+    record = json.loads(text)
+    assert PruneConfig.from_dict(record["prune_config"]) == pc
+    assert record["before"]["num_experts"] == 8 and record["after"]["num_experts"] == 4
+    order = ["0", "2", "3", "mtp.layers.0", "mtp.layers.1"]
+    assert list(record["report"]["experts"]) == order
+    assert record["report"]["experts"] == _json_keys(report["experts"])
+    assert all(len(kept) == 4 for kept in record["report"]["experts"].values())
+    if strategy in ("merge", "partial_preserve"):
+        assert list(record["report"]["merges"]) == order
+        assert record["report"]["merges"] == _json_keys(report["merges"])
+        for groups in record["report"]["merges"].values():
+            assert list(groups) == sorted(groups, key=int)
+    else:
+        assert "merges" not in record["report"]
+    # the written order is the file's own: re-dumping what was read changes nothing (stable across saves)
+    assert json.dumps(record, indent=2) + "\n" == text
+    assert "| num_experts | 8 | 4 |" in (out / "README.md").read_text()
+    back = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (back.config.num_experts, back.config.num_mtp_heads) == (4, 2)
+    torch.testing.assert_close(logits(back), logits(small), rtol=1e-6, atol=1e-6)
+
+
+def test_cli_replays_pruning_config_of_mtp_model(tmp_path):
+    """`hf-slim prune --config pruning_config.json --stats ...` reads back a record with MTP block keys."""
+    import argparse
+
+    from hf_slim.pruning.cli import add_prune_parser
+
+    model, stats = mtp_model_and_stats()
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    pc = PruneConfig(num_experts=4, expert_strategy="partial_preserve")
+    small = prune(model, pc, stats)
+    save_pruned(small, tmp_path / "out", prune_config=pc, stats=stats)
+    parser = argparse.ArgumentParser()
+    add_prune_parser(parser.add_subparsers(dest="command"))
+    again = parser.parse_args(["prune", str(src), str(tmp_path / "again"), "--config",
+                               str(tmp_path / "out" / "pruning_config.json"), "--stats",
+                               str(tmp_path / "out" / "importance_stats.safetensors")])
+    assert again.handler(again) == 0
+    replay = AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+    torch.testing.assert_close(logits(replay), logits(small), rtol=0, atol=0)
+    first = json.loads((tmp_path / "out" / "pruning_config.json").read_text())
+    second = json.loads((tmp_path / "again" / "pruning_config.json").read_text())
+    assert second["report"] == first["report"] and second["prune_config"] == first["prune_config"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,39 @@ def size_summary(model: Any) -> dict[str, Any]:
         if value is not None and not (name == "intermediate_size" and spec.field("moe_intermediate_size") == name):
             out[name] = value
     return out
+
+
+def _natural_key(key: str) -> tuple[tuple[Any, ...], str]:
+    """Sort key that compares digit runs as numbers: layer `"10"` follows `"9"` and `"mtp.layers.10"` follows
+    `"mtp.layers.9"`. A bare number (a decoder layer) starts with an empty text run, so decoder layers come before
+    named blocks such as MTP layers."""
+    # re.split with a capture group alternates text, digits, text, ...: equal positions always hold equal types
+    parts = re.split(r"(\d+)", key)
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), key
+
+
+def _json_ready(obj: Any, where: str = "record") -> Any:
+    """`obj` with every mapping key a string, mappings in [`_natural_key`] order, tuples as lists.
+
+    The pruning report keys decoder layers by int and other blocks (MTP layers) by their module prefix;
+    `json.dumps(sort_keys=True)` cannot order such mixed keys, and ordering their string forms plainly would put
+    layer `"10"` before `"2"`. Ordering here keeps the file stable and readable for any mix.
+    """
+    if isinstance(obj, dict):
+        items: dict[str, Any] = {}
+        for key, value in obj.items():
+            if isinstance(key, bool) or not isinstance(key, (int, str)):
+                raise TypeError(
+                    f"{where} key {key!r}: pruning records are keyed by int or str, got {type(key).__name__}"
+                )
+            name = str(key)
+            if name in items:
+                raise ValueError(f"{where} key {key!r}: clashes with the key {name!r} once written as JSON")
+            items[name] = _json_ready(value, f"{where}[{name!r}]")
+        return {k: items[k] for k in sorted(items, key=_natural_key)}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v, where) for v in obj]
+    return obj
 
 
 def _recipe(config: PruneConfig, before: dict, after: dict, calibration: str | None, evals: dict | None) -> str:
@@ -120,7 +154,9 @@ def save_pruned(
             "calibration": calibration,
             "statistics_file": STATS_FILE if stats is not None else None,
         }
-        (tmp / PRUNING_CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+        # no sort_keys: _json_ready already ordered every mapping (json cannot sort int and str keys together)
+        text = json.dumps(_json_ready(record), indent=2, default=str)
+        (tmp / PRUNING_CONFIG_FILE).write_text(text + "\n")
         if stats is not None:
             stats.save(tmp / STATS_FILE)
     return folder.resolve()
