@@ -11,6 +11,7 @@
 
 from .distillation_config import SlimDistillationConfig
 from .distillation_trainer import (
+    NonFiniteLossError,
     SlimDistillationTrainer,
     check_dataset_columns,
     elastic_variant_names,
@@ -20,6 +21,7 @@ from .distillation_trainer import (
 
 
 __all__ = [
+    "NonFiniteLossError",
     "SlimDistillationConfig",
     "SlimDistillationTrainer",
     "check_dataset_columns",

@@ -13,12 +13,20 @@ from trl import SFTConfig
 from hf_slim.losses import DIVERGENCES, SCHEDULE_KINDS, LossWeightSchedule
 
 
-__all__ = ["ELASTIC_SAMPLING", "ELASTIC_TEACHERS", "MTP_KD_TARGETS", "SlimDistillationConfig", "TEACHER_QUANTIZATION"]
+__all__ = [
+    "ELASTIC_SAMPLING",
+    "ELASTIC_TEACHERS",
+    "MTP_KD_TARGETS",
+    "NONFINITE_LOSS",
+    "SlimDistillationConfig",
+    "TEACHER_QUANTIZATION",
+]
 
 TEACHER_QUANTIZATION = ("4bit", "8bit")
 ELASTIC_SAMPLING = ("probabilities", "sandwich")
 ELASTIC_TEACHERS = ("teacher", "full")
 MTP_KD_TARGETS = ("teacher_main", "teacher_mtp")
+NONFINITE_LOSS = ("error", "skip")
 
 
 def _is_number(value: Any) -> bool:
@@ -77,6 +85,15 @@ class SlimDistillationConfig(SFTConfig):
             teacher model, or the student's `"full"` variant (self-distillation; the full variant still learns from
             the teacher).
 
+        > Non-finite steps
+
+        nonfinite_loss (`str`, *optional*, defaults to `"error"`): What happens when a loss term or the gradients of
+            an optimizer step (any micro-batch of the accumulation window, on any process) hold a NaN or inf. Checked
+            just before `optimizer.step()`. `"error"`: raise [`~trainers.distillation_trainer.NonFiniteLossError`]
+            (a `FloatingPointError`) naming the global step and the non-finite terms; the step is not applied.
+            `"skip"`: drop the step's gradients (the optimizer leaves the weights and its state alone), warn, and
+            count it in the logged `nonfinite_skipped`. All processes take the same decision.
+
         > Progressive runs (set by the `hf-slim distill` runner)
 
         schedule_step_offset (`int`, *optional*, defaults to `0`): Optimizer steps done by earlier stages; the LR
@@ -88,6 +105,16 @@ class SlimDistillationConfig(SFTConfig):
         "teacher_model_init_kwargs",
         "elastic_variant_probabilities",
     ]
+
+    # TRL's configs switch checkpointing on with `gradient_checkpointing=True`, a name transformers 5.24 deprecates for
+    # `activation_checkpointing` (a FutureWarning on every config built). Same default, under the new name.
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Recompute activations in the backward pass to save memory (defaults to True, as in TRL)."},
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers 5.24)."}
+    )
 
     # SlimQwen trained with AdamW at 4e-4 -> 3e-5 cosine; SFT's 2e-5 is a fine-tuning default.
     learning_rate: float = field(default=4e-4, metadata={"help": "The initial learning rate (SlimQwen: 4e-4)."})
@@ -171,6 +198,15 @@ class SlimDistillationConfig(SFTConfig):
             "choices": list(ELASTIC_TEACHERS),
         },
     )
+    nonfinite_loss: str = field(
+        default="error",
+        metadata={
+            "help": "When a loss term or a gradient of an optimizer step is NaN/inf: error (raise NonFiniteLossError "
+            "before optimizer.step(), weights untouched) or skip (drop that step's gradients, warn, and count it in "
+            "the logged nonfinite_skipped).",
+            "choices": list(NONFINITE_LOSS),
+        },
+    )
     schedule_step_offset: int = field(
         default=0,
         metadata={"help": "Optimizer steps of earlier progressive stages: LR and λ/β schedules continue from there."},
@@ -188,6 +224,8 @@ class SlimDistillationConfig(SFTConfig):
                     setattr(self, name, json.loads(value))
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{name} must be a dict or a JSON object string, got {value!r} ({error}).") from None
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
         super().__post_init__()
         self._validate()
 
@@ -227,6 +265,11 @@ class SlimDistillationConfig(SFTConfig):
             raise ValueError(
                 f"teacher_quantization={self.teacher_quantization!r} and teacher_model_init_kwargs['quantization_config'] "
                 "are both set; set only one of them."
+            )
+        if self.nonfinite_loss not in NONFINITE_LOSS:
+            raise ValueError(
+                f"nonfinite_loss must be one of {NONFINITE_LOSS} ('error': stop before the optimizer step, 'skip': "
+                f"skip the step and count it), got {self.nonfinite_loss!r}."
             )
         self._validate_elastic()
         if isinstance(self.schedule_step_offset, bool) or not isinstance(self.schedule_step_offset, int) or (

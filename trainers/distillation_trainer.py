@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset, IterableDataset
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from transformers.optimization import get_scheduler
+from transformers.utils import logging
 from trl import SFTTrainer
 
 from hf_slim.losses import lm_loss, mtp_kd_loss, mtp_lm_loss, slimqwen_objective
@@ -30,10 +32,19 @@ from hf_slim.losses import lm_loss, mtp_kd_loss, mtp_lm_loss, slimqwen_objective
 from .distillation_config import SlimDistillationConfig
 
 
-__all__ = ["FULL_VARIANT", "SlimDistillationTrainer", "elastic_variant_names", "sample_elastic_variants"]
+__all__ = [
+    "FULL_VARIANT",
+    "NonFiniteLossError",
+    "SlimDistillationTrainer",
+    "elastic_variant_names",
+    "sample_elastic_variants",
+]
+
+logger = logging.get_logger(__name__)
 
 FULL_VARIANT = "full"
 _TEXT_COLUMNS = ("messages", "conversations")
+_GRADIENTS = "gradients"  # the entry of the non-finite check that is not a loss term
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,6 +243,54 @@ def unused_parameter_reasons(model: nn.Module | str, args: SlimDistillationConfi
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Non-finite steps
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term or the gradients of an optimizer step are NaN/inf (`nonfinite_loss="error"`).
+
+    Raised by [`SlimDistillationTrainer`] just before `optimizer.step()`, on every process at the same step, so the
+    student still holds the weights (and the optimizer the state) of the last good step. A `FloatingPointError`, the
+    standard type for a floating-point result that is not a number, so it can be caught without importing this
+    module.
+
+    Attributes:
+        step (`int`): `state.global_step` when raised, i.e. the number of optimizer steps already applied.
+        terms (`dict[str, str]`): Each non-finite logged term (`lm`, `kd`, `mtp_lm_{k}`, `mtp_kd_{k}`, `aux`,
+            `total`, or `gradients`) -> `"nan"` or `"inf"`, over every micro-batch and process of the step.
+    """
+
+    def __init__(self, message: str, step: int, terms: dict[str, str]):
+        super().__init__(message)
+        self.step = step
+        self.terms = dict(terms)
+
+    def __reduce__(self):  # keep step and terms through pickling (multiprocessing, elastic agents)
+        return type(self), (str(self), self.step, self.terms)
+
+
+class _NonFiniteGuard(TrainerCallback):
+    """Runs the trainer's non-finite check at `on_pre_optimizer_step`: the Trainer fires it after the backward passes
+    (and gradient clipping) of an accumulation window and right before `optimizer.step()`, on every process — the
+    last point where a bad step can still be stopped or dropped without touching the weights."""
+
+    def __init__(self, trainer: SlimDistillationTrainer):
+        self._trainer = weakref.ref(trainer)  # the trainer owns its callbacks: no reference cycle
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if trainer is not None:
+            trainer._nonfinite_window = None
+            trainer.nonfinite_skipped = 0
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if trainer is not None:
+            trainer._guard_optimizer_step()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -258,7 +317,13 @@ class SlimDistillationTrainer(SFTTrainer):
 
     Logged (averaged over tokens of the logging window, all processes): `lm`, `kd`, `mtp_lm`, `mtp_kd` (depth
     means), `mtp_lm_{k}`, `mtp_kd_{k}` per depth, `aux` (router load balancing), `lambda`, `beta`, and with elastic
-    sampling the same terms per variant as `{variant}/{term}`.
+    sampling the same terms per variant as `{variant}/{term}`; with `nonfinite_loss="skip"` also
+    `nonfinite_skipped`, the optimizer steps skipped so far in this `train()` call (also the attribute
+    `nonfinite_skipped`).
+
+    Non-finite steps: before each `optimizer.step()` the trainer checks every loss term of the step's micro-batches
+    and the gradients on every process; a NaN/inf raises [`NonFiniteLossError`] (default) or, with
+    `nonfinite_loss="skip"`, drops the step's gradients.
     """
 
     _tag_names = ["trl", "hf-slim", "distillation"]
@@ -354,6 +419,22 @@ class SlimDistillationTrainer(SFTTrainer):
         self._micro = (-1, 0)  # (global step, micro-batches seen in it)
         self._term_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._term_counts: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
+
+        # Non-finite check: a fixed list of entries (the same on every process, so the per-step flags can be reduced
+        # as one tensor), and per entry the NaN / inf values seen in the current accumulation window.
+        depths = range(1, self.num_mtp_depths + 1)
+        self._nonfinite_names = [
+            "lm", "kd", *(f"mtp_lm_{k}" for k in depths), *(f"mtp_kd_{k}" for k in depths), "aux", "total", _GRADIENTS,
+        ]  # fmt: skip
+        self._nonfinite_window: torch.Tensor | None = None  # [2 (nan, inf), len(names)] counts, on args.device
+        self.nonfinite_skipped = 0
+        self.add_callback(_NonFiniteGuard(self))
+        if self.is_deepspeed_enabled:
+            logger.warning(
+                "Under DeepSpeed the engine steps the optimizer inside backward, before the trainer's non-finite "
+                "check (nonfinite_loss) runs: a NaN/inf loss still stops training or is counted, but its step is "
+                "already applied. Use DeepSpeed's own overflow handling (fp16 loss scaling) to skip steps."
+            )
 
     # ---- construction ------------------------------------------------------------------------------------------
     @staticmethod
@@ -631,10 +712,14 @@ class SlimDistillationTrainer(SFTTrainer):
                 raw["aux"] = (aux.detach().float(), torch.ones((), device=aux.device))
             loss = loss / len(variants)
             total = loss if total is None else total + loss
+            if mode == "train":
+                self._flag_nonfinite({name: value for name, (value, _) in raw.items()})
             # unprefixed: over every student forward of the step; with elastic sampling also per variant
             self._record(mode, raw, prefix="")
             if variant is not None:
                 self._record(mode, raw, prefix=f"{variant}/")
+        if mode == "train":
+            self._flag_nonfinite({"total": total})
         self._metrics[mode]["lambda"].append(lam)
         self._metrics[mode]["beta"].append(beta)
         if attention_mask is not None:
@@ -742,6 +827,90 @@ class SlimDistillationTrainer(SFTTrainer):
         loss, _ = slimqwen_objective(lm, kd, mtp_lm, mtp_kd, lam, beta)
         return loss, raw
 
+    # ---- non-finite steps --------------------------------------------------------------------------------------
+    def _flag_nonfinite(self, values: dict[str, torch.Tensor]) -> None:
+        """Count the NaN / inf values among `values` (scalar terms of one micro-batch) into the window's flags.
+
+        Device ops only: the one host sync per optimizer step is in `_guard_optimizer_step`."""
+        device = self.args.device
+        if self._nonfinite_window is None:
+            self._nonfinite_window = torch.zeros(2, len(self._nonfinite_names), device=device)
+        zero = torch.zeros((), device=device)
+        stacked = torch.stack(
+            [values[n].detach().float().to(device) if n in values else zero for n in self._nonfinite_names]
+        )
+        self._nonfinite_window += torch.stack([stacked.isnan(), stacked.isinf()])
+
+    def _gradient_max_abs(self) -> torch.Tensor | None:
+        """The largest |gradient| over the student's parameters on this process: NaN when any gradient is NaN, inf
+        when one is inf; `None` where gradients are not checked.
+
+        The max-abs norm, unlike the L2 norm the Trainer clips with, cannot overflow for finite fp16/bf16 gradients,
+        so it is finite exactly when every gradient is. One read of the gradients, like the Trainer's own grad norm.
+        Not checked with a loss-scaling `GradScaler` (fp16): its inf gradients are expected and it skips those steps
+        itself; nor under DeepSpeed, whose gradients are not in `param.grad`."""
+        if self.is_deepspeed_enabled or getattr(self.accelerator, "scaler", None) is not None:
+            return None
+        # a DTensor (FSDP2) gradient is checked by its local shard; the flag is reduced over processes afterwards
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        if not grads:
+            return None
+        return torch.nn.utils.get_total_norm(grads, norm_type=float("inf"), error_if_nonfinite=False)
+
+    def _guard_optimizer_step(self) -> None:
+        """Stop (`nonfinite_loss="error"`) or skip (`"skip"`) the coming optimizer step when a loss term of its
+        micro-batches or a gradient is NaN/inf on any process. Called from `on_pre_optimizer_step`."""
+        names = self._nonfinite_names
+        device = self.args.device
+        flags = self._nonfinite_window
+        self._nonfinite_window = None
+        if flags is None:
+            flags = torch.zeros(2, len(names), device=device)
+        grad = self._gradient_max_abs()
+        if grad is not None:
+            grad = grad.float().to(device)
+            flags[0, -1] += grad.isnan().float()
+            flags[1, -1] += grad.isinf().float()
+        if self.accelerator.num_processes > 1:
+            # Every process must take the same decision: one that steps while another stops would hang in the next
+            # collective, and one that skips while another steps would make the DDP replicas diverge.
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        nan, inf = flags.gt(0).tolist()  # the one host sync of the check
+        terms = {name: "nan" if n else "inf" for name, n, i in zip(names, nan, inf) if n or i}
+        if not terms:
+            return
+        step = int(self.state.global_step)
+        losses = ", ".join(f"{name}={kind}" for name, kind in terms.items() if name != _GRADIENTS)
+        parts = [f"non-finite loss terms {losses}"] if losses else []
+        if _GRADIENTS in terms:
+            note = "" if losses else "; every loss term is finite"
+            parts.append(f"non-finite gradients ({terms[_GRADIENTS]}{note})")
+        processes = self.accelerator.num_processes
+        where = (
+            f"global step {step} ({self.current_gradient_accumulation_steps} micro-batch(es) accumulated for "
+            f"optimizer step {step + 1}{f', over {processes} processes' if processes > 1 else ''})"
+        )
+        what = " and ".join(parts)
+        if self.args.nonfinite_loss == "skip":
+            # Parameters without a gradient are left alone by the optimizer (weights, moments and step count, as in
+            # every torch.optim and bitsandbytes optimizer); the Trainer zeroes the grads after the step anyway.
+            self.model.zero_grad(set_to_none=True)
+            self.nonfinite_skipped += 1
+            logger.warning(
+                f"SlimDistillationTrainer: {what} at {where}: skipped this optimizer step (nonfinite_loss='skip'); "
+                f"{self.nonfinite_skipped} step(s) skipped so far. The LR and λ/β schedules still advance."
+            )
+            return
+        raise NonFiniteLossError(
+            f"SlimDistillationTrainer: {what} at {where}. Stopped before optimizer.step(): the student keeps the "
+            f"weights of global step {step}. Usual causes: a NaN/inf weight in the teacher or the student (check "
+            "`all(p.isfinite().all() for p in model.parameters())`), a too high learning rate, or fp16 overflow. Set "
+            "nonfinite_loss='skip' to skip such steps instead.",
+            step=step,
+            terms=terms,
+        )
+
     # ---- logging -----------------------------------------------------------------------------------------------
     def _add(self, mode: str, key: str, value: torch.Tensor, count: torch.Tensor) -> None:
         sums, counts = self._term_sums[mode], self._term_counts[mode]
@@ -779,6 +948,8 @@ class SlimDistillationTrainer(SFTTrainer):
             sums.clear()
             counts.clear()
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        if mode == "train" and self.args.nonfinite_loss == "skip":
+            logs["nonfinite_skipped"] = self.nonfinite_skipped
         super().log(logs, start_time)
 
 
