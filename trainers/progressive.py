@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset, load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel
 
 from hf_slim.hub import save_for_hub
 from hf_slim.pruning import ProgressivePlan, PruneConfig, collect_statistics, prune
@@ -56,7 +56,8 @@ class DistillScriptArguments:
         dataset_split (`str`, *optional*, defaults to `"train"`): Split to train on.
         student_model_name_or_path (`str`, *optional*): Start from this student instead of the teacher.
         prune_stages (`list[dict]`): One `PruneConfig` dict per stage (sizes as fractions of, or absolute sizes
-            relative to, the ORIGINAL model); an empty dict distills without pruning.
+            relative to, the ORIGINAL model); an empty dict distills without pruning. Every size a stage sets must be
+            strictly smaller than the model's size when that stage starts; omit a field to keep it.
         stage_tokens (`list[int]`): Training tokens of each stage (N1, N2, ...).
         calibration_samples (`int`, *optional*, defaults to 64): Calibration sequences before each pruning stage.
         num_mtp_heads (`int`, *optional*, defaults to 1): MTP depths added when the student is a stock model
@@ -192,15 +193,29 @@ def run_progressive(
 
     Returns:
         `tuple[Path, list[StageResult]]`: the final folder and one result per stage.
+
+    Raises:
+        `ValueError`: bad settings, e.g. a stage size not strictly smaller than the model's size when that stage
+            starts (checked from the configs before the teacher's weights or any data are loaded).
     """
     final_dir = Path(script_args.final_dir or Path(args.output_dir) / "final")
     if final_dir.exists() and any(final_dir.iterdir()) and not script_args.overwrite:
         raise FileExistsError(f"final_dir {final_dir} exists and is not empty; set overwrite: true to replace it.")
     teacher_path = args.teacher_model_name_or_path
+    plan = script_args.plan()
+    kwargs = dict(args.teacher_model_init_kwargs or {})
     if teacher is None:
         if teacher_path is None:
             raise ValueError("teacher_model_name_or_path must be set in the config (the model to prune and distill).")
-        kwargs = dict(args.teacher_model_init_kwargs or {})
+        # config only (cheap); init kwargs that are config fields override it as they do in from_pretrained
+        original_config, _ = AutoConfig.from_pretrained(teacher_path, return_unused_kwargs=True, **kwargs)
+    else:
+        original_config = teacher.config
+    student_path = script_args.student_model_name_or_path
+    start_config = AutoConfig.from_pretrained(student_path) if student_path else None
+    # every stage against the sizes the model will have when it starts, before any weights or data are loaded
+    plan.check(original_config, start_config, label="prune_stages")
+    if teacher is None:
         if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
             kwargs["dtype"] = getattr(torch, kwargs["dtype"])
         teacher = AutoModelForCausalLM.from_pretrained(teacher_path, **kwargs)
@@ -212,7 +227,6 @@ def run_progressive(
     per_step = _tokens_per_step(args)
     steps = [max(1, math.ceil(tokens / per_step)) for tokens in script_args.stage_tokens]
     total = sum(steps)
-    plan = script_args.plan()
     original_config = teacher.config
     current = (
         AutoModelForCausalLM.from_pretrained(script_args.student_model_name_or_path)
@@ -222,8 +236,8 @@ def run_progressive(
     results: list[StageResult] = []
     offset = 0
     for index, stage_steps in enumerate(steps):
-        stage_config = plan.resolve_stage(index, original_config, current.config)
-        if any(v is not None for k, v in stage_config.to_dict().items() if k in _size_fields()):
+        stage_config = plan.resolve_stage(index, original_config, current.config, label="prune_stages")
+        if not stage_config.is_noop:
             stats = collect_statistics(
                 current, calibration, num_samples=script_args.calibration_samples, max_length=args.max_length or 1024,
                 tokenizer=tokenizer, text_column=args.dataset_text_field, show_progress=not args.disable_tqdm,

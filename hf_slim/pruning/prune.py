@@ -105,7 +105,7 @@ def plan_selection(
         strategy = config.expert_strategy
         imp_name = strategy if strategy in ("frequency", "soft", "reap") else config.merge_importance
         sel["expert"] = {}
-        groups_report: dict[int, dict[int, list[int]]] = {}
+        groups_report: dict[int | str, dict[int, list[int]]] = {}  # decoder layer index, or "mtp.layers.N"
         for i, key in sparse:
             block = spec.blocks(model)[i]
             imp = expert_importance(stats, i, imp_name)
