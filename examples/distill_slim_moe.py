@@ -78,7 +78,7 @@ def main() -> None:
         logging_steps=10,
         save_strategy="no",
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         use_cpu=True,
         report_to=[],
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def tiny_student(vocab_size: int, **overrides) -> SlimMoeForCausalLM:
 def distill_args(out, **overrides) -> SlimDistillationConfig:
     fields = dict(
         output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=1,
-        bf16=False, report_to=[], save_strategy="no", gradient_checkpointing=False, use_cpu=True, disable_tqdm=True,
+        bf16=False, report_to=[], save_strategy="no", activation_checkpointing=False, use_cpu=True, disable_tqdm=True,
         seed=0, dataset_num_proc=None, max_length=SEQ,
     )  # fmt: skip
     fields.update(overrides)
@@ -106,7 +107,7 @@ def test_config_fields_have_help_and_slimqwen_defaults(tmp_path):
 
 def test_config_parses_json_strings_like_the_cli(tmp_path):
     args = SlimDistillationConfig(
-        output_dir=str(tmp_path), bf16=False, use_cpu=True, elastic_sampling="probabilities", gradient_checkpointing=False,
+        output_dir=str(tmp_path), bf16=False, use_cpu=True, elastic_sampling="probabilities", activation_checkpointing=False,
         elastic_variant_probabilities='{"full": 0.5, "small": 0.5}', teacher_model_init_kwargs='{"dtype": "float32"}',
     )  # fmt: skip
     assert args.elastic_variant_probabilities == {"full": 0.5, "small": 0.5}
@@ -567,7 +568,7 @@ def test_peft_lora_student(tmp_path, data):
     tokenizer, dataset, teacher = data
     student = tiny_student(len(tokenizer))
     base = params(student)
-    args = distill_args(tmp_path, max_steps=3, gradient_checkpointing=True)
+    args = distill_args(tmp_path, max_steps=3, activation_checkpointing=True)
     trainer = SlimDistillationTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
@@ -585,7 +586,7 @@ def test_gradient_checkpointing_gives_the_same_steps(tmp_path, data):
     tokenizer, dataset, teacher = data
     runs = []
     for flag in (False, True):
-        trainer = _train(tmp_path / str(flag), teacher, tokenizer, dataset, max_steps=2, gradient_checkpointing=flag)
+        trainer = _train(tmp_path / str(flag), teacher, tokenizer, dataset, max_steps=2, activation_checkpointing=flag)
         trainer.train()
         runs.append(trainer.model)
     assert runs[1].model.gradient_checkpointing
@@ -656,7 +657,7 @@ def test_elastic_sandwich_with_gradient_checkpointing_gives_the_same_steps(tmp_p
     for flag in (False, True):
         torch.manual_seed(0)
         student = elastic_student(len(tokenizer))
-        args = distill_args(tmp_path / str(flag), max_steps=2, elastic_sampling="sandwich", gradient_checkpointing=flag)
+        args = distill_args(tmp_path / str(flag), max_steps=2, elastic_sampling="sandwich", activation_checkpointing=flag)
         trainer = SlimDistillationTrainer(
             model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
         )
@@ -731,7 +732,7 @@ def test_only_layer_dropping_variants_leave_parameters_without_gradient(data):
 def test_ddp_find_unused_parameters_is_set_when_a_step_can_skip_parameters(tmp_path, data, overrides, expected):
     tokenizer, dataset, teacher = data
     # gradient checkpointing (SFTConfig's default) is what makes the Trainer default to find_unused_parameters=False
-    args = distill_args(tmp_path, gradient_checkpointing="elastic_sampling" not in overrides, **overrides)
+    args = distill_args(tmp_path, activation_checkpointing="elastic_sampling" not in overrides, **overrides)
     trainer = SlimDistillationTrainer(
         model=elastic_student(len(tokenizer)), teacher_model=teacher, args=args, train_dataset=dataset,
         processing_class=tokenizer,
@@ -802,7 +803,7 @@ learning_rate: 0.001
 lr_scheduler_type: linear
 bf16: false
 use_cpu: true
-gradient_checkpointing: false
+activation_checkpointing: false
 report_to: []
 save_strategy: "no"
 disable_tqdm: true
@@ -853,3 +854,15 @@ def test_distill_config_errors(tmp_path, yaml_text, match):
     path.write_text(yaml_text + "use_cpu: true\nbf16: false\n")
     with pytest.raises(ValueError, match=match):
         load_distill_config(path)
+
+
+def test_default_config_emits_no_deprecation_warning(tmp_path):
+    # TRL's `gradient_checkpointing=True` default is deprecated by transformers 5.24; the config uses the new name.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        args = SlimDistillationConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    assert args.activation_checkpointing is True and args.gradient_checkpointing is True
+    with pytest.warns(FutureWarning, match="gradient_checkpointing"):  # the user's own deprecated spelling still works
+        args = SlimDistillationConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], gradient_checkpointing=False)
+    assert args.activation_checkpointing is False
