@@ -310,3 +310,21 @@ def test_shipped_code_refuses_a_transformers_without_the_cache_api(tmp_path):
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert "REFUSED SlimMoe's modeling code needs transformers>=5.24.0" in result.stdout, result.stderr[-2000:]
     assert "this environment has transformers 5.23.0" in result.stdout
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_generate_returns_the_hidden_states_and_attentions_stock_returns(batch, attention):
+    ids, mask = batch
+    reference, slim = _stock(), from_hf(_stock(), num_mtp_heads=2).eval()
+    reference.set_attn_implementation(attention)
+    slim.set_attn_implementation(attention)
+    kwargs = dict(output_hidden_states=True, output_attentions=attention == "eager")
+    ref, out = _greedy(reference, ids, mask, **kwargs), _greedy(slim, ids, mask, **kwargs)
+    _assert_same_generation(out, ref)
+    pairs = list(zip(out.hidden_states, ref.hidden_states))
+    if attention == "eager":
+        pairs += list(zip(out.attentions, ref.attentions))
+    for step_out, step_ref in pairs:
+        assert len(step_out) == len(step_ref)
+        for a, b in zip(step_out, step_ref):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
