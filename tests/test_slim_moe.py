@@ -207,3 +207,45 @@ def test_default_experts_kernel_handles_unaligned_widths(width, expected):
         reference = model(ids).logits
         model.set_experts_implementation(expected)
         torch.testing.assert_close(model(ids).logits, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_config_accepts_an_elastic_config_object_and_stores_its_dict(tmp_path):
+    # Defect 4: strict validation refused `elastic=ElasticConfig(...)`; it is now stored as `ElasticConfig.to_dict()`.
+    from hf_slim.elastic import ElasticConfig
+
+    elastic = ElasticConfig(variants={"small": {"num_experts": 4, "hidden_size": 16}})
+    config = tiny_config(elastic=elastic)
+    assert config.elastic == elastic.to_dict() == {"variants": {"small": {"num_experts": 4, "hidden_size": 16}}}
+    assert type(config.elastic) is dict
+    assert config.elastic_variant_names() == ["small", "full"]
+    config.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["elastic"] == elastic.to_dict()
+    loaded = SlimMoeConfig.from_pretrained(tmp_path)
+    assert loaded.elastic == elastic.to_dict() and loaded.to_dict() == config.to_dict()
+    loaded.elastic = ElasticConfig(variants={"tiny": {"num_experts": 2}})  # assignment converts as well
+    assert loaded.elastic == {"variants": {"tiny": {"num_experts": 2}}}
+    for bad in ("small", 3, [elastic]):
+        with pytest.raises(StrictDataclassFieldValidationError, match="elastic"):
+            tiny_config(elastic=bad)
+    # An object with a to_dict() that is not elastic variants is still refused, naming the field.
+    with pytest.raises(ValueError, match="elastic"):
+        tiny_config(elastic=tiny_config())
+
+
+def test_trainer_predict_gathers_logits_not_the_cache(tmp_path):
+    # Trainer.prediction_step drops config.keys_to_ignore_at_inference from the outputs it gathers; since 5.24 the
+    # KV cache is `cache` (ignoring "past_key_values" handed Trainer a Cache as a "logit"), and the per-term and MTP
+    # outputs are left out so predictions are the logits, as with a stock model.
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    model = SlimMoeForCausalLM(tiny_config()).eval()
+    assert model.config.use_cache and model.config.num_mtp_heads == 2
+    ids = torch.randint(0, 128, (4, 6), generator=torch.Generator().manual_seed(0))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[], use_cpu=True)
+    prediction = Trainer(model=model, args=args).predict(data)
+    assert prediction.predictions.shape == (4, 6, 128)
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.testing.assert_close(torch.as_tensor(prediction.predictions), expected, atol=1e-5, rtol=1e-5)

@@ -30,7 +30,8 @@ class ElasticConfig:
     every axis, so every smaller variant must fit inside every larger one.
 
     Validation runs on construction (sizes, head divisibility, nesting between the variants) and again against a
-    model with [`ElasticConfig.validate`]; errors name the variant and the field.
+    model with [`ElasticConfig.validate`]; errors name the variant and the field. `SlimMoeConfig(elastic=...)` takes
+    an `ElasticConfig` as well as its dict and stores it as `to_dict()`.
 
     Args:
         variants (`dict[str, dict[str, int | list[int]]]`): variant name -> `{config field: size}`.

@@ -5,7 +5,7 @@ This file is copied next to the weights by `hf_slim.hub.save_for_hub`, so it imp
 """
 
 import copy
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -39,6 +39,13 @@ ELASTIC_NESTED_FIELDS = (
     "intermediate_size",
 )
 FULL_VARIANT = "full"
+
+
+@runtime_checkable
+class SupportsToDict(Protocol):
+    """Any object with a `to_dict()`, such as `hf_slim.elastic.ElasticConfig`."""
+
+    def to_dict(self) -> dict: ...
 
 
 @strict
@@ -87,13 +94,16 @@ class SlimMoeConfig(PreTrainedConfig):
         output_router_logits (`bool`): Return router logits (and the aux loss) by default.
         num_mtp_heads (`int`): Number D >= 0 of multi-token-prediction depths.
         mtp_loss_weight (`float`): Weight of the mean MTP loss in `loss` when labels are given.
-        elastic (`dict`, *optional*): Nested elastic variants `{"variants": {name: {field: size}}}` (see
-            `hf_slim.elastic.ElasticConfig`); stored as plain JSON and validated on load. Every variant is a prefix
-            of the full model along every axis; `variant_config(name)` gives a plain config of that size.
+        elastic (`dict` or `ElasticConfig`, *optional*): Nested elastic variants `{"variants": {name: {field: size}}}`
+            (or an `hf_slim.elastic.ElasticConfig`, stored as its `to_dict()`); stored as plain JSON and validated on
+            load. Every variant is a prefix of the full model along every axis; `variant_config(name)` gives a plain
+            config of that size.
     """
 
     model_type = "slim_moe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # Outputs Trainer.prediction_step leaves out of the predictions it gathers, so `predict` / `compute_metrics` see the
+    # logits as with a stock model: the KV cache (`cache` since transformers 5.24) and the per-term / MTP outputs.
+    keys_to_ignore_at_inference = ["cache", "lm_loss", "mtp_losses", "mtp_hidden_states", "mtp_logits"]
     default_theta = 1000000.0
 
     base_model_tp_plan = {
@@ -145,10 +155,18 @@ class SlimMoeConfig(PreTrainedConfig):
     output_router_logits: bool = False
     num_mtp_heads: int = 0
     mtp_loss_weight: float = 0.3
-    elastic: dict | None = None
+    elastic: dict | SupportsToDict | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+
+    def __setattr__(self, key, value):
+        # `config.elastic` is always stored as its plain dict (JSON in config.json), as transformers does with
+        # `quantization_config` objects. This file ships next to the weights as remote code and imports nothing
+        # from hf_slim, so an `ElasticConfig` is recognised by duck typing: any object with a `to_dict()`.
+        if key == "elastic" and value is not None and not isinstance(value, dict) and isinstance(value, SupportsToDict):
+            value = value.to_dict()
+        super().__setattr__(key, value)
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
