@@ -8,7 +8,8 @@
 5. Recover the student with `SlimDistillationTrainer` (LM + KD + MTP-LM + MTP-KD from the stock teacher).
 6. Nest a smaller variant inside the student (`make_elastic`) and evaluate both sizes from the one checkpoint.
 7. Export Hub-ready folders: the elastic SlimMoe (remote code), stock Qwen3-MoE keeping `mtp.*`, and the small
-   variant sliced out; reload, and generate with the small variant thinking and the full one answering.
+   variant sliced out; reload the elastic export through its shipped modeling code (in a Python process where
+   hf_slim cannot be imported) and generate there with the small variant thinking and the full one answering.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from transformers import (
-    AutoModelForCausalLM,
     DataCollatorForLanguageModeling,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
@@ -35,7 +35,7 @@ from transformers import (
 from .convert import from_hf
 from .data import packed_lm_dataset, stdlib_corpus, train_tokenizer
 from .elastic import ElasticBudget, ElasticConfig, make_elastic, slice_variant
-from .hub import save_for_hub
+from .hub import run_without_hf_slim, save_for_hub
 from .pruning import PruneConfig, collect_statistics, prune
 from .utils import count_parameters
 
@@ -112,6 +112,51 @@ def _distill(student, teacher, dataset, tokenizer, config: DemoConfig, run_dir: 
     SlimDistillationTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
     ).train()
+
+
+#: Runs in `run_without_hf_slim`: loads an elastic export with only transformers/torch and generates with a budget.
+_SHIPPED_CODE_GENERATION = """
+import json
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+params = json.loads(__PARAMS__)
+tokenizer = AutoTokenizer.from_pretrained(params["folder"], trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(params["folder"], trust_remote_code=True).eval()
+cls = type(model)
+if not cls.__module__.startswith("transformers_modules"):
+    raise SystemExit(f"loaded {cls.__module__}.{cls.__name__}, not the modeling code shipped in the folder")
+budget = sys.modules[cls.__module__].ElasticBudget(
+    params["think_variant"], end_think_token_id=tokenizer.convert_tokens_to_ids("</think>"),
+    max_thinking_tokens=params["max_thinking_tokens"],
+)
+prompt = tokenizer(params["prompt"], return_tensors="pt")
+with torch.no_grad():
+    generated = model.generate(**prompt, elastic_budget=budget, max_new_tokens=params["max_new_tokens"],
+                               do_sample=False, pad_token_id=tokenizer.pad_token_id)
+print("HF_SLIM_RESULT " + json.dumps({
+    "class": f"{cls.__module__}.{cls.__name__}",
+    "token_ids": generated[0].tolist(),
+    "text": tokenizer.decode(generated[0], skip_special_tokens=False),
+}))
+"""
+
+
+def _generate_with_shipped_code(folder: Path, **params) -> dict:
+    """Load the export `folder` where hf_slim cannot be imported (so `trust_remote_code=True` resolves to the
+    modeling code shipped in the folder) and generate there with an `ElasticBudget`."""
+    script = _SHIPPED_CODE_GENERATION.replace("__PARAMS__", repr(json.dumps({"folder": str(folder), **params})))
+    result = run_without_hf_slim(script)
+    marker = "HF_SLIM_RESULT "
+    lines = [line.split(marker, 1)[1] for line in result.stdout.splitlines() if marker in line]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"reloading {folder} through its shipped modeling code failed (exit code {result.returncode}):\n"
+            f"{result.stderr[-3000:]}"
+        )
+    return json.loads(lines[-1])
 
 
 @torch.no_grad()
@@ -210,13 +255,18 @@ def run_demo(config: DemoConfig | None = None, console: Console | None = None) -
                              overwrite=True, card_kwargs={"recipe": recipe})
     small_dir = save_for_hub(small, out / "slim_moe_small", processing_class=tokenizer, overwrite=True,
                              card_kwargs={"recipe": recipe})
-    reloaded = AutoModelForCausalLM.from_pretrained(elastic_dir, trust_remote_code=True).eval()
-    prompt = tokenizer("Return a list of", return_tensors="pt")
-    budget = ElasticBudget("small", end_think_token_id=tokenizer.convert_tokens_to_ids("</think>"),
-                           max_thinking_tokens=12)
-    generated = reloaded.generate(**prompt, elastic_budget=budget, max_new_tokens=16, do_sample=False,
-                                  pad_token_id=tokenizer.pad_token_id)
-    sample = tokenizer.decode(generated[0], skip_special_tokens=False)
+    generation = {"prompt": "Return a list of", "think_variant": "small", "max_thinking_tokens": 12,
+                  "max_new_tokens": 16}
+    shipped = _generate_with_shipped_code(elastic_dir, **generation)
+    prompt = tokenizer(generation["prompt"], return_tensors="pt")
+    budget = ElasticBudget(generation["think_variant"], end_think_token_id=tokenizer.convert_tokens_to_ids("</think>"),
+                           max_thinking_tokens=generation["max_thinking_tokens"])
+    with torch.no_grad():
+        in_process = elastic.generate(**prompt, elastic_budget=budget, max_new_tokens=generation["max_new_tokens"],
+                                      do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    sample = shipped["text"]
+    reload = {"class": shipped["class"], "hf_slim_importable": False,
+              "matches_in_process": shipped["token_ids"] == in_process[0].tolist()}
 
     summary = {
         "config": asdict(config),
@@ -225,6 +275,7 @@ def run_demo(config: DemoConfig | None = None, console: Console | None = None) -
         "stages": rows,
         "exports": {"elastic": str(elastic_dir), "qwen3_moe": str(stock_dir), "small": str(small_dir)},
         "budget_generation_sample": sample,
+        "shipped_code_reload": reload,
         "seconds": round(time.perf_counter() - started, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -238,6 +289,8 @@ def run_demo(config: DemoConfig | None = None, console: Console | None = None) -
         table.add_row(name, f"{row['params']['total']:,}", f"{row['params']['active']:,}", f"{losses['lm']:.3f}",
                       f"{math.exp(losses['lm']):.1f}", mtp)
     console.print(table)
+    console.print(f"reloaded {elastic_dir.name} through its shipped modeling code ({reload['class']}, hf_slim not "
+                  f"importable); same tokens as in this process: {reload['matches_in_process']}")
     console.print(f"budget generation (small thinks, full answers): {sample!r}")
     console.print(f"exports: {elastic_dir}, {stock_dir}, {small_dir}; {summary['seconds']} s")
     return summary

@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,19 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_slim_moe.SlimMoeForCausalLM",
 }
 MTP_FILE = "mtp.safetensors"
+#: Prepended to the scripts of `run_without_hf_slim`: `import hf_slim` raises ImportError from then on (the editable
+#: install stays on sys.path, so it is blocked in `sys.modules` rather than by the path), and the script stops at
+#: once if it does not.
+_NO_HF_SLIM_PREAMBLE = """\
+import sys
+sys.modules["hf_slim"] = None
+try:
+    import hf_slim
+except ImportError:
+    pass
+else:
+    raise SystemExit("hf_slim is importable")
+"""
 
 
 def _card_template(name: str) -> Path:
@@ -131,7 +148,7 @@ def save_for_hub(
     `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works where hf_slim is not installed.
     With `model_type` (e.g. `"qwen3_moe"`), the model is first converted with `hf_slim.convert.to_hf` and saved as
     that stock architecture (no remote code); with `keep_mtp=True` its MTP heads are kept as `mtp.*` tensors in a
-    separate shard (`mtp.safetensors`, listed in the index), which stock transformers skips and MTP-aware engines load.
+    separate shard (`mtp.safetensors`, listed in the index), which stock transformers skips.
 
     Args:
         model: The model to export (SlimMoe or any `PreTrainedModel`).
@@ -182,13 +199,56 @@ def save_for_hub(
         if mtp_state:
             mtp_note = (
                 f"The checkpoint keeps {getattr(model.config, 'num_mtp_heads', 0)} multi-token-prediction depth(s) "
-                f"under `mtp.*` in `{MTP_FILE}` (layout of vLLM's `qwen3_next_mtp`); stock transformers skips them."
+                f"under `mtp.*` in `{MTP_FILE}` (hf-slim's own layout); stock transformers skips them."
             )
         card = render_model_card(
             export, repo_id or folder.name, remote_code=remote_code, mtp_note=mtp_note, **(card_kwargs or {})
         )
         card.save(tmp / "README.md")
     return folder.resolve()
+
+
+def run_without_hf_slim(
+    script: str,
+    *,
+    cwd: str | os.PathLike | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float | None = 600,
+) -> subprocess.CompletedProcess:
+    """Run the Python `script` in a fresh interpreter where hf_slim cannot be imported, as on a machine that has only
+    transformers and torch: `from_pretrained(..., trust_remote_code=True)` there loads the modeling code shipped in
+    the folder (a class from a `transformers_modules` module), never the installed one.
+
+    The run is offline (`HF_HUB_OFFLINE=1`) with an empty `PYTHONPATH` and its own temporary `HF_MODULES_CACHE`, so
+    concurrent runs never share the copied remote code.
+
+    Args:
+        script: Python source (dedented before it runs).
+        cwd: Working directory (defaults to the temporary folder).
+        env: Extra environment variables, applied last.
+        timeout: Seconds before `subprocess.TimeoutExpired`.
+
+    Returns:
+        The `subprocess.CompletedProcess` (`stdout`/`stderr` as text); check `returncode`.
+    """
+    with tempfile.TemporaryDirectory(prefix="hf_slim_remote_") as scratch:
+        full_env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "HF_MODULES_CACHE": os.path.join(scratch, "modules"),
+            "PYTHONPATH": "",
+            **(env or {}),
+        }
+        return subprocess.run(
+            [sys.executable, "-c", _NO_HF_SLIM_PREAMBLE + textwrap.dedent(script)],
+            stdin=subprocess.DEVNULL,  # a prompt (e.g. transformers asking to trust remote code) gets EOF, not a hang
+            capture_output=True,
+            text=True,
+            check=False,
+            env=full_env,
+            cwd=str(cwd) if cwd is not None else scratch,
+            timeout=timeout,
+        )
 
 
 def push_to_hub(
@@ -228,4 +288,4 @@ def push_to_hub(
     return str(getattr(commit, "commit_url", commit))
 
 
-__all__ = ["AUTO_MAP", "REMOTE_CODE_FILES", "push_to_hub", "render_model_card", "save_for_hub"]
+__all__ = ["AUTO_MAP", "REMOTE_CODE_FILES", "push_to_hub", "render_model_card", "run_without_hf_slim", "save_for_hub"]

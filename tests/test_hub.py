@@ -1,15 +1,12 @@
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM
 
-from hf_slim.hub import save_for_hub
+from hf_slim.hub import run_without_hf_slim, save_for_hub
 from hf_slim.models.slim_moe import SlimMoeConfig, SlimMoeForCausalLM
 
 
@@ -34,28 +31,19 @@ def test_remote_code_loads_without_hf_slim(tmp_path):
     with torch.no_grad():
         expected = model(ids).logits
     torch.save({"ids": ids, "logits": expected}, tmp_path / "ref.pt")
-    script = textwrap.dedent(
+    result = run_without_hf_slim(
         f"""
-        import sys
-        sys.modules["hf_slim"] = None  # any `import hf_slim` now raises ImportError
         import torch
         from transformers import AutoModelForCausalLM
-        try:
-            import hf_slim
-        except ImportError:
-            pass
-        else:
-            raise SystemExit("hf_slim is importable")
         ref = torch.load({str(tmp_path / "ref.pt")!r})
         model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         with torch.no_grad():
             torch.testing.assert_close(model(ref["ids"]).logits, ref["logits"], atol=1e-6, rtol=1e-6)
         print("REMOTE_OK", type(model).__name__)
-        """
+        """,
+        cwd=tmp_path,
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE_OK SlimMoeForCausalLM" in result.stdout
 
