@@ -22,6 +22,7 @@ import inspect
 import json
 import os
 import platform
+import shlex
 import statistics
 import textwrap
 import time
@@ -36,6 +37,26 @@ from hf_slim.pruning import collect_statistics
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "pruning.md")
 BEGIN, END = "<!-- bench_calibration:begin -->", "<!-- bench_calibration:end -->"
 QBEGIN, QEND = "<!-- bench_pruning_quality:begin -->", "<!-- bench_pruning_quality:end -->"
+SCRIPT = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_calibration.py"
+
+
+def command_line(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> str:
+    """The command that reproduces this run: the script with every option whose value is not its default
+    (`--quality` first, `--write-docs` last), so a table written into the docs names the run that made it."""
+    parser = parser or build_parser()
+    first, middle, last = [], [], []
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = getattr(args, action.dest)
+        if value == action.default:
+            continue
+        flag = max(action.option_strings, key=len)
+        if action.nargs == 0:  # store_true
+            (first if action.dest == "quality" else last if action.dest == "write_docs" else middle).append(flag)
+        else:
+            middle.append(f"{flag} {shlex.quote(str(value))}")
+    return " ".join([SCRIPT, *first, *middle, *last])
 
 
 def quality(args: argparse.Namespace) -> str:
@@ -97,8 +118,7 @@ def quality(args: argparse.Namespace) -> str:
         pruned = model if cfg is None else prune(model, cfg, stats)
         prune_s = time.perf_counter() - t0
         rows.append(f"| {name} | {held_loss(pruned):.3f} | {'' if cfg is None else f'{prune_s:.2f}'} |")
-    cmd = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_calibration.py --quality" + (
-        " --write-docs" if args.write_docs else "")
+    cmd = command_line(args)
     return "\n".join([
         f"Command: `{cmd}`. Model: qwen3_moe, hidden {args.hidden_q}, {args.layers_q} layers, {args.experts_q} "
         f"experts (top-2), vocabulary {len(tok)} (byte-level BPE), trained {args.steps} steps x {args.batch_q} x "
@@ -138,7 +158,7 @@ def text_ids(n: int, length: int, vocab: int) -> torch.Tensor:
     return torch.tensor(ids[: n * length]).view(n, length)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -161,7 +181,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--samples-q", type=int, default=64)
     ap.add_argument("--eval-blocks", type=int, default=64)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     if args.quality:
         table = quality(args)
@@ -203,7 +227,7 @@ def main() -> None:
     best_cpu = {k: min(v) for k, v in cpu.items()}
     per_default = [c / d for c, d in zip(wall["calib"], wall["default"])]
     tokens = ids.numel()
-    cmd = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_calibration.py" + (" --write-docs" if args.write_docs else "")
+    cmd = command_line(args)
     table = "\n".join([
         f"Command: `{cmd}` (model: qwen3_moe, hidden {args.hidden}, {args.layers} layers, {args.experts} experts, "
         f"top-{args.topk}; {args.samples} x {args.length} tokens of stdlib source, batch {args.batch_size}; "
