@@ -159,11 +159,13 @@ def test_continuing_from_a_cache_equals_one_generation(slim, stock, batch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_generation_from_inputs_embeds_equals_stock(slim, stock, batch):
+@pytest.mark.parametrize("implementation", [None, "static"])
+def test_generation_from_inputs_embeds_equals_stock(slim, stock, batch, implementation):
     ids, mask = batch
     with torch.no_grad():
         embeds = stock.get_input_embeddings()(ids)
-        kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None)
+        kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None,
+                      cache_implementation=implementation)
         ref = stock.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
         out = slim.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
     assert out.tolist() == ref.tolist() and out.shape == (3, NEW_TOKENS)
