@@ -1,7 +1,8 @@
 """Optimizers: Aurora (leverage-aware orthogonalized updates), its LoRA mode, and Trainer registration.
 
 Importing this package registers ``optim="aurora"`` and ``optim="aurora_lora"`` with
-`transformers.TrainingArguments` / `Trainer` (and so TRL configs and ``--optim`` on the command line).
+`transformers.TrainingArguments` / `Trainer` (and so TRL configs and ``--optim`` on the command line); the
+transformers internals that takes are all in `hf_slim.integrations.transformers_optim`.
 """
 
 from .aurora import (

@@ -1,24 +1,16 @@
 """Register ``optim="aurora"`` and ``optim="aurora_lora"`` with transformers' Trainer.
 
-How transformers 5.x picks an optimizer, and where we hook in:
-
-- `TrainingArguments.__post_init__` runs ``self.optim = OptimizerNames(self.optim)``, and
-  `HfArgumentParser` (which `TrlParser` extends) builds the ``--optim`` choices from
-  ``[x.value for x in OptimizerNames]`` when the parser is created. So the name must be a member of the
-  `OptimizerNames` enum; a string alone is rejected before any Trainer code runs.
-- `Trainer.create_optimizer` calls `Trainer.get_optimizer_cls_and_kwargs`, which looks the name up in
-  ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS`` (``name -> handler(ctx) -> (cls_or_factory, kwargs)``).
-  A returned object that is not an `Optimizer` subclass is a factory, called as ``factory()(model, **kwargs)``:
-  that hands us the model, so the parameter split can use names (embeddings, head, routers, LoRA pairs).
-
-We therefore (1) add ``AURORA``/``AURORA_LORA`` members to `OptimizerNames` the way `enum` itself adds
-members (``_add_member_`` on Python >= 3.13, the same three tables by hand before that), and (2) put a
-handler for each into ``_OPTIMIZER_HANDLERS``. This keeps every public route working: the
+transformers has no public registry for ``optim=`` names, so the touches of its internals live in one module,
+`hf_slim.integrations.transformers_optim` (what it touches and why is listed there, each checked by
+tests/test_transformers_touchpoints.py). Through it each name becomes an `OptimizerNames` member (so the
 `TrainingArguments(optim=...)` constructor, ``--optim aurora`` through HfArgumentParser / TrlParser,
-`TrainingArguments.set_optimizer`, `to_dict`/JSON (the member is a `str`), and TRL configs (subclasses of
-`TrainingArguments`). Overriding `Trainer.create_optimizer` instead would not reach TRL trainers or
-the argument validation. Registration is idempotent; if a future transformers ships its own ``"aurora"``
-member or handler we leave it in place and log a warning.
+`TrainingArguments.set_optimizer`, `to_dict`/JSON and every TRL config accept it) with a handler returning a
+factory: the Trainer calls ``factory()(model, **kwargs)``, which hands us the model, so the parameter split can use
+names (embeddings, head, routers, LoRA pairs). Overriding `Trainer.create_optimizer` instead would not reach TRL
+trainers or the argument validation. The public route needs no registration:
+``Trainer(optimizer_cls_and_kwargs=(AuroraFactory, {...}))``. Registration is idempotent and happens right after
+transformers' training modules load, so ``import hf_slim`` does not import them; if a future transformers ships its
+own ``"aurora"`` we leave it in place and log a warning.
 
 Training arguments map onto Aurora as follows: ``learning_rate`` is the Aurora learning rate and, unless
 ``optim_args`` sets ``adamw_lr``, also the AdamW learning rate; ``weight_decay`` applies to both groups
@@ -29,13 +21,11 @@ learning rate tuned for AdamW works for both groups; pass ``optim_args="scale=sp
 
 from __future__ import annotations
 
-import importlib.abc
-import logging
-import sys
 from typing import Any
 
 from torch import nn
 
+from ..integrations.transformers_optim import register_optimizers, register_optimizers_when_loaded
 from .aurora import AURORA_PRESETS, Aurora, aurora_param_groups
 from .lora import AuroraLoRA, aurora_lora_param_groups
 
@@ -48,8 +38,6 @@ __all__ = [
     "aurora_kwargs_from_training_args",
     "register_aurora_with_transformers",
 ]
-
-logger = logging.getLogger(__name__)
 
 AURORA = "aurora"
 AURORA_LORA = "aurora_lora"
@@ -165,55 +153,15 @@ class AuroraLoRAFactory:
         return AuroraLoRA(aurora_lora_param_groups(model), **kwargs)
 
 
-def _get_aurora(ctx: Any) -> tuple[type, dict[str, Any]]:
-    return AuroraFactory, aurora_kwargs_from_training_args(ctx.args, ctx.optim_args, lora=False)
+def _get_aurora(args: Any, optim_args: dict[str, str]) -> tuple[type, dict[str, Any]]:
+    return AuroraFactory, aurora_kwargs_from_training_args(args, optim_args, lora=False)
 
 
-def _get_aurora_lora(ctx: Any) -> tuple[type, dict[str, Any]]:
-    return AuroraLoRAFactory, aurora_kwargs_from_training_args(ctx.args, ctx.optim_args, lora=True)
+def _get_aurora_lora(args: Any, optim_args: dict[str, str]) -> tuple[type, dict[str, Any]]:
+    return AuroraLoRAFactory, aurora_kwargs_from_training_args(args, optim_args, lora=True)
 
 
 _HANDLERS = {AURORA: _get_aurora, AURORA_LORA: _get_aurora_lora}
-
-
-def _add_enum_member(enum_cls: Any, name: str, value: str) -> Any:
-    if value in enum_cls._value2member_map_:
-        return enum_cls._value2member_map_[value]
-    member = str.__new__(enum_cls, value)
-    member._name_ = name
-    member._value_ = value
-    member.__objclass__ = enum_cls
-    member.__init__(value)
-    if hasattr(enum_cls, "_add_member_"):  # Python >= 3.13
-        enum_cls._add_member_(name, member)
-    else:
-        enum_cls._member_map_[name] = member
-        enum_cls._member_names_.append(name)
-        type.__setattr__(enum_cls, name, member)
-    enum_cls._value2member_map_[value] = member
-    return member
-
-
-def _register_loaded() -> None:
-    # Register with whichever of the two transformers modules is already loaded; import nothing.
-    training_args = sys.modules.get("transformers.training_args")
-    if training_args is not None and hasattr(training_args, "OptimizerNames"):
-        for value in _HANDLERS:
-            _add_enum_member(training_args.OptimizerNames, value.upper(), value)
-    trainer_optimizer = sys.modules.get("transformers.trainer_optimizer")
-    handlers = getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None)
-    if trainer_optimizer is not None and not isinstance(handlers, dict):
-        logger.warning("transformers has no trainer_optimizer._OPTIMIZER_HANDLERS; optim='aurora' is not registered")
-        return
-    if handlers is None:
-        return
-    for value, handler in _HANDLERS.items():
-        existing = handlers.get(value)
-        if existing is not None and getattr(existing, "__module__", None) != __name__:
-            logger.warning(f"transformers already defines optim={value!r}; keeping its implementation")
-            continue
-        member = _add_enum_member(training_args.OptimizerNames, value.upper(), value)
-        handlers[member] = handler
 
 
 def register_aurora_with_transformers() -> bool:
@@ -221,53 +169,22 @@ def register_aurora_with_transformers() -> bool:
 
     Idempotent. ``import hf_slim.optim`` already arranges registration without importing the (slow)
     transformers training modules itself: it registers at once if they are loaded, else right after
-    they load. Call this to force it. Returns `False` when transformers is not installed.
+    they load. Call this to force it, or to get the error when registration is impossible.
+
+    Returns:
+        `bool`: `True` once registered, `False` when transformers is not installed.
+
+    Raises:
+        `hf_slim.integrations.TransformersCompatError`: the installed transformers lacks an internal the
+            registration relies on (the message names it and the version).
     """
     try:
         import transformers.trainer_optimizer  # noqa: F401
         import transformers.training_args  # noqa: F401
     except ImportError:
         return False
-    _register_loaded()
+    register_optimizers(_HANDLERS)
     return True
 
 
-_WATCHED = ("transformers.training_args", "transformers.trainer_optimizer")
-
-
-class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Runs `_register_loaded` right after a watched transformers module finishes executing."""
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname not in _WATCHED:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        loader = spec.loader
-        if loader is None or not hasattr(loader, "exec_module"):
-            return spec
-        original = loader.exec_module
-
-        def exec_module(module: Any) -> None:
-            original(module)
-            _register_loaded()
-
-        loader.exec_module = exec_module
-        return spec
-
-
-def _install() -> None:
-    _register_loaded()
-    if all(name in sys.modules for name in _WATCHED):
-        return
-    if not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterImport())
-
-
-_install()
+register_optimizers_when_loaded(_HANDLERS)

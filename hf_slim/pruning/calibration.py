@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..integrations.transformers_experts import grouped_linear_kernel as _grouped_linear_kernel
 from .stats import ImportanceStats
 
 __all__ = ["collect_statistics", "pack_calibration_data"]
@@ -252,7 +253,7 @@ class _Collector:
             e_sorted = flat[order]
             gw = w.flatten()[order]
             x = hidden_states[tok]
-            if grouped_linear is not None:  # the kernel transformers' default `grouped_mm` experts use
+            if grouped_linear is not None:  # the grouped GEMM of transformers' default `grouped_mm` experts
                 offsets = torch.cumsum(per_expert, dim=0, dtype=torch.int32)
                 gate, up = grouped_linear(x, self.gate_up_proj, offsets).chunk(2, dim=-1)
                 h_all = self.act_fn(gate) * up
@@ -302,19 +303,6 @@ class _Collector:
             out["expert.mean_output"] = out["expert.mean_output"] / safe[..., None]
             out["expert_ffn.act"] = out["expert_ffn.act"] / safe[..., None]
         return ImportanceStats(tensors=out, metadata=metadata)
-
-
-def _grouped_linear_kernel(experts: Any) -> Any:
-    """transformers' grouped GEMM helper when the experts use the default `grouped_mm` implementation, else None
-    (then a per-expert loop with the eager arithmetic is used)."""
-    impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
-    if impl != "grouped_mm" or getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False):
-        return None
-    try:
-        from transformers.integrations.moe import _grouped_linear
-    except ImportError:  # private helper: fall back to the loop if a transformers release moves it
-        return None
-    return _grouped_linear
 
 
 def _get(root: Any, path: str) -> Any:
