@@ -23,7 +23,14 @@ from .models.slim_moe import SlimMoeForCausalLM
 from .utils import atomic_directory, count_parameters
 
 
-REMOTE_CODE_FILES = ("configuration_slim_moe.py", "modeling_slim_moe.py")
+#: The SlimMoe family's files, copied next to the weights (auto_map names the first and third; they import the rest).
+REMOTE_CODE_FILES = (
+    "configuration_slim_moe.py",
+    "variants_slim_moe.py",
+    "modeling_slim_moe.py",
+    "loading_slim_moe.py",
+    "generation_slim_moe.py",
+)
 AUTO_MAP = {
     "AutoConfig": "configuration_slim_moe.SlimMoeConfig",
     "AutoModel": "modeling_slim_moe.SlimMoeModel",
@@ -106,6 +113,7 @@ def render_model_card(
         elastic_variants=", ".join(["full", *variants]) if variants else "",
         recipe=recipe,
         remote_code=remote_code,
+        code_files=", ".join(f"`{name}`" for name in REMOTE_CODE_FILES),
         mtp_note=mtp_note,
     )
 

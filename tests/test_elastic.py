@@ -11,10 +11,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen3MoeForCausalLM
 
 from hf_slim.elastic import ElasticBudget, ElasticConfig, make_elastic, slice_variant
-from hf_slim.elastic.cli import add_slice_parser
+from hf_slim.cli.slice import add_slice_parser
 from hf_slim.hub import save_for_hub
 from hf_slim.models.slim_moe import SlimMoeConfig, SlimMoeForCausalLM
-from hf_slim.models.slim_moe import modeling_slim_moe
+from hf_slim.models.slim_moe import loading_slim_moe
 from hf_slim.pruning import collect_statistics
 from hf_slim.pruning.scores import hidden_importance
 
@@ -227,7 +227,7 @@ def test_gradient_checkpointing_recomputes_the_same_variant(pair, ids, name):
         model(ids, labels=ids, elastic_variant=name).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         assert model.active_elastic_variant == "full"
-        assert all(block._elastic_sizes is None for block in model._elastic_blocks())  # nothing left switched on
+        assert model.model._variant_plan is None  # nothing left switched on
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for key in grads[0]:
         torch.testing.assert_close(grads[1][key], grads[0][key], atol=1e-6, rtol=1e-5, msg=key)
@@ -269,7 +269,7 @@ class _ReadSpy:
         raise AssertionError(f"safe_open (memory-mapped read) called with {args}")
 
 
-_REAL_PREAD = modeling_slim_moe._pread_into
+_REAL_PREAD = loading_slim_moe._pread_into
 
 
 def test_partial_loading_reads_only_the_variant(pair, ids, tmp_path, monkeypatch):
@@ -277,8 +277,8 @@ def test_partial_loading_reads_only_the_variant(pair, ids, tmp_path, monkeypatch
     elastic.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     spy = _ReadSpy()
-    monkeypatch.setattr(modeling_slim_moe, "_pread_into", spy)
-    monkeypatch.setattr(modeling_slim_moe, "safe_open", _ReadSpy.refuse_safe_open)
+    monkeypatch.setattr(loading_slim_moe, "_pread_into", spy)
+    monkeypatch.setattr(loading_slim_moe, "safe_open", _ReadSpy.refuse_safe_open)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, elastic_variant="small")
     monkeypatch.undo()
     reference = elastic.slice_variant("small").eval()
@@ -308,7 +308,7 @@ def test_partial_loading_reads_only_the_variant(pair, ids, tmp_path, monkeypatch
 
 
 def test_tensor_runs_coalesce_contiguous_ranges():
-    runs = modeling_slim_moe._tensor_runs
+    runs = loading_slim_moe._tensor_runs
     assert runs((4, 6), ([(0, 2)], [(0, 6)]), 4) == [(0, 48)]  # [:2, :] is one read
     assert runs((4, 6), ([(0, 4)], [(0, 3)]), 4) == [(0, 12), (24, 12), (48, 12), (72, 12)]  # [:, :3]: one per row
     assert runs((4, 6), ([(0, 4)], [(0, 6)]), 2) == [(0, 48)]
@@ -329,7 +329,7 @@ def test_read_safetensors_ranges_equals_slicing(tmp_path, dtype):
     }
     path = str(tmp_path / "t.safetensors")
     save_file(tensors, path)
-    header, start = modeling_slim_moe._safetensors_header(path)
+    header, start = loading_slim_moe._safetensors_header(path)
     expected = {
         "model.layers.0.mlp.experts.gate_up_proj": (
             (2, 4, 3), torch.cat([tensors["model.layers.0.mlp.experts.gate_up_proj"][:2, a : a + 2, :3] for a in (0, 4)], 1)
@@ -340,7 +340,7 @@ def test_read_safetensors_ranges_equals_slicing(tmp_path, dtype):
     fd = os.open(path, os.O_RDONLY)
     try:
         for name, (shape, want) in expected.items():
-            got, count, _ = modeling_slim_moe._read_safetensors_ranges(path, header, start, name, shape, fd)
+            got, count, _ = loading_slim_moe._read_safetensors_ranges(path, header, start, name, shape, fd)
             assert got.dtype == dtype and count == want.numel() * want.element_size()
             assert torch.equal(got, want), name
     finally:

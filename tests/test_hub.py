@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM
 
-from hf_slim.hub import run_without_hf_slim, save_for_hub
+from hf_slim.hub import REMOTE_CODE_FILES, run_without_hf_slim, save_for_hub
 from hf_slim.models.slim_moe import SlimMoeConfig, SlimMoeForCausalLM
 
 
@@ -23,7 +23,11 @@ def test_remote_code_loads_without_hf_slim(tmp_path):
     model = _model(shared_expert_intermediate_size=8)
     folder = save_for_hub(model, tmp_path / "export")
     assert {"config.json", "model.safetensors", "generation_config.json", "README.md",
-            "configuration_slim_moe.py", "modeling_slim_moe.py"} <= set(os.listdir(folder))
+            *REMOTE_CODE_FILES} <= set(os.listdir(folder))
+    assert set(REMOTE_CODE_FILES) == {f"{concern}_slim_moe.py" for concern in
+                                      ("configuration", "variants", "modeling", "loading", "generation")}
+    card = (folder / "README.md").read_text()
+    assert all(f"`{name}`" in card for name in REMOTE_CODE_FILES)
     assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"].endswith(
         "SlimMoeForCausalLM"
     )
