@@ -285,7 +285,7 @@ def test_cli_prune_end_to_end(tmp_path, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from hf_slim.pruning.cli import add_prune_parser
+    from hf_slim.cli.prune import add_prune_parser
 
     model, _ = model_and_stats("qwen3_moe")
     src = tmp_path / "src"
@@ -396,7 +396,7 @@ def test_cli_replays_pruning_config_of_mtp_model(tmp_path):
     """`hf-slim prune --config pruning_config.json --stats ...` reads back a record with MTP block keys."""
     import argparse
 
-    from hf_slim.pruning.cli import add_prune_parser
+    from hf_slim.cli.prune import add_prune_parser
 
     model, stats = mtp_model_and_stats()
     src = tmp_path / "src"

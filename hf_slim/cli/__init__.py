@@ -1,0 +1,48 @@
+"""The `hf-slim` command line: one module per sub-command, one error policy ([`hf_slim.cli.errors`]).
+
+| command   | module                 | does                                                         |
+|-----------|------------------------|--------------------------------------------------------------|
+| `demo`    | `hf_slim.cli.demo`     | the embedded end-to-end pipeline, offline on CPU             |
+| `convert` | `hf_slim.cli.convert`  | stock MoE checkpoint <-> SlimMoe                             |
+| `prune`   | `hf_slim.cli.prune`    | calibrate and prune into a smaller checkpoint, same family   |
+| `slice`   | `hf_slim.cli.slice`    | one nested variant of an elastic checkpoint, standalone      |
+| `distill` | `hf_slim.cli.distill`  | progressive prune -> distill stages from a YAML config       |
+
+Building the parser imports no torch, transformers or trl: each command imports what it needs when it runs (and
+options that come from a config dataclass are added when that command is parsed), so `--help` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import SubcommandParser
+from .convert import add_convert_parser
+from .demo import add_demo_parser
+from .distill import add_distill_parser
+from .errors import run_command
+from .prune import add_prune_parser
+from .slice import add_slice_parser
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `hf-slim` parser; `parse_args` gives `args.command` and `args.handler` (which returns the exit code)."""
+    parser = argparse.ArgumentParser(prog="hf-slim", description="The `hf-slim` command line.")
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=SubcommandParser)
+    add_demo_parser(subparsers)
+    add_convert_parser(subparsers)
+    add_prune_parser(subparsers)
+    add_slice_parser(subparsers)
+    add_distill_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `hf-slim` on `argv` (default: `sys.argv[1:]`); returns the exit code (see [`hf_slim.cli.errors`])."""
+    args = build_parser().parse_args(argv)
+    import hf_slim  # noqa: F401  (registers the model family with the Auto classes)
+
+    return run_command(args)
+

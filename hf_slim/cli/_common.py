@@ -1,0 +1,64 @@
+"""What the sub-commands share: options added on first use, and the output-folder check worded for the flag."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SubcommandParser", "add_options", "check_output"]
+
+AddOptions = Callable[[argparse.ArgumentParser], None]
+
+
+class SubcommandParser(argparse.ArgumentParser):
+    """An `ArgumentParser` that adds its deferred options the first time it parses or formats its help.
+
+    A sub-command whose options come from a module importing torch or transformers (a config dataclass) defers
+    them, so that `hf-slim --help` and the other sub-commands do not import that module.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deferred: list[AddOptions] = []
+
+    def defer(self, add: AddOptions) -> None:
+        """Call `add(self)` before the first parse, usage or help."""
+        self._deferred.append(add)
+
+    def _add_deferred(self) -> None:
+        while self._deferred:
+            self._deferred.pop(0)(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._add_deferred()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._add_deferred()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._add_deferred()
+        return super().format_help()
+
+
+def add_options(parser: argparse.ArgumentParser, add: AddOptions) -> None:
+    """`add(parser)` on first use where `parser` is a [`SubcommandParser`] (as in `hf-slim`), otherwise now."""
+    if isinstance(parser, SubcommandParser):
+        parser.defer(add)
+    else:
+        add(parser)
+
+
+def check_output(output: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse a non-empty output folder before anything loads, naming the `--overwrite` flag.
+
+    Raises:
+        `FileExistsError`: `output` exists, is not empty and `overwrite` is off.
+    """
+    path = Path(output)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"output={output}: folder exists and is not empty; pass --overwrite to replace it")
