@@ -5,6 +5,8 @@ The SlimQwen objective is
     L = (1 - λ) · L_LM + λ · L_KD + β · ((1 - λ) · L_MTP-LM + λ · L_MTP-KD)
 
 with λ decaying linearly 1.0 -> 0.75 and β following a cosine 0.3 -> 0.1 (see [`LossWeightSchedule`]).
+[`slimqwen_objective`] weighs given terms; [`distillation_objective`] computes every term of one student forward from
+hidden states and returns the loss with the per-term logs (what `SlimDistillationTrainer.compute_loss` calls).
 
 Every term that needs vocabulary-sized logits ([`chunked_kd_loss`], [`mtp_kd_loss`], [`lm_loss`],
 [`mtp_lm_loss`]) takes hidden states and the `lm_head` weight instead of logits and projects a chunk of tokens at
@@ -27,11 +29,13 @@ Conventions shared by every term:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 __all__ = [
@@ -39,8 +43,10 @@ __all__ = [
     "SCHEDULE_KINDS",
     "LossWeightSchedule",
     "align_mtp_positions",
+    "check_kd_options",
     "chunked_kd_loss",
     "cosine_schedule",
+    "distillation_objective",
     "linear_schedule",
     "lm_loss",
     "mtp_kd_loss",
@@ -64,9 +70,9 @@ _ChunkLossFn = Callable[[int, int, Callable[[], torch.Tensor], bool], tuple[torc
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_chunk_size(chunk_size: int) -> None:
+def _check_chunk_size(chunk_size: int, name: str = "chunk_size") -> None:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int (tokens per chunk), got {chunk_size!r}.")
+        raise ValueError(f"{name} must be a positive int (tokens per chunk), got {chunk_size!r}.")
 
 
 def _check_reduction(reduction: str) -> None:
@@ -85,10 +91,32 @@ def _check_num_items(num_items_in_batch: int | torch.Tensor | None) -> None:
         raise ValueError(f"num_items_in_batch must be > 0 (the number of counted tokens), got {num_items_in_batch!r}.")
 
 
-def _check_kd_options(divergence: str, temperature: float, jsd_beta: float, teacher_top_k: int | None) -> None:
+def check_kd_options(
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    teacher_top_k: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    *,
+    chunk_size_name: str = "chunk_size",
+) -> None:
+    """Raise a `ValueError` naming the option and its value for KD settings no loss here accepts.
+
+    The losses check their arguments with it, and `SlimDistillationConfig` checks its fields with it when it is built.
+
+    Args:
+        divergence, temperature, jsd_beta, teacher_top_k, chunk_size: As in [`chunked_kd_loss`].
+        chunk_size_name (`str`, *optional*, defaults to `"chunk_size"`): How the message names `chunk_size` (e.g.
+            `"kd_chunk_size"` for a config field).
+    """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}.")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or not temperature > 0
+    ):
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}.")
     if isinstance(jsd_beta, bool) or not isinstance(jsd_beta, (int, float)) or not 0.0 <= jsd_beta <= 1.0:
         raise ValueError(f"jsd_beta must be a number in [0, 1] (0 = forward KL, 1 = reverse KL), got {jsd_beta!r}.")
@@ -102,6 +130,7 @@ def _check_kd_options(divergence: str, temperature: float, jsd_beta: float, teac
                 + ": the top-k teacher is zero outside its top k tokens, so KL(student || teacher) is infinite. "
                 "Use divergence='forward_kl', or 'jsd' with jsd_beta < 1, or teacher_top_k=None."
             )
+    _check_chunk_size(chunk_size, chunk_size_name)
 
 
 def _check_head(name_hidden: str, hidden: torch.Tensor, name_weight: str, weight: torch.Tensor) -> None:
@@ -467,8 +496,7 @@ def chunked_kd_loss(
     Returns:
         `torch.Tensor`: scalar loss (float32; float64 when the head is float64).
     """
-    _check_kd_options(divergence, temperature, jsd_beta, teacher_top_k)
-    _check_chunk_size(chunk_size)
+    check_kd_options(divergence, temperature, jsd_beta, teacher_top_k, chunk_size)
     _check_reduction(reduction)
     _check_num_items(num_items_in_batch)
     _check_head("student_hidden", student_hidden, "student_head_weight", student_head_weight)
@@ -789,6 +817,134 @@ def slimqwen_objective(
         raise ValueError("slimqwen_objective needs at least one loss term (lm or kd), got none.")
     logs["total"] = total.detach()
     return total, logs
+
+
+def _head_at(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The head weight at the hidden states' width (an elastic variant uses a prefix of the hidden channels)."""
+    return weight if weight.shape[1] == hidden.shape[-1] else weight[:, : hidden.shape[-1]]
+
+
+def _counted_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None, depth: int) -> torch.Tensor:
+    counted = labels[:, 1 + depth :].ne(-100)
+    if attention_mask is not None:
+        counted = counted & attention_mask[:, 1 + depth :].bool()
+    return counted.sum()
+
+
+def distillation_objective(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_head_weight: torch.Tensor,
+    labels: Sequence[torch.Tensor],
+    *,
+    lam: float,
+    beta: float,
+    mtp_hidden: Sequence[torch.Tensor] = (),
+    teacher_mtp_hidden: Sequence[torch.Tensor] = (),
+    head_bias: torch.Tensor | None = None,
+    teacher_head_bias: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    mtp_num_items: Mapping[int, torch.Tensor] | None = None,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
+    teacher_top_k: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    recompute: bool = False,
+) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """SlimQwen's objective ([`slimqwen_objective`]) of one student forward, every term computed from hidden states.
+
+    Depth 0 is the main head and depth `k >= 1` the MTP head `k`. Each depth has an LM term ([`lm_loss`] of
+    `labels[k]` shifted by `1 + k`) and a KD term ([`mtp_kd_loss`]: the teacher's distribution for the same token,
+    from the teacher's own depth-`k` head when `teacher_mtp_hidden` is given, else from its main head at position
+    `i + k`). A term's summed loss is divided by `num_items_in_batch` (depth 0) or `mtp_num_items[k]` when given (the
+    targets of the whole accumulation window, so accumulation matches one large batch), else by its counted targets
+    in this batch. A term whose weight is 0 is still computed for the logs, without a graph.
+
+    Args:
+        hidden (`torch.Tensor`): Student final hidden states `[B, T, H]`.
+        head_weight (`torch.Tensor`): Student `lm_head` weight `[V, H']`, `H' >= H` (an elastic variant of width `H`
+            uses the first `H` columns).
+        teacher_hidden (`torch.Tensor`): Teacher final hidden states `[B, T, H_t]` (or, for self-distillation, the
+            full student's).
+        teacher_head_weight (`torch.Tensor`): Teacher `lm_head` weight `[V, H_t']`, `H_t' >= H_t`.
+        labels (`Sequence[torch.Tensor]`): Unshifted labels `[B, T]` of each depth `0..len(mtp_hidden)`, -100 where
+            a target is not counted (e.g. per depth, targets in another packed document).
+        lam (`float`): λ in [0, 1], the KD weight.
+        beta (`float`): β >= 0, the MTP weight.
+        mtp_hidden (`Sequence[torch.Tensor]`, *optional*): Student MTP hidden states of depth `k = 1, 2, ...`,
+            `[B, T - k, H]` each.
+        teacher_mtp_hidden (`Sequence[torch.Tensor]`, *optional*): The teacher's, same layout; empty: MTP-KD from
+            the teacher's main head.
+        head_bias, teacher_head_bias (`torch.Tensor`, *optional*): Head biases `[V]`.
+        attention_mask (`torch.Tensor`, *optional*): `[B, T]` padding mask.
+        num_items_in_batch (`int` or `torch.Tensor`, *optional*): Counted main-head targets of the accumulation window.
+        mtp_num_items (`Mapping[int, torch.Tensor]`, *optional*): Counted targets of depth `k` in the window.
+        temperature, divergence, jsd_beta, teacher_top_k, chunk_size, recompute: As in [`chunked_kd_loss`].
+
+    Returns:
+        `tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]`: the loss, and per logged term a detached
+        `(value, weight)` pair whose running mean over a logging window is `sum(value) / sum(weight)`: `lm`, `kd`,
+        `mtp_lm_{k}`, `mtp_kd_{k}` as (summed loss, counted targets), and `mtp_lm`, `mtp_kd` as (the mean over depths
+        of the per-target means, 1).
+    """
+    if len(labels) < 1 + len(mtp_hidden):
+        raise ValueError(
+            f"labels must hold the labels of every depth 0..{len(mtp_hidden)} (one per MTP depth besides the main "
+            f"head), got {len(labels)}."
+        )
+    options = dict(chunk_size=chunk_size, recompute=recompute, reduction="sum")
+    kd_options = dict(
+        options, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta, teacher_top_k=teacher_top_k
+    )
+    counts = [_counted_targets(labels[k], attention_mask, k) for k in range(len(mtp_hidden) + 1)]
+    logs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def denominator(depth: int) -> torch.Tensor:
+        if num_items_in_batch is None:
+            return counts[depth].clamp_min(1).float()
+        if depth == 0:
+            return torch.as_tensor(num_items_in_batch, device=hidden.device).float()
+        return (mtp_num_items or {}).get(depth, counts[depth]).clamp_min(1).float()
+
+    def term(name: str, depth: int, value: torch.Tensor) -> torch.Tensor:
+        logs[name] = (value.detach().float(), counts[depth].float())
+        return value / denominator(depth)
+
+    def graph_if(weight: float) -> contextlib.AbstractContextManager:
+        # a term with weight 0 is still computed for the logs, but without a graph
+        return contextlib.nullcontext() if weight != 0.0 else torch.no_grad()
+
+    student_weight = _head_at(head_weight, hidden)
+    lm_terms, kd_terms = [], []
+    for k in range(len(mtp_hidden) + 1):
+        # depth k has T - k positions; the pad rows are never read
+        h = hidden if k == 0 else F.pad(mtp_hidden[k - 1], (0, 0, 0, k))
+        if k and teacher_mtp_hidden:
+            target, teacher_depth = F.pad(teacher_mtp_hidden[k - 1], (0, 0, 0, k)), k
+        else:
+            target, teacher_depth = teacher_hidden, 0
+        depth_weight = 1.0 if k == 0 else beta
+        lm_name, kd_name = ("lm", "kd") if k == 0 else (f"mtp_lm_{k}", f"mtp_kd_{k}")
+        with graph_if(depth_weight * (1.0 - lam)):
+            lm = lm_loss(h, student_weight, labels[k], depth=k, head_bias=head_bias, **options)
+        lm_terms.append(term(lm_name, k, lm))
+        with graph_if(depth_weight * lam):
+            kd = mtp_kd_loss(
+                h, student_weight, target, _head_at(teacher_head_weight, target), k, labels=labels[k],
+                attention_mask=attention_mask, teacher_depth=teacher_depth, student_head_bias=head_bias,
+                teacher_head_bias=teacher_head_bias, **kd_options,
+            )  # fmt: skip
+        kd_terms.append(term(kd_name, k, kd))
+    loss, _ = slimqwen_objective(lm_terms[0], kd_terms[0], lm_terms[1:], kd_terms[1:], lam, beta)
+    for group in ("mtp_lm", "mtp_kd"):
+        per_depth = [logs[f"{group}_{k}"] for k in range(1, len(mtp_hidden) + 1)]
+        if per_depth:
+            mean = torch.stack([value / count.to(value.device).clamp_min(1) for value, count in per_depth]).mean()
+            logs[group] = (mean, torch.ones((), device=mean.device))
+    return loss, logs
 
 
 def linear_schedule(start: float, end: float, progress: float) -> float:

@@ -779,7 +779,7 @@ def test_progressive_distill_cli_two_stages(tmp_path, data):
 
     from transformers import AutoModelForCausalLM
 
-    from trainers.cli import add_distill_parser
+    from hf_slim.cli.distill import add_distill_parser
 
     tokenizer, dataset, _ = data
     teacher = train_teacher(dataset, len(tokenizer), steps=3, num_hidden_layers=4, mlp_layer_types=["sparse"] * 4)
@@ -836,6 +836,54 @@ disable_tqdm: true
     # a second run refuses to overwrite the final folder
     with pytest.raises(FileExistsError, match="final"):
         args.handler(args)
+
+
+def test_progressive_run_distills_from_the_quantized_teacher(tmp_path, data, monkeypatch):
+    """`teacher_quantization` reaches the teacher of `hf-slim distill` (it used to be ignored: the teacher was loaded
+    unquantized and the first stage's trainer then refused the setting); the student is pruned from the unquantized
+    weights. Hidden size 64: bitsandbytes' 4bit CPU path packs it (see the 4bit tests above)."""
+    pytest.importorskip("bitsandbytes")
+    from trainers import progressive
+
+    tokenizer, _, _ = data
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=64, head_dim=16, moe_intermediate_size=64, shared_expert_intermediate_size=64)
+    SlimMoeForCausalLM(tiny_config(len(tokenizer), **sizes)).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    built = []
+
+    class Spy(SlimDistillationTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(progressive, "SlimDistillationTrainer", Spy)
+    script_args = progressive.DistillScriptArguments(
+        dataset_name="hf_slim:stdlib", prune_stages=[{"num_hidden_layers": 1}], stage_tokens=[4 * SEQ],
+        calibration_samples=4,
+    )  # fmt: skip
+    args = distill_args(
+        tmp_path / "run", teacher_model_name_or_path=str(tmp_path / "teacher"), teacher_quantization="4bit"
+    )
+    _, results = progressive.run_progressive(script_args, args)
+    (trainer,) = built
+    teacher = trainer.teacher_model
+    assert teacher.is_loaded_in_4bit and teacher.config.quantization_config.bnb_4bit_quant_type == "nf4"
+    assert type(teacher.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    assert student.config.num_hidden_layers == 1 and not getattr(student, "is_loaded_in_4bit", False)
+    assert type(student.model.layers[0].self_attn.q_proj).__name__ == "Linear"
+    kd = [h["kd"] for h in results[0].log_history if "kd" in h]
+    assert len(kd) == 1 and 0 < kd[0] < 10
+
+
+def test_teacher_helpers_moved_to_trainers_teacher_warn_at_the_old_path():
+    import trainers.distillation_trainer as old
+    from trainers import teacher
+
+    for name in ("teacher_quantization_config", "fit_bnb_4bit_cpu_layers"):
+        with pytest.warns(FutureWarning, match=rf"trainers\.teacher\.{name}"):
+            assert getattr(old, name) is getattr(teacher, name)
 
 
 @pytest.mark.parametrize(

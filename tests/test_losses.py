@@ -10,8 +10,10 @@ from hf_slim.losses import (
     DIVERGENCES,
     LossWeightSchedule,
     align_mtp_positions,
+    check_kd_options,
     chunked_kd_loss,
     cosine_schedule,
+    distillation_objective,
     linear_schedule,
     lm_loss,
     mtp_kd_loss,
@@ -490,6 +492,93 @@ def test_slimqwen_objective_allows_missing_zero_weight_terms():
 def test_slimqwen_objective_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         slimqwen_objective(**kwargs)
+
+
+def _objective_inputs(b=2, t=8, depths=2, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, H_S, generator=g, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(V, H_S, generator=g, dtype=torch.float64).requires_grad_()
+    mtp = [torch.randn(b, t - k, H_S, generator=g, dtype=torch.float64).requires_grad_() for k in range(1, depths + 1)]
+    teacher = torch.randn(b, t, H_T, generator=g, dtype=torch.float64)
+    teacher_mtp = [torch.randn(b, t - k, H_T, generator=g, dtype=torch.float64) for k in range(1, depths + 1)]
+    t_weight = torch.randn(V, H_T, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, V, (b, t), generator=g)
+    labels[0, 6:] = -100
+    labels[1, 3] = -100
+    return hidden, weight, mtp, teacher, teacher_mtp, t_weight, labels
+
+
+def _full_logit_terms(hidden, weight, mtp, teacher, teacher_mtp, t_weight, labels, use_teacher_mtp):
+    """Per depth: summed cross-entropy, summed KL(teacher || student) and counted targets, from full logits."""
+    t = labels.shape[1]
+    out = []
+    for k, h in enumerate([hidden, *mtp]):
+        n = t - 1 - k
+        counted = labels[:, 1 + k :] != -100
+        log_p = F.log_softmax(h[:, :n] @ weight.T, -1)
+        source = teacher_mtp[k - 1][:, :n] if k and use_teacher_mtp else teacher[:, k : k + n]
+        log_q = F.log_softmax(source @ t_weight.T, -1)
+        ce = -log_p.gather(-1, labels[:, 1 + k :].clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+        out.append((ce[counted].sum(), kl[counted].sum(), counted.sum()))
+    return out
+
+
+@pytest.mark.parametrize("use_teacher_mtp", [False, True])
+@pytest.mark.parametrize("num_items", [False, True])
+def test_distillation_objective_is_the_formula_of_full_logit_terms(use_teacher_mtp, num_items):
+    hidden, weight, mtp, teacher, teacher_mtp, t_weight, labels = inputs = _objective_inputs()
+    lam, beta = 0.75, 0.3
+    denominators = {0: 50, 1: torch.tensor(40), 2: torch.tensor(30)} if num_items else None
+    loss, logs = distillation_objective(
+        hidden, weight, teacher, t_weight, [labels] * 3, lam=lam, beta=beta, mtp_hidden=mtp,
+        teacher_mtp_hidden=teacher_mtp if use_teacher_mtp else (), chunk_size=3,
+        num_items_in_batch=denominators[0] if num_items else None,
+        mtp_num_items={k: denominators[k] for k in (1, 2)} if num_items else None,
+    )  # fmt: skip
+    terms = _full_logit_terms(*inputs, use_teacher_mtp)
+    lm, kd = [], []
+    for k, (ce, kl, count) in enumerate(terms):
+        denominator = denominators[k] if num_items else count
+        lm.append(ce / denominator)
+        kd.append(kl / denominator)
+    ref = (1 - lam) * lm[0] + lam * kd[0] + beta * ((1 - lam) * (lm[1] + lm[2]) / 2 + lam * (kd[1] + kd[2]) / 2)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
+    assert_all_close(grads(loss, [hidden, weight, *mtp]), grads(ref, [hidden, weight, *mtp]), 1e-10)
+    # logs: (summed loss, counted targets) per term, (depth mean of per-target means, 1) for the MTP groups
+    for k, (ce, kl, count) in enumerate(terms):
+        lm_name, kd_name = ("lm", "kd") if k == 0 else (f"mtp_lm_{k}", f"mtp_kd_{k}")
+        for name, value in ((lm_name, ce), (kd_name, kl)):
+            torch.testing.assert_close(logs[name][0], value.detach().float(), rtol=1e-6, atol=1e-6)
+            assert logs[name][1].item() == count.item() and not logs[name][0].requires_grad
+    for group, index in (("mtp_lm", 0), ("mtp_kd", 1)):
+        mean = sum(terms[k][index] / terms[k][2] for k in (1, 2)) / 2
+        assert logs[group][0].item() == pytest.approx(mean.item(), rel=1e-6) and logs[group][1].item() == 1
+    assert set(logs) == {"lm", "kd", "mtp_lm", "mtp_kd", "mtp_lm_1", "mtp_lm_2", "mtp_kd_1", "mtp_kd_2"}
+
+
+def test_distillation_objective_zero_weight_terms_are_logged_without_a_graph():
+    hidden, weight, mtp, teacher, _, t_weight, labels = _objective_inputs()
+    loss, logs = distillation_objective(
+        hidden, weight, teacher, t_weight, [labels] * 3, lam=1.0, beta=0.0, mtp_hidden=mtp
+    )
+    assert all(torch.isfinite(value) and value > 0 for value, _ in logs.values())
+    assert torch.autograd.grad(loss, mtp, allow_unused=True) == (None, None)  # β = 0: the MTP heads get nothing
+    # an elastic variant of width H_S - 2 uses the first columns of the heads
+    narrow = hidden[..., :-2].detach()
+    _, sliced = distillation_objective(narrow, weight, teacher, t_weight, [labels], lam=0.5, beta=0.0)
+    _, reference = distillation_objective(narrow, weight[:, :-2], teacher, t_weight, [labels], lam=0.5, beta=0.0)
+    assert {k: v[0].item() for k, v in sliced.items()} == {k: v[0].item() for k, v in reference.items()}
+    with pytest.raises(ValueError, match="labels of every depth 0..2.*got 1"):
+        distillation_objective(hidden, weight, teacher, t_weight, [labels], lam=1.0, beta=0.0, mtp_hidden=mtp)
+
+
+def test_check_kd_options_names_the_callers_field():
+    check_kd_options("jsd", 2.0, 0.3, 5, 64)
+    with pytest.raises(ValueError, match="kd_chunk_size must be a positive int.*got 0"):
+        check_kd_options(chunk_size=0, chunk_size_name="kd_chunk_size")
+    with pytest.raises(ValueError, match="temperature must be a number > 0, got inf"):
+        check_kd_options(temperature=float("inf"))
 
 
 def test_schedules_at_start_middle_end():

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_anatomy import FAMILY_KWARGS, tiny_model  # noqa: E402
 
 import hf_slim  # noqa: E402, F401  (registers slim_moe with the Auto classes)
-from hf_slim.pruning import ProgressivePlan, PruneConfig  # noqa: E402
+from hf_slim.pruning import ProgressivePlan, PruneConfig, prune_progressively  # noqa: E402
 
 
 def tiny_config(family: str = "qwen3_moe", **overrides):
@@ -97,6 +97,45 @@ def test_plan_run_refuses_an_impossible_stage_before_calibrating():
         plan({"num_hidden_layers": 3}, {"num_experts": 100}).run(model, calibrate)
     with pytest.raises(ValueError, match=r"^stages\[0\] \(stage 1\): num_experts_per_tok=2 "):
         plan({"num_experts_per_tok": 2}).run(model, calibrate)
+
+
+def test_one_loop_behind_plan_run_and_hf_slim_distill():
+    """`prune_progressively` hands each pruned model and its resolved stage to `after_stage` (after the last stage
+    only when asked, as `hf-slim distill` does); `ProgressivePlan.run` is that loop with `recover(model, index)`."""
+    stages, calls = plan({"num_hidden_layers": 3}, {}, {"num_hidden_layers": 0.5}), []
+
+    def after_stage(model, index, stage):
+        calls.append((index, model.config.num_hidden_layers, stage.num_hidden_layers))
+        return model
+
+    out = prune_progressively(tiny_model("qwen3_moe"), stages, lambda m: None, after_stage, after_last_stage=True)
+    assert calls == [(0, 3, 3), (1, 3, None), (2, 2, 2)] and out.config.num_hidden_layers == 2
+    recovered = []
+    out = stages.run(tiny_model("qwen3_moe"), lambda m: None, lambda m, i: recovered.append(i) or m)
+    assert recovered == [0, 1] and out.config.num_hidden_layers == 2
+
+
+def test_pruning_modules_import_no_circle():
+    """The plan and its loop live beside `prune`, not in `config.py`, which `prune.py` imports: no import circle in
+    `hf_slim.pruning`, counting imports inside functions."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(hf_slim.__file__).parent / "pruning"
+    edges = {}
+    for path in folder.glob("*.py"):
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                targets |= {n.split(".")[0] for n in names if (folder / f"{n.split('.')[0]}.py").exists()}
+        edges[path.stem] = targets - {path.stem}
+
+    def reaches(start, goal, seen=()):
+        return any(t == goal or (t not in seen and reaches(t, goal, (*seen, t))) for t in edges.get(start, ()))
+
+    circles = sorted(m for m in edges if m != "__init__" and reaches(m, m))
+    assert not circles, {m: sorted(edges[m]) for m in circles}
 
 
 def test_depth_first_cuts_at_least_one_layer_per_stage():

@@ -11,13 +11,13 @@
 
 from .distillation_config import SlimDistillationConfig
 from .distillation_trainer import (
-    NonFiniteLossError,
     SlimDistillationTrainer,
     check_dataset_columns,
     elastic_variant_names,
     sample_elastic_variants,
-    teacher_quantization_config,
 )
+from .nonfinite import NonFiniteLossError
+from .teacher import teacher_quantization_config
 
 
 __all__ = [

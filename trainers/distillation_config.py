@@ -10,7 +10,7 @@ from typing import Any
 
 from trl import SFTConfig
 
-from hf_slim.losses import DIVERGENCES, SCHEDULE_KINDS, LossWeightSchedule
+from hf_slim.losses import DIVERGENCES, SCHEDULE_KINDS, LossWeightSchedule, check_kd_options
 
 
 __all__ = [
@@ -89,7 +89,7 @@ class SlimDistillationConfig(SFTConfig):
 
         nonfinite_loss (`str`, *optional*, defaults to `"error"`): What happens when a loss term or the gradients of
             an optimizer step (any micro-batch of the accumulation window, on any process) hold a NaN or inf. Checked
-            just before `optimizer.step()`. `"error"`: raise [`~trainers.distillation_trainer.NonFiniteLossError`]
+            just before `optimizer.step()`. `"error"`: raise [`~trainers.nonfinite.NonFiniteLossError`]
             (a `FloatingPointError`) naming the global step and the non-finite terms; the step is not applied.
             `"skip"`: drop the step's gradients (the optimizer leaves the weights and its state alone), warn, and
             count it in the logged `nonfinite_skipped`. All processes take the same decision.
@@ -230,27 +230,12 @@ class SlimDistillationConfig(SFTConfig):
         self._validate()
 
     def _validate(self) -> None:
-        # LossWeightSchedule checks ranges and kinds with messages naming the field
+        # the losses check their own settings (ranges, kinds, combinations) with messages naming the field
         self.loss_weight_schedule()
-        if not _is_number(self.temperature) or self.temperature <= 0:
-            raise ValueError(f"temperature must be a number > 0, got {self.temperature!r}.")
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}.")
-        if not _is_number(self.jsd_beta) or not 0.0 <= self.jsd_beta <= 1.0:
-            raise ValueError(f"jsd_beta must be a number in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.jsd_beta!r}.")
-        if self.teacher_top_k is not None:
-            if isinstance(self.teacher_top_k, bool) or not isinstance(self.teacher_top_k, int) or self.teacher_top_k < 1:
-                raise ValueError(f"teacher_top_k must be None or an int >= 1, got {self.teacher_top_k!r}.")
-            if self.divergence == "reverse_kl" or (self.divergence == "jsd" and self.jsd_beta == 1.0):
-                raise ValueError(
-                    f"teacher_top_k={self.teacher_top_k} cannot be used with divergence={self.divergence!r}"
-                    f"{f' and jsd_beta={self.jsd_beta}' if self.divergence == 'jsd' else ''}: KL(student || top-k "
-                    "teacher) is infinite. Valid: divergence='forward_kl', 'jsd' with jsd_beta < 1, or teacher_top_k=None."
-                )
-        for name in ("kd_chunk_size",):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1 (tokens per chunk), got {value!r}.")
+        check_kd_options(
+            self.divergence, self.temperature, self.jsd_beta, self.teacher_top_k, self.kd_chunk_size,
+            chunk_size_name="kd_chunk_size",
+        )  # fmt: skip
         if self.mtp_kd_target not in MTP_KD_TARGETS:
             raise ValueError(f"mtp_kd_target must be one of {MTP_KD_TARGETS}, got {self.mtp_kd_target!r}.")
         if self.teacher_quantization is not None and self.teacher_quantization not in TEACHER_QUANTIZATION:

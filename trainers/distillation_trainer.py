@@ -12,24 +12,23 @@ projected a chunk of tokens at a time from hidden states and the `lm_head` weigh
 
 from __future__ import annotations
 
-import contextlib
 import random
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from datasets import Dataset, IterableDataset
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.optimization import get_scheduler
-from transformers.utils import logging
 from trl import SFTTrainer
 
-from hf_slim.losses import lm_loss, mtp_kd_loss, mtp_lm_loss, slimqwen_objective
+from hf_slim.losses import distillation_objective
+from hf_slim.models.slim_moe.configuration_slim_moe import FULL_VARIANT
 
 from .distillation_config import SlimDistillationConfig
+from .nonfinite import NonFiniteGuard, NonFiniteLossError
+from .teacher import load_teacher, prepare_teacher
 
 
 __all__ = [
@@ -40,11 +39,7 @@ __all__ = [
     "sample_elastic_variants",
 ]
 
-logger = logging.get_logger(__name__)
-
-FULL_VARIANT = "full"
 _TEXT_COLUMNS = ("messages", "conversations")
-_GRADIENTS = "gradients"  # the entry of the non-finite check that is not a loss term
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,11 +166,6 @@ def _head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, getattr(head, "bias", None)
 
 
-def _vocab_rows(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """The head weight at the hidden states' width (an elastic variant uses a prefix of the hidden channels)."""
-    return weight if weight.shape[1] == hidden.shape[-1] else weight[:, : hidden.shape[-1]]
-
-
 def depth_labels(labels: torch.Tensor, position_ids: torch.Tensor | None, depth: int) -> torch.Tensor:
     """`labels` with the targets of depth `depth` that lie in another packed document set to -100.
 
@@ -240,54 +230,6 @@ def unused_parameter_reasons(model: nn.Module | str, args: SlimDistillationConfi
             f"beta_start = beta_end = 0 leaves the student's {config.num_mtp_heads} MTP heads out of every step"
         )
     return reasons
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Non-finite steps
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term or the gradients of an optimizer step are NaN/inf (`nonfinite_loss="error"`).
-
-    Raised by [`SlimDistillationTrainer`] just before `optimizer.step()`, on every process at the same step, so the
-    student still holds the weights (and the optimizer the state) of the last good step. A `FloatingPointError`, the
-    standard type for a floating-point result that is not a number, so it can be caught without importing this
-    module.
-
-    Attributes:
-        step (`int`): `state.global_step` when raised, i.e. the number of optimizer steps already applied.
-        terms (`dict[str, str]`): Each non-finite logged term (`lm`, `kd`, `mtp_lm_{k}`, `mtp_kd_{k}`, `aux`,
-            `total`, or `gradients`) -> `"nan"` or `"inf"`, over every micro-batch and process of the step.
-    """
-
-    def __init__(self, message: str, step: int, terms: dict[str, str]):
-        super().__init__(message)
-        self.step = step
-        self.terms = dict(terms)
-
-    def __reduce__(self):  # keep step and terms through pickling (multiprocessing, elastic agents)
-        return type(self), (str(self), self.step, self.terms)
-
-
-class _NonFiniteGuard(TrainerCallback):
-    """Runs the trainer's non-finite check at `on_pre_optimizer_step`: the Trainer fires it after the backward passes
-    (and gradient clipping) of an accumulation window and right before `optimizer.step()`, on every process — the
-    last point where a bad step can still be stopped or dropped without touching the weights."""
-
-    def __init__(self, trainer: SlimDistillationTrainer):
-        self._trainer = weakref.ref(trainer)  # the trainer owns its callbacks: no reference cycle
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        trainer = self._trainer()
-        if trainer is not None:
-            trainer._nonfinite_window = None
-            trainer.nonfinite_skipped = 0
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        trainer = self._trainer()
-        if trainer is not None:
-            trainer._guard_optimizer_step()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,7 +312,7 @@ class SlimDistillationTrainer(SFTTrainer):
                 "SlimDistillationConfig."
             )
         if isinstance(teacher_model, str):
-            teacher_model = self._load_teacher(teacher_model, args, processing_class)
+            teacher_model = load_teacher(teacher_model, args, processing_class)
         elif args.teacher_model_init_kwargs or args.teacher_quantization:
             raise ValueError(
                 "teacher_model_init_kwargs / teacher_quantization are set but teacher_model is already instantiated; "
@@ -398,17 +340,7 @@ class SlimDistillationTrainer(SFTTrainer):
         self.model_accepts_loss_kwargs = True
 
         self._check_pair(self.model, teacher_model, args)
-        teacher_model.eval()
-        teacher_model.requires_grad_(False)
-        if self.is_deepspeed_enabled:
-            from trl.models.utils import prepare_deepspeed
-
-            self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
-        elif getattr(teacher_model, "is_loaded_in_4bit", False) or getattr(teacher_model, "is_loaded_in_8bit", False):
-            fit_bnb_4bit_cpu_layers(teacher_model)
-            self.teacher_model = teacher_model  # bitsandbytes models are already placed and cannot be moved
-        else:
-            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        self.teacher_model = prepare_teacher(teacher_model, self.accelerator, self.is_deepspeed_enabled)
 
         self.loss_weights = args.loss_weight_schedule()
         self.num_mtp_depths = _num_mtp_depths(self.model)
@@ -420,44 +352,18 @@ class SlimDistillationTrainer(SFTTrainer):
         self._term_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._term_counts: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
 
-        # Non-finite check: a fixed list of entries (the same on every process, so the per-step flags can be reduced
-        # as one tensor), and per entry the NaN / inf values seen in the current accumulation window.
+        # every loss term a step can log (the same on every process, so the per-step flags reduce as one tensor)
         depths = range(1, self.num_mtp_depths + 1)
-        self._nonfinite_names = [
-            "lm", "kd", *(f"mtp_lm_{k}" for k in depths), *(f"mtp_kd_{k}" for k in depths), "aux", "total", _GRADIENTS,
-        ]  # fmt: skip
-        self._nonfinite_window: torch.Tensor | None = None  # [2 (nan, inf), len(names)] counts, on args.device
-        self.nonfinite_skipped = 0
-        self.add_callback(_NonFiniteGuard(self))
-        if self.is_deepspeed_enabled:
-            logger.warning(
-                "Under DeepSpeed the engine steps the optimizer inside backward, before the trainer's non-finite "
-                "check (nonfinite_loss) runs: a NaN/inf loss still stops training or is counted, but its step is "
-                "already applied. Use DeepSpeed's own overflow handling (fp16 loss scaling) to skip steps."
-            )
+        terms = ["lm", "kd", *(f"mtp_lm_{k}" for k in depths), *(f"mtp_kd_{k}" for k in depths), "aux", "total"]
+        self._nonfinite = NonFiniteGuard(self, terms)
+        self.add_callback(self._nonfinite)
+
+    @property
+    def nonfinite_skipped(self) -> int:
+        """Optimizer steps skipped for NaN/inf (`nonfinite_loss="skip"`) since `train()` started."""
+        return self._nonfinite.skipped
 
     # ---- construction ------------------------------------------------------------------------------------------
-    @staticmethod
-    def _load_teacher(
-        path: str, args: SlimDistillationConfig, processing_class: PreTrainedTokenizerBase | None
-    ) -> PreTrainedModel:
-        kwargs = dict(args.teacher_model_init_kwargs or {})
-        dtype = kwargs.get("dtype")
-        if isinstance(dtype, str) and dtype != "auto":
-            if not isinstance(getattr(torch, dtype, None), torch.dtype):
-                raise ValueError(
-                    f"teacher_model_init_kwargs['dtype'] must be 'auto' or a torch dtype name such as 'bfloat16', "
-                    f"got {dtype!r}."
-                )
-            kwargs["dtype"] = getattr(torch, dtype)
-        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-        if args.teacher_quantization is not None:
-            kwargs["quantization_config"] = teacher_quantization_config(args.teacher_quantization)
-        teacher = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        if processing_class is not None:
-            _check_teacher_tokenizer(path, processing_class, args.trust_remote_code)
-        return teacher
-
     def _check_pair(self, student: nn.Module, teacher: nn.Module, args: SlimDistillationConfig) -> None:
         s_weight, _ = _head(student)
         t_weight, _ = _head(teacher)
@@ -679,11 +585,13 @@ class SlimDistillationTrainer(SFTTrainer):
         teacher_hidden, teacher_mtp_hidden = self._teacher_hidden(forward_inputs, teacher_mtp)
         t_weight, t_bias = _head(self.teacher_model)
         s_weight, s_bias = _head(model)
-        # counted targets per depth in this micro-batch (for the logged per-token means)
         # per depth, the labels without targets in another packed document (padding-free packing)
-        position_ids = inputs.get("position_ids")
-        labels_at = {k: depth_labels(labels, position_ids, k) for k in range(depths + 1)}
-        counts = {k: self._count(labels_at[k], attention_mask, k) for k in range(depths + 1)}
+        labels_at = [depth_labels(labels, inputs.get("position_ids"), k) for k in range(depths + 1)]
+        options = dict(
+            temperature=args.temperature, divergence=args.divergence, jsd_beta=args.jsd_beta,
+            teacher_top_k=args.teacher_top_k, chunk_size=args.kd_chunk_size, recompute=args.kd_recompute,
+            attention_mask=attention_mask, num_items_in_batch=num_items_in_batch, mtp_num_items=self._mtp_num_items,
+        )  # fmt: skip
         full_hidden = None
         total = None
         for variant in variants:
@@ -698,9 +606,10 @@ class SlimDistillationTrainer(SFTTrainer):
                     with torch.no_grad():
                         full_hidden, _, _ = self._forward_hidden(model, forward_inputs, want_mtp=False, want_aux=False)
                 kd_source = (full_hidden, s_weight.detach(), None if s_bias is None else s_bias.detach(), ())
-            loss, raw = self._objective(
-                hidden, mtp_hidden, s_weight, s_bias, kd_source, labels_at, attention_mask, lam, beta, depths,
-                num_items_in_batch, counts,
+            kd_hidden, kd_weight, kd_bias, kd_mtp_hidden = kd_source
+            loss, raw = distillation_objective(
+                hidden, s_weight, kd_hidden, kd_weight, labels_at, lam=lam, beta=beta, mtp_hidden=mtp_hidden,
+                teacher_mtp_hidden=kd_mtp_hidden, head_bias=s_bias, teacher_head_bias=kd_bias, **options,
             )
             # Like SFTTrainer: `num_items_in_batch` counts the tokens of every rank, and DDP averages the gradients.
             if args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -713,13 +622,13 @@ class SlimDistillationTrainer(SFTTrainer):
             loss = loss / len(variants)
             total = loss if total is None else total + loss
             if mode == "train":
-                self._flag_nonfinite({name: value for name, (value, _) in raw.items()})
+                self._nonfinite.flag({name: value for name, (value, _) in raw.items()})
             # unprefixed: over every student forward of the step; with elastic sampling also per variant
             self._record(mode, raw, prefix="")
             if variant is not None:
                 self._record(mode, raw, prefix=f"{variant}/")
         if mode == "train":
-            self._flag_nonfinite({"total": total})
+            self._nonfinite.flag({"total": total})
         self._metrics[mode]["lambda"].append(lam)
         self._metrics[mode]["beta"].append(beta)
         if attention_mask is not None:
@@ -734,198 +643,16 @@ class SlimDistillationTrainer(SFTTrainer):
             return total, outputs
         return total
 
-    @staticmethod
-    def _count(labels: torch.Tensor, attention_mask: torch.Tensor | None, depth: int) -> torch.Tensor:
-        counted = labels[:, 1 + depth :].ne(-100)
-        if attention_mask is not None:
-            counted = counted & attention_mask[:, 1 + depth :].bool()
-        return counted.sum()
-
-    def _objective(
-        self,
-        hidden: torch.Tensor,
-        mtp_hidden: tuple[torch.Tensor, ...],
-        s_weight: torch.Tensor,
-        s_bias: torch.Tensor | None,
-        kd_source: tuple,
-        labels_at: dict[int, torch.Tensor],
-        attention_mask: torch.Tensor | None,
-        lam: float,
-        beta: float,
-        depths: int,
-        num_items_in_batch: torch.Tensor | int | None,
-        counts: dict[int, torch.Tensor],
-    ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-        """SlimQwen's objective for one student forward; also the raw (summed) terms and their token counts.
-
-        `labels_at[k]` are the labels of depth k (see [`depth_labels`]); every term of depth k counts exactly the
-        positions whose target in `labels_at[k]` is not -100 (and are real tokens under `attention_mask`)."""
-        args = self.args
-        t_hidden, t_weight, t_bias, t_mtp = kd_source
-        kd_kwargs = dict(
-            temperature=args.temperature,
-            divergence=args.divergence,
-            jsd_beta=args.jsd_beta,
-            teacher_top_k=args.teacher_top_k,
-            chunk_size=args.kd_chunk_size,
-            recompute=args.kd_recompute,
-            reduction="sum",
-        )
-        lm_kwargs = dict(chunk_size=args.kd_chunk_size, recompute=args.kd_recompute, reduction="sum")
-        raw: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def denominator(depth: int) -> torch.Tensor:
-            if num_items_in_batch is None:
-                return counts[depth].clamp_min(1).float()
-            if depth == 0:
-                return torch.as_tensor(num_items_in_batch, device=hidden.device).float()
-            return self._mtp_num_items.get(depth, counts[depth]).clamp_min(1).float()
-
-        def term(name: str, depth: int, weight: float, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-            # A term with weight 0 is still computed for the log, but without a graph.
-            with contextlib.nullcontext() if weight != 0.0 else torch.no_grad():
-                value = fn()
-            raw[name] = (value.detach().float(), counts[depth].float())
-            return value / denominator(depth)
-
-        w_s = _vocab_rows(s_weight, hidden)
-        lm = term("lm", 0, 1.0 - lam, lambda: lm_loss(hidden, w_s, labels_at[0], head_bias=s_bias, **lm_kwargs))
-        kd = term(
-            "kd",
-            0,
-            lam,
-            lambda: mtp_kd_loss(
-                hidden, w_s, t_hidden, _vocab_rows(t_weight, t_hidden), 0, labels=labels_at[0],
-                attention_mask=attention_mask, student_head_bias=s_bias, teacher_head_bias=t_bias, **kd_kwargs,
-            ),
-        )
-        mtp_lm, mtp_kd = [], []
-        for k in range(1, depths + 1):
-            if k > len(mtp_hidden):  # sequences shorter than the depth
-                break
-            h_k = F.pad(mtp_hidden[k - 1], (0, 0, 0, k))  # depth k has T - k positions; the pad rows are never read
-            mtp_lm.append(
-                term(
-                    f"mtp_lm_{k}", k, beta * (1.0 - lam),
-                    lambda h_k=h_k, k=k: mtp_lm_loss(h_k, w_s, labels_at[k], k, head_bias=s_bias, **lm_kwargs),
-                )
-            )
-            if t_mtp:
-                target, teacher_depth = F.pad(t_mtp[k - 1], (0, 0, 0, k)), k
-            else:
-                target, teacher_depth = t_hidden, 0
-            mtp_kd.append(
-                term(
-                    f"mtp_kd_{k}", k, beta * lam,
-                    lambda h_k=h_k, k=k, target=target, teacher_depth=teacher_depth: mtp_kd_loss(
-                        h_k, w_s, target, _vocab_rows(t_weight, target), k, labels=labels_at[k],
-                        attention_mask=attention_mask, teacher_depth=teacher_depth, student_head_bias=s_bias,
-                        teacher_head_bias=t_bias, **kd_kwargs,
-                    ),
-                )
-            )
-        loss, _ = slimqwen_objective(lm, kd, mtp_lm, mtp_kd, lam, beta)
-        return loss, raw
-
-    # ---- non-finite steps --------------------------------------------------------------------------------------
-    def _flag_nonfinite(self, values: dict[str, torch.Tensor]) -> None:
-        """Count the NaN / inf values among `values` (scalar terms of one micro-batch) into the window's flags.
-
-        Device ops only: the one host sync per optimizer step is in `_guard_optimizer_step`."""
-        device = self.args.device
-        if self._nonfinite_window is None:
-            self._nonfinite_window = torch.zeros(2, len(self._nonfinite_names), device=device)
-        zero = torch.zeros((), device=device)
-        stacked = torch.stack(
-            [values[n].detach().float().to(device) if n in values else zero for n in self._nonfinite_names]
-        )
-        self._nonfinite_window += torch.stack([stacked.isnan(), stacked.isinf()])
-
-    def _gradient_max_abs(self) -> torch.Tensor | None:
-        """The largest |gradient| over the student's parameters on this process: NaN when any gradient is NaN, inf
-        when one is inf; `None` where gradients are not checked.
-
-        The max-abs norm, unlike the L2 norm the Trainer clips with, cannot overflow for finite fp16/bf16 gradients,
-        so it is finite exactly when every gradient is. One read of the gradients, like the Trainer's own grad norm.
-        Not checked with a loss-scaling `GradScaler` (fp16): its inf gradients are expected and it skips those steps
-        itself; nor under DeepSpeed, whose gradients are not in `param.grad`."""
-        if self.is_deepspeed_enabled or getattr(self.accelerator, "scaler", None) is not None:
-            return None
-        # a DTensor (FSDP2) gradient is checked by its local shard; the flag is reduced over processes afterwards
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        if not grads:
-            return None
-        return torch.nn.utils.get_total_norm(grads, norm_type=float("inf"), error_if_nonfinite=False)
-
-    def _guard_optimizer_step(self) -> None:
-        """Stop (`nonfinite_loss="error"`) or skip (`"skip"`) the coming optimizer step when a loss term of its
-        micro-batches or a gradient is NaN/inf on any process. Called from `on_pre_optimizer_step`."""
-        names = self._nonfinite_names
-        device = self.args.device
-        flags = self._nonfinite_window
-        self._nonfinite_window = None
-        if flags is None:
-            flags = torch.zeros(2, len(names), device=device)
-        grad = self._gradient_max_abs()
-        if grad is not None:
-            grad = grad.float().to(device)
-            flags[0, -1] += grad.isnan().float()
-            flags[1, -1] += grad.isinf().float()
-        if self.accelerator.num_processes > 1:
-            # Every process must take the same decision: one that steps while another stops would hang in the next
-            # collective, and one that skips while another steps would make the DDP replicas diverge.
-            flags = self.accelerator.reduce(flags, reduction="sum")
-        nan, inf = flags.gt(0).tolist()  # the one host sync of the check
-        terms = {name: "nan" if n else "inf" for name, n, i in zip(names, nan, inf) if n or i}
-        if not terms:
-            return
-        step = int(self.state.global_step)
-        losses = ", ".join(f"{name}={kind}" for name, kind in terms.items() if name != _GRADIENTS)
-        parts = [f"non-finite loss terms {losses}"] if losses else []
-        if _GRADIENTS in terms:
-            note = "" if losses else "; every loss term is finite"
-            parts.append(f"non-finite gradients ({terms[_GRADIENTS]}{note})")
-        processes = self.accelerator.num_processes
-        where = (
-            f"global step {step} ({self.current_gradient_accumulation_steps} micro-batch(es) accumulated for "
-            f"optimizer step {step + 1}{f', over {processes} processes' if processes > 1 else ''})"
-        )
-        what = " and ".join(parts)
-        if self.args.nonfinite_loss == "skip":
-            # Parameters without a gradient are left alone by the optimizer (weights, moments and step count, as in
-            # every torch.optim and bitsandbytes optimizer); the Trainer zeroes the grads after the step anyway.
-            self.model.zero_grad(set_to_none=True)
-            self.nonfinite_skipped += 1
-            logger.warning(
-                f"SlimDistillationTrainer: {what} at {where}: skipped this optimizer step (nonfinite_loss='skip'); "
-                f"{self.nonfinite_skipped} step(s) skipped so far. The LR and λ/β schedules still advance."
-            )
-            return
-        raise NonFiniteLossError(
-            f"SlimDistillationTrainer: {what} at {where}. Stopped before optimizer.step(): the student keeps the "
-            f"weights of global step {step}. Usual causes: a NaN/inf weight in the teacher or the student (check "
-            "`all(p.isfinite().all() for p in model.parameters())`), a too high learning rate, or fp16 overflow. Set "
-            "nonfinite_loss='skip' to skip such steps instead.",
-            step=step,
-            terms=terms,
-        )
-
     # ---- logging -----------------------------------------------------------------------------------------------
     def _add(self, mode: str, key: str, value: torch.Tensor, count: torch.Tensor) -> None:
         sums, counts = self._term_sums[mode], self._term_counts[mode]
         sums[key] = sums[key] + value if key in sums else value.clone()
         counts[key] = counts[key] + count if key in counts else count.clone()
 
-    def _record(self, mode: str, raw: dict[str, tuple[torch.Tensor, torch.Tensor]], prefix: str) -> None:
-        for name, (value, count) in raw.items():
-            self._add(mode, prefix + name, value, count.to(value.device))
-        for group in ("mtp_lm", "mtp_kd"):
-            parts = [raw[n] for n in raw if n.startswith(group + "_")]
-            if parts:
-                # the depth mean of per-token means, as in the objective
-                mean = torch.stack([v / c.clamp_min(1) for v, c in parts]).mean()
-                self._add(mode, prefix + group, mean, torch.ones((), device=mean.device))
+    def _record(self, mode: str, logs: dict[str, tuple[torch.Tensor, torch.Tensor]], prefix: str) -> None:
+        # each term is a (value, weight) pair: the logged mean of a window is sum(value) / sum(weight)
+        for name, (value, weight) in logs.items():
+            self._add(mode, prefix + name, value, weight.to(value.device))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
@@ -953,101 +680,24 @@ class SlimDistillationTrainer(SFTTrainer):
         super().log(logs, start_time)
 
 
-def teacher_quantization_config(kind: str):
-    """The `BitsAndBytesConfig` of `teacher_quantization` (`"4bit"`: NF4 with bfloat16 compute; `"8bit"`: LLM.int8).
+__all__ += ["check_dataset_columns", "depth_labels", "unused_parameter_reasons"]
 
-    Args:
-        kind (`str`): `"4bit"` or `"8bit"`.
+# Public names that moved to `trainers.teacher` (issue 10): importing them from here still works, with a warning.
+_MOVED_TO_TEACHER = ("fit_bnb_4bit_cpu_layers", "teacher_quantization_config")
 
-    Returns:
-        `transformers.BitsAndBytesConfig`
 
-    Raises:
-        `ValueError`: unknown kind, or bitsandbytes is not installed.
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_TEACHER:
+        import warnings
 
-    Note:
-        bitsandbytes quantizes the `nn.Linear` layers (attention, shared expert, router, MTP `fc`); the fused 3-D
-        expert tensors of transformers' MoE blocks stay in the load dtype. It runs on CPU too (bitsandbytes >= 0.48);
-        for 4bit the trainer applies [`fit_bnb_4bit_cpu_layers`] to the loaded teacher.
-    """
-    from transformers import BitsAndBytesConfig
-    from transformers.utils import is_bitsandbytes_available
+        from . import teacher
 
-    if kind not in ("4bit", "8bit"):
-        raise ValueError(f"teacher_quantization must be '4bit' or '8bit', got {kind!r}.")
-    if not is_bitsandbytes_available():
-        raise ValueError(
-            f"teacher_quantization={kind!r} needs the bitsandbytes package (pip install bitsandbytes), which is not "
-            "importable here; set teacher_quantization=None to load the teacher unquantized."
+        warnings.warn(
+            f"trainers.distillation_trainer.{name} moved to trainers.teacher.{name} (also `from trainers import "
+            f"{name}`); the old import path will be removed in a future release.",
+            FutureWarning,
+            stacklevel=2,
         )
-    if kind == "4bit":
-        return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-            bnb_4bit_use_double_quant=True,
-        )
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
-# bitsandbytes' CPU packed-weight layout (bitsandbytes.functional._convert_weight_packed_for_cpu) packs the output
-# rows in blocks of 32 and reshapes the absmax of the input columns to [out, in // blocksize].
-_BNB_CPU_PACK_ROWS = 32
-
-
-def fit_bnb_4bit_cpu_layers(model: nn.Module) -> list[str]:
-    """Keep bitsandbytes' 4bit CPU fast path away from the `Linear4bit` layers whose shape it cannot pack.
-
-    On a CPU with AVX512-BF16, bitsandbytes (0.48 - 0.50 at least) converts a `Linear4bit` weight to a packed layout
-    on its first forward in eval mode under `no_grad` — exactly how the teacher runs. That conversion needs
-    `out_features % 32 == 0` and `in_features % blocksize == 0` (blocksize 64 for NF4); any other layer fails:
-    `in_features=32` gives `RuntimeError: shape '[32, 0]' is invalid` (32 // 64 = 0 absmax columns), and a
-    `shared_expert_gate` (`out_features=1`) or a router with 4 experts gives `AssertionError: N must be divisible by
-    block_n`. Real MoE teachers have such gates, so this is not a toy-size problem. For those layers only, this turns
-    the fast path off (`support_avx512bf16_for_cpu = False`), so they run bitsandbytes' generic dequantize + matmul
-    path, which handles any shape; the other layers keep the fast path. The result is the same NF4 computation.
-
-    Args:
-        model (`nn.Module`): A model loaded with `load_in_4bit` (other models are left alone).
-
-    Returns:
-        `list[str]`: the names of the layers switched to the generic path.
-    """
-    switched = []
-    for name, module in model.named_modules():
-        if not hasattr(module, "support_avx512bf16_for_cpu") or not module.support_avx512bf16_for_cpu:
-            continue
-        state = getattr(module.weight, "quant_state", None)
-        blocksize = int(getattr(state, "blocksize", None) or getattr(module.weight, "blocksize", 64))
-        out_features, in_features = module.out_features, module.in_features
-        if out_features % _BNB_CPU_PACK_ROWS or in_features < blocksize or in_features % blocksize:
-            module.support_avx512bf16_for_cpu = False
-            switched.append(name)
-    return switched
-
-
-def _check_teacher_tokenizer(path: str, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool) -> None:
-    """Compare the teacher folder's tokenizer (when it has one) with the student's, token by token."""
-    from transformers import AutoTokenizer
-
-    try:
-        teacher_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError):
-        return
-    tok = getattr(tokenizer, "tokenizer", tokenizer)
-    if teacher_tokenizer.get_vocab() != tok.get_vocab():
-        mine, theirs = tok.get_vocab(), teacher_tokenizer.get_vocab()
-        differing = sorted(set(mine.items()) ^ set(theirs.items()))[:3]
-        raise ValueError(
-            f"Tokenizer mismatch: the teacher at {path!r} maps tokens differently from processing_class "
-            f"({len(theirs)} vs {len(mine)} tokens; e.g. {differing}). KD needs one shared tokenizer: pass the "
-            "teacher's tokenizer as processing_class and use a student pruned from that teacher."
-        )
-
-
-__all__ += [
-    "check_dataset_columns",
-    "depth_labels",
-    "fit_bnb_4bit_cpu_layers",
-    "teacher_quantization_config",
-    "unused_parameter_reasons",
-]
+        return getattr(teacher, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

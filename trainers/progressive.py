@@ -19,6 +19,7 @@ per_device_train_batch_size: 8
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -27,16 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from datasets import Dataset, load_dataset
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel
 
 from hf_slim.hub import save_for_hub
-from hf_slim.pruning import ProgressivePlan, PruneConfig, collect_statistics, prune
+from hf_slim.pruning import ProgressivePlan, PruneConfig, collect_statistics, prune_progressively
 from hf_slim.utils import atomic_directory
 
 from .distillation_config import SlimDistillationConfig
 from .distillation_trainer import SlimDistillationTrainer
+from .teacher import is_quantized, load_teacher, load_teacher_config
 
 
 __all__ = ["DistillScriptArguments", "StageResult", "load_distill_config", "render_distilled_card", "run_progressive"]
@@ -165,6 +166,23 @@ def _tokens_per_step(args: SlimDistillationConfig) -> int:
     return args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1) * args.max_length
 
 
+def _student_source(
+    teacher: PreTrainedModel, student_path: str | None, teacher_path: str | None, args: SlimDistillationConfig
+) -> PreTrainedModel:
+    """The model stage 1 prunes: the student at `student_path`, else the teacher itself, or (a quantized teacher's
+    weights cannot be pruned) the teacher's weights loaded again without quantization."""
+    if student_path:
+        return AutoModelForCausalLM.from_pretrained(student_path)
+    if not is_quantized(teacher):
+        return teacher
+    if teacher_path is None:
+        raise ValueError(
+            "The teacher is quantized and cannot be pruned into the student: set student_model_name_or_path, or "
+            "teacher_model_name_or_path so that the student starts from the unquantized weights."
+        )
+    return load_teacher(teacher_path, args, quantized=False)
+
+
 def _prepare_student(model: PreTrainedModel, num_mtp_heads: int) -> PreTrainedModel:
     from hf_slim.models.slim_moe import SlimMoeForCausalLM
 
@@ -188,7 +206,9 @@ def run_progressive(
         args ([`SlimDistillationConfig`]): Training settings shared by the stages (`output_dir` is the run folder;
             stage `i` writes `{output_dir}/stage-{i}`).
         teacher ([`~transformers.PreTrainedModel`], *optional*): The teacher; loaded from
-            `args.teacher_model_name_or_path` when not given.
+            `args.teacher_model_name_or_path` with `teacher_model_init_kwargs` and `teacher_quantization` when not
+            given ([`~trainers.teacher.load_teacher`]). A quantized teacher's student starts from the same weights
+            loaded unquantized (or from `student_model_name_or_path`).
         tokenizer (*optional*): The shared tokenizer; loaded from the teacher's path when not given.
 
     Returns:
@@ -203,12 +223,10 @@ def run_progressive(
         raise FileExistsError(f"final_dir {final_dir} exists and is not empty; set overwrite: true to replace it.")
     teacher_path = args.teacher_model_name_or_path
     plan = script_args.plan()
-    kwargs = dict(args.teacher_model_init_kwargs or {})
     if teacher is None:
         if teacher_path is None:
             raise ValueError("teacher_model_name_or_path must be set in the config (the model to prune and distill).")
-        # config only (cheap); init kwargs that are config fields override it as they do in from_pretrained
-        original_config, _ = AutoConfig.from_pretrained(teacher_path, return_unused_kwargs=True, **kwargs)
+        original_config = load_teacher_config(teacher_path, args)  # config only (cheap)
     else:
         original_config = teacher.config
     student_path = script_args.student_model_name_or_path
@@ -216,61 +234,52 @@ def run_progressive(
     # every stage against the sizes the model will have when it starts, before any weights or data are loaded
     plan.check(original_config, start_config, label="prune_stages")
     if teacher is None:
-        if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
-            kwargs["dtype"] = getattr(torch, kwargs["dtype"])
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, **kwargs)
+        teacher = load_teacher(teacher_path, args)  # with teacher_model_init_kwargs and teacher_quantization
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     teacher.eval()
     dataset, calibration = _load_dataset(script_args, tokenizer, args.max_length or 1024)
+    student = _student_source(teacher, student_path, teacher_path, args)
 
     per_step = _tokens_per_step(args)
     steps = [max(1, math.ceil(tokens / per_step)) for tokens in script_args.stage_tokens]
-    total = sum(steps)
-    original_config = teacher.config
-    current = (
-        AutoModelForCausalLM.from_pretrained(script_args.student_model_name_or_path)
-        if script_args.student_model_name_or_path
-        else teacher
-    )
+    # the teacher is loaded once, here: each stage's trainer gets the instance, not the settings to load it with
+    common = dict(schedule_total_steps=sum(steps), teacher_model_init_kwargs=None, teacher_quantization=None)
     results: list[StageResult] = []
-    offset = 0
-    for index, stage_steps in enumerate(steps):
-        stage_config = plan.resolve_stage(index, original_config, current.config, label="prune_stages")
-        if not stage_config.is_noop:
-            stats = collect_statistics(
-                current, calibration, num_samples=script_args.calibration_samples, max_length=args.max_length or 1024,
-                tokenizer=tokenizer, text_column=args.dataset_text_field, show_progress=not args.disable_tqdm,
-            )  # fmt: skip
-            current = prune(current, stage_config, stats)
-        elif current is teacher:
-            import copy
 
-            current = copy.deepcopy(teacher)
-        current = _prepare_student(current, script_args.num_mtp_heads)
-        current.train()
+    def calibrate(model: PreTrainedModel) -> Any:
+        return collect_statistics(
+            model, calibration, num_samples=script_args.calibration_samples, max_length=args.max_length or 1024,
+            tokenizer=tokenizer, text_column=args.dataset_text_field, show_progress=not args.disable_tqdm,
+        )  # fmt: skip
+
+    def distill(model: PreTrainedModel, index: int, stage: PruneConfig) -> PreTrainedModel:
+        if model is teacher:  # a first stage that prunes nothing trains a copy, never the teacher
+            model = copy.deepcopy(teacher)
+        model = _prepare_student(model, script_args.num_mtp_heads)
+        model.train()
         stage_dir = Path(args.output_dir) / f"stage-{index + 1}"
+        offset = sum(steps[:index])
         stage_args = dataclasses.replace(
-            args,
-            output_dir=str(stage_dir),
-            max_steps=stage_steps,
-            schedule_step_offset=offset,
-            schedule_total_steps=total,
+            args, output_dir=str(stage_dir), max_steps=steps[index], schedule_step_offset=offset, **common
         )
         trainer = SlimDistillationTrainer(
-            model=current, teacher_model=teacher, args=stage_args, train_dataset=dataset, processing_class=tokenizer
+            model=model, teacher_model=teacher, args=stage_args, train_dataset=dataset, processing_class=tokenizer
         )
         trainer.train()
         trainer.save_model(str(stage_dir))
-        current = trainer.accelerator.unwrap_model(trainer.model)
         history = [dict(h, global_step=h.get("step", 0) + offset) for h in trainer.state.log_history]
         results.append(
             StageResult(
-                index=index + 1, prune_config=stage_config.to_dict(), tokens=script_args.stage_tokens[index],
-                steps=stage_steps, step_offset=offset, output_dir=str(stage_dir), log_history=history,
+                index=index + 1, prune_config=stage.to_dict(), tokens=script_args.stage_tokens[index],
+                steps=steps[index], step_offset=offset, output_dir=str(stage_dir), log_history=history,
             )
         )  # fmt: skip
-        offset += stage_steps
+        return trainer.accelerator.unwrap_model(trainer.model)
+
+    current = prune_progressively(
+        student, plan, calibrate, distill, original_config=teacher.config, after_last_stage=True, label="prune_stages"
+    )
     if args.process_index != 0:
         return final_dir, results
     _write_final(current, teacher, tokenizer, script_args, args, results, final_dir, teacher_path)

@@ -8,8 +8,9 @@
 """
 
 from .calibration import collect_statistics, pack_calibration_data
-from .config import SIZE_FIELDS, ProgressivePlan, PruneConfig
+from .config import SIZE_FIELDS, PruneConfig
 from .export import save_pruned, size_summary
+from .progressive import ProgressivePlan, prune_progressively
 from .prune import plan_selection, prune
 from .stats import ImportanceStats
 
@@ -21,6 +22,7 @@ __all__ = [
     "ProgressivePlan",
     "SIZE_FIELDS",
     "prune",
+    "prune_progressively",
     "plan_selection",
     "save_pruned",
     "size_summary",
