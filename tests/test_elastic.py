@@ -607,3 +607,17 @@ def test_calibrate_and_nest_a_model_with_per_layer_expert_widths(ids):
         torch.testing.assert_close(nested(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
         small = slice_variant(nested, "small")
         torch.testing.assert_close(small(ids).logits, nested(ids, elastic_variant="small").logits, atol=1e-5, rtol=1e-5)
+
+
+def test_family_slicer_two_part_tensors_agree_with_the_anatomy_spec():
+    # The shipped loading code cannot import anatomy, so it keeps its own list of tensors whose dim 1 holds an axis
+    # twice; it must be exactly the slim_moe spec's `parts=2` rules on dim 1, or partial loading and slicing diverge.
+    from hf_slim.anatomy import get_spec
+    from hf_slim.models.slim_moe import loading_slim_moe
+
+    spec = get_spec(tiny_config())
+    rules = spec.global_rules + spec.block_rules + spec.config_rules(tiny_config(qk_norm="full"))
+    two_part = {rule.pattern.replace("\\", "") for rule in rules if any(d.dim == 1 and d.parts == 2 for d in rule.dims)}
+    assert two_part == {"mlp.experts.gate_up_proj", "mtp.fc.weight"}
+    assert all(any(name.endswith(suffix) for suffix in loading_slim_moe._TWO_PART_DIM1) for name in two_part)
+    assert all(any(name.endswith(suffix) for name in two_part) for suffix in loading_slim_moe._TWO_PART_DIM1)
