@@ -156,6 +156,20 @@ def aurora_direction(
     return direction, C
 
 
+_DIRECTION_OPTIONS = ("ns_schedule", "ns_steps", "pp_iterations", "pp_beta", "ns_dtype", "eps")
+
+
+def _direction_options(group: Mapping[str, Any]) -> dict[str, Any]:
+    """The `aurora_direction` keyword arguments (Newton–Schulz and row-balancing settings) of a parameter group."""
+    return {key: group[key] for key in _DIRECTION_OPTIONS}
+
+
+def _momentum_step(grad: torch.Tensor, buffer: torch.Tensor, momentum: float, nesterov: bool) -> torch.Tensor:
+    """Update `buffer` in place and return the direction to orthogonalize (Nesterov: `lerp(grad, buffer, momentum)`)."""
+    buffer.lerp_(grad, 1 - momentum)
+    return torch.lerp(grad, buffer, momentum) if nesterov else buffer
+
+
 @torch.no_grad()
 def aurora_update(
     grad: torch.Tensor,
@@ -180,18 +194,11 @@ def aurora_update(
         `tuple[torch.Tensor, torch.Tensor | None]`: the update to subtract (times the learning rate), in
         float32, and the new row correction (see `aurora_direction`).
     """
-    momentum_buffer.lerp_(grad, 1 - momentum)
-    X = torch.lerp(grad, momentum_buffer, momentum) if nesterov else momentum_buffer
+    X = _momentum_step(grad, momentum_buffer, momentum, nesterov)
     direction, new_row_scale = aurora_direction(
-        X,
-        ns_schedule=ns_schedule,
-        ns_steps=ns_steps,
-        pp_iterations=pp_iterations,
-        pp_beta=pp_beta,
-        row_scale=row_scale,
-        ns_dtype=ns_dtype,
-        eps=eps,
-    )
+        X, ns_schedule=ns_schedule, ns_steps=ns_steps, pp_iterations=pp_iterations, pp_beta=pp_beta,
+        row_scale=row_scale, ns_dtype=ns_dtype, eps=eps,
+    )  # fmt: skip
     direction = direction * shape_scale(grad.shape[-2], grad.shape[-1], scale)
     return direction, new_row_scale
 
@@ -269,25 +276,35 @@ def aurora_param_groups(
         else:
             adamw_plain.append((name, p))
 
+    main = {"params": aurora, "use_aurora": True}
+    return _with_adamw_groups(main, adamw_decay, adamw_plain, lr, weight_decay, adamw_lr, adamw_weight_decay)
+
+
+def _with_adamw_groups(
+    main: dict[str, Any],
+    decay: list[tuple[str, nn.Parameter]],
+    plain: list[tuple[str, nn.Parameter]],
+    lr: float | None,
+    weight_decay: float | None,
+    adamw_lr: float | None,
+    adamw_weight_decay: float | None,
+) -> list[dict[str, Any]]:
+    """The Aurora group `main` with `lr` / `weight_decay` set when given, then the AdamW groups: `decay` with
+    `adamw_weight_decay` when given, `plain` without weight decay, `adamw_lr` on both when given. Empty groups are
+    dropped."""
     groups: list[dict[str, Any]] = []
-    if aurora:
-        g: dict[str, Any] = {"params": aurora, "use_aurora": True}
-        if lr is not None:
-            g["lr"] = lr
-        if weight_decay is not None:
-            g["weight_decay"] = weight_decay
-        groups.append(g)
-    for params, decay in ((adamw_decay, True), (adamw_plain, False)):
-        if not params:
+    for group, group_lr, group_wd in (
+        (main, lr, weight_decay),
+        ({"params": decay, "use_aurora": False}, adamw_lr, adamw_weight_decay),
+        ({"params": plain, "use_aurora": False}, adamw_lr, 0.0),
+    ):
+        if not group["params"]:
             continue
-        g = {"params": params, "use_aurora": False}
-        if adamw_lr is not None:
-            g["lr"] = adamw_lr
-        if not decay:
-            g["weight_decay"] = 0.0
-        elif adamw_weight_decay is not None:
-            g["weight_decay"] = adamw_weight_decay
-        groups.append(g)
+        if group_lr is not None:
+            group["lr"] = group_lr
+        if group_wd is not None:
+            group["weight_decay"] = group_wd
+        groups.append(group)
     return groups
 
 
@@ -512,36 +529,37 @@ class Aurora(torch.optim.Optimizer):
         else:
             self._adamw_group(group)
 
-    def _aurora_group(self, group: dict[str, Any]) -> None:
+    def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        state = self.state[p]
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        return state["momentum_buffer"]
+
+    def _carried_row_scale(self, p: torch.Tensor, group: Mapping[str, Any]) -> torch.Tensor | None:
+        return self.state[p].get("row_scale") if group["carry_row_scale"] else None
+
+    def _apply_update(
+        self, p: torch.Tensor, update: torch.Tensor, new_row_scale: torch.Tensor | None, group: Mapping[str, Any]
+    ) -> None:
+        """Carry the row correction, apply decoupled weight decay, then `p -= lr * update`."""
+        if group["carry_row_scale"] and new_row_scale is not None:
+            # Stored in the parameter dtype so that load_state_dict (which casts floating state to
+            # the parameter dtype) restores exactly what was saved.
+            self.state[p]["row_scale"] = new_row_scale.to(p.dtype)
         lr, wd = group["lr"], group["weight_decay"]
+        if wd:
+            p.mul_(1 - lr * wd)
+        p.add_(update.to(p.dtype), alpha=-lr)
+
+    def _aurora_group(self, group: dict[str, Any]) -> None:
         for p in group["params"]:
             if p.grad is None:
                 continue
-            state = self.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            row_scale = state.get("row_scale") if group["carry_row_scale"] else None
             update, new_row_scale = aurora_update(
-                p.grad,
-                state["momentum_buffer"],
-                momentum=group["momentum"],
-                nesterov=group["nesterov"],
-                row_scale=row_scale,
-                ns_schedule=group["ns_schedule"],
-                ns_steps=group["ns_steps"],
-                pp_iterations=group["pp_iterations"],
-                pp_beta=group["pp_beta"],
-                scale=group["scale"],
-                ns_dtype=group["ns_dtype"],
-                eps=group["eps"],
-            )
-            if group["carry_row_scale"] and new_row_scale is not None:
-                # Stored in the parameter dtype so that load_state_dict (which casts floating state to
-                # the parameter dtype) restores exactly what was saved.
-                state["row_scale"] = new_row_scale.to(p.dtype)
-            if wd:
-                p.mul_(1 - lr * wd)
-            p.add_(update.to(p.dtype), alpha=-lr)
+                p.grad, self._momentum_buffer(p), momentum=group["momentum"], nesterov=group["nesterov"],
+                row_scale=self._carried_row_scale(p, group), scale=group["scale"], **_direction_options(group),
+            )  # fmt: skip
+            self._apply_update(p, update, new_row_scale, group)
 
     def _adamw_group(self, group: dict[str, Any]) -> None:
         lr, wd, eps = group["lr"], group["weight_decay"], group["adamw_eps"]

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .aurora import Aurora, aurora_direction, shape_scale
+from .aurora import Aurora, _direction_options, _momentum_step, _with_adamw_groups, aurora_direction, shape_scale
 
 
 __all__ = ["AuroraLoRA", "aurora_lora_param_groups", "lora_pair_update"]
@@ -53,13 +53,8 @@ def lora_pair_update(
     lora_damping: float = 1e-4,
     row_scale_A: torch.Tensor | None = None,
     row_scale_B: torch.Tensor | None = None,
-    ns_schedule: str = "polar_express",
-    ns_steps: int | None = None,
-    pp_iterations: int = 1,
-    pp_beta: float = 0.5,
     scale: str = "spectral",
-    ns_dtype: str | torch.dtype = "float32",
-    eps: float = 1e-7,
+    **direction_options: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Whitened Aurora directions for one LoRA pair (to be multiplied by ``-lr``).
 
@@ -69,7 +64,10 @@ def lora_pair_update(
         lora_scaling (`float`): PEFT's ``scaling[adapter]`` (``lora_alpha / r``).
         lora_damping (`float`, *optional*, defaults to 1e-4): Relative damping of the Gram matrices.
         row_scale_A, row_scale_B (`torch.Tensor`, *optional*): Carried Aurora row corrections.
-        Other arguments as in `aurora_direction` / `shape_scale`.
+        scale (`str`, *optional*, defaults to `"spectral"`): Shape scale of the full `[out, in]` matrix, see
+            `shape_scale`.
+        **direction_options: `aurora_direction`'s Newton–Schulz and row-balancing settings (`ns_schedule`,
+            `ns_steps`, `pp_iterations`, `pp_beta`, `ns_dtype`, `eps`), with its defaults.
 
     Returns:
         `tuple`: update of A, update of B (float32) and the two new row corrections.
@@ -79,9 +77,8 @@ def lora_pair_update(
     iB = _inv_sqrt_psd(B32.mT @ B32, lora_damping)
     G_X = X_B.float() @ iA
     G_Y = iB @ X_A.float()
-    kw = dict(ns_schedule=ns_schedule, ns_steps=ns_steps, pp_iterations=pp_iterations, pp_beta=pp_beta, ns_dtype=ns_dtype, eps=eps)
-    O_X, C_B = aurora_direction(G_X, row_scale=row_scale_B, **kw)
-    O_Y, C_A = aurora_direction(G_Y, row_scale=row_scale_A, **kw)
+    O_X, C_B = aurora_direction(G_X, row_scale=row_scale_B, **direction_options)
+    O_Y, C_A = aurora_direction(G_Y, row_scale=row_scale_A, **direction_options)
     c = shape_scale(B.shape[-2], A.shape[-1], scale) / lora_scaling
     return c * (iB @ O_Y), c * (O_X @ iA), C_A, C_B
 
@@ -132,21 +129,8 @@ def aurora_lora_param_groups(
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in paired:
             (decay if p.ndim >= 2 else plain).append((name, p))
-    group: dict[str, Any] = {"params": pairs, "use_aurora": True, "lora_scaling": scalings}
-    if lr is not None:
-        group["lr"] = lr
-    if weight_decay is not None:
-        group["weight_decay"] = weight_decay
-    groups = [group]
-    for params, wd in ((decay, adamw_weight_decay), (plain, 0.0)):
-        if params:
-            g: dict[str, Any] = {"params": params, "use_aurora": False}
-            if adamw_lr is not None:
-                g["lr"] = adamw_lr
-            if wd is not None:
-                g["weight_decay"] = wd
-            groups.append(g)
-    return groups
+    main = {"params": pairs, "use_aurora": True, "lora_scaling": scalings}
+    return _with_adamw_groups(main, decay, plain, lr, weight_decay, adamw_lr, adamw_weight_decay)
 
 
 class AuroraLoRA(Aurora):
@@ -190,41 +174,19 @@ class AuroraLoRA(Aurora):
         if "lora_scaling" not in group:
             super()._step_group(group)
             return
-        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
         params = group["params"]
         for (A, B), s in zip(zip(params[::2], params[1::2]), group["lora_scaling"]):
             if A.grad is None and B.grad is None:
                 continue
-            xs = []
-            for p in (A, B):
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                g = p.grad if p.grad is not None else torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(g, 1 - mu)
-                xs.append(torch.lerp(g, buf, mu) if group["nesterov"] else buf)
-            carry = group["carry_row_scale"]
-            uA, uB, C_A, C_B = lora_pair_update(
-                A,
-                B,
-                xs[0],
-                xs[1],
-                lora_scaling=s,
-                lora_damping=group["lora_damping"],
-                row_scale_A=self.state[A].get("row_scale") if carry else None,
-                row_scale_B=self.state[B].get("row_scale") if carry else None,
-                ns_schedule=group["ns_schedule"],
-                ns_steps=group["ns_steps"],
-                pp_iterations=group["pp_iterations"],
-                pp_beta=group["pp_beta"],
-                scale=group["scale"],
-                ns_dtype=group["ns_dtype"],
-                eps=group["eps"],
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in (A, B)]
+            X_A, X_B = (
+                _momentum_step(g, self._momentum_buffer(p), group["momentum"], group["nesterov"])
+                for g, p in zip(grads, (A, B))
             )
-            for p, u, C in ((A, uA, C_A), (B, uB, C_B)):
-                if carry and C is not None:
-                    self.state[p]["row_scale"] = C.to(p.dtype)
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(u.to(p.dtype), alpha=-lr)
+            uA, uB, C_A, C_B = lora_pair_update(
+                A, B, X_A, X_B, lora_scaling=s, lora_damping=group["lora_damping"],
+                row_scale_A=self._carried_row_scale(A, group), row_scale_B=self._carried_row_scale(B, group),
+                scale=group["scale"], **_direction_options(group),
+            )  # fmt: skip
+            self._apply_update(A, uA, C_A, group)
+            self._apply_update(B, uB, C_B, group)

@@ -1,0 +1,215 @@
+"""SlimQwen's objective: weighing the terms ([`slimqwen_objective`]) and computing them all from one student
+forward ([`distillation_objective`])."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .lm import lm_loss
+from .mtp import mtp_kd_loss
+from .options import DEFAULT_CHUNK_SIZE
+
+
+__all__ = ["distillation_objective", "slimqwen_objective"]
+
+
+def slimqwen_objective(
+    lm: torch.Tensor | None,
+    kd: torch.Tensor | None,
+    mtp_lm: Sequence[torch.Tensor],
+    mtp_kd: Sequence[torch.Tensor],
+    lam: float,
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SlimQwen's objective `(1 - λ)·L_LM + λ·L_KD + β·((1 - λ)·L_MTP-LM + λ·L_MTP-KD)`.
+
+    `L_MTP-LM` and `L_MTP-KD` are the means over MTP depths of the per-depth terms. A term whose weight is zero may
+    be passed as `None` (e.g. `lm=None` while λ = 1) and is then left out of the sum and of the log.
+
+    Args:
+        lm (`torch.Tensor` or `None`): Main-head LM loss (scalar).
+        kd (`torch.Tensor` or `None`): Main-head KD loss (scalar).
+        mtp_lm (`Sequence[torch.Tensor]`): MTP-LM loss of each depth 1..D (empty without MTP heads).
+        mtp_kd (`Sequence[torch.Tensor]`): MTP-KD loss of each depth 1..D, same length as `mtp_lm` (or empty when
+            its weight `β·λ` is zero; `mtp_lm` may be empty when `β·(1 - λ)` is zero).
+        lam (`float`): λ in [0, 1], the KD weight.
+        beta (`float`): β >= 0, the MTP weight.
+
+    Returns:
+        `tuple[torch.Tensor, dict[str, torch.Tensor]]`: the total loss, and detached terms for logging: `lm`, `kd`,
+        `mtp_lm`, `mtp_kd` (depth means), `mtp_lm_{k}` / `mtp_kd_{k}` per depth `k` (1-based), and `total`.
+    """
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam (λ, the KD weight) must be a number in [0, 1], got {lam!r}.")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0.0:
+        raise ValueError(f"beta (β, the MTP weight) must be a number >= 0, got {beta!r}.")
+    mtp_lm, mtp_kd = list(mtp_lm), list(mtp_kd)
+    if mtp_lm and mtp_kd and len(mtp_lm) != len(mtp_kd):
+        raise ValueError(
+            f"mtp_lm and mtp_kd must have one loss per MTP depth each, got {len(mtp_lm)} and {len(mtp_kd)}."
+        )
+    weights = {
+        "lm": 1.0 - lam,
+        "kd": lam,
+        "mtp_lm": beta * (1.0 - lam),
+        "mtp_kd": beta * lam,
+    }
+    values: dict[str, torch.Tensor | None] = {
+        "lm": lm,
+        "kd": kd,
+        "mtp_lm": torch.stack(mtp_lm).mean() if mtp_lm else None,
+        "mtp_kd": torch.stack(mtp_kd).mean() if mtp_kd else None,
+    }
+    total: torch.Tensor | None = None
+    logs: dict[str, torch.Tensor] = {}
+    for name, value in values.items():
+        if value is None:
+            if weights[name] != 0.0:
+                hint = "a loss per MTP depth" if name.startswith("mtp") else "a scalar loss"
+                raise ValueError(
+                    f"{name} is missing but its weight is {weights[name]:g} (lam={lam}, beta={beta}); pass {hint}, "
+                    "or set the weights so that this term's weight is 0."
+                )
+            continue
+        term = weights[name] * value
+        total = term if total is None else total + term
+        logs[name] = value.detach()
+    for name, per_depth in (("mtp_lm", mtp_lm), ("mtp_kd", mtp_kd)):
+        for k, value in enumerate(per_depth, start=1):
+            logs[f"{name}_{k}"] = value.detach()
+    if total is None:
+        raise ValueError("slimqwen_objective needs at least one loss term (lm or kd), got none.")
+    logs["total"] = total.detach()
+    return total, logs
+
+
+def _head_at(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The head weight at the hidden states' width (an elastic variant uses a prefix of the hidden channels)."""
+    return weight if weight.shape[1] == hidden.shape[-1] else weight[:, : hidden.shape[-1]]
+
+
+def _counted_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None, depth: int) -> torch.Tensor:
+    counted = labels[:, 1 + depth :].ne(-100)
+    if attention_mask is not None:
+        counted = counted & attention_mask[:, 1 + depth :].bool()
+    return counted.sum()
+
+
+def distillation_objective(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_head_weight: torch.Tensor,
+    labels: Sequence[torch.Tensor],
+    *,
+    lam: float,
+    beta: float,
+    mtp_hidden: Sequence[torch.Tensor] = (),
+    teacher_mtp_hidden: Sequence[torch.Tensor] = (),
+    head_bias: torch.Tensor | None = None,
+    teacher_head_bias: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    mtp_num_items: Mapping[int, torch.Tensor] | None = None,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
+    teacher_top_k: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    recompute: bool = False,
+) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """SlimQwen's objective ([`slimqwen_objective`]) of one student forward, every term computed from hidden states.
+
+    Depth 0 is the main head and depth `k >= 1` the MTP head `k`. Each depth has an LM term ([`lm_loss`] of
+    `labels[k]` shifted by `1 + k`) and a KD term ([`mtp_kd_loss`]: the teacher's distribution for the same token,
+    from the teacher's own depth-`k` head when `teacher_mtp_hidden` is given, else from its main head at position
+    `i + k`). A term's summed loss is divided by `num_items_in_batch` (depth 0) or `mtp_num_items[k]` when given (the
+    targets of the whole accumulation window, so accumulation matches one large batch), else by its counted targets
+    in this batch. A term whose weight is 0 is still computed for the logs, without a graph.
+
+    Args:
+        hidden (`torch.Tensor`): Student final hidden states `[B, T, H]`.
+        head_weight (`torch.Tensor`): Student `lm_head` weight `[V, H']`, `H' >= H` (an elastic variant of width `H`
+            uses the first `H` columns).
+        teacher_hidden (`torch.Tensor`): Teacher final hidden states `[B, T, H_t]` (or, for self-distillation, the
+            full student's).
+        teacher_head_weight (`torch.Tensor`): Teacher `lm_head` weight `[V, H_t']`, `H_t' >= H_t`.
+        labels (`Sequence[torch.Tensor]`): Unshifted labels `[B, T]` of each depth `0..len(mtp_hidden)`, -100 where
+            a target is not counted (e.g. per depth, targets in another packed document).
+        lam (`float`): λ in [0, 1], the KD weight.
+        beta (`float`): β >= 0, the MTP weight.
+        mtp_hidden (`Sequence[torch.Tensor]`, *optional*): Student MTP hidden states of depth `k = 1, 2, ...`,
+            `[B, T - k, H]` each.
+        teacher_mtp_hidden (`Sequence[torch.Tensor]`, *optional*): The teacher's, same layout; empty: MTP-KD from
+            the teacher's main head.
+        head_bias, teacher_head_bias (`torch.Tensor`, *optional*): Head biases `[V]`.
+        attention_mask (`torch.Tensor`, *optional*): `[B, T]` padding mask.
+        num_items_in_batch (`int` or `torch.Tensor`, *optional*): Counted main-head targets of the accumulation window.
+        mtp_num_items (`Mapping[int, torch.Tensor]`, *optional*): Counted targets of depth `k` in the window.
+        temperature, divergence, jsd_beta, teacher_top_k, chunk_size, recompute: As in [`chunked_kd_loss`].
+
+    Returns:
+        `tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]`: the loss, and per logged term a detached
+        `(value, weight)` pair whose running mean over a logging window is `sum(value) / sum(weight)`: `lm`, `kd`,
+        `mtp_lm_{k}`, `mtp_kd_{k}` as (summed loss, counted targets), and `mtp_lm`, `mtp_kd` as (the mean over depths
+        of the per-target means, 1).
+    """
+    if len(labels) < 1 + len(mtp_hidden):
+        raise ValueError(
+            f"labels must hold the labels of every depth 0..{len(mtp_hidden)} (one per MTP depth besides the main "
+            f"head), got {len(labels)}."
+        )
+    options = dict(chunk_size=chunk_size, recompute=recompute, reduction="sum")
+    kd_options = dict(
+        options, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta, teacher_top_k=teacher_top_k
+    )
+    counts = [_counted_targets(labels[k], attention_mask, k) for k in range(len(mtp_hidden) + 1)]
+    logs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def denominator(depth: int) -> torch.Tensor:
+        if num_items_in_batch is None:
+            return counts[depth].clamp_min(1).float()
+        if depth == 0:
+            return torch.as_tensor(num_items_in_batch, device=hidden.device).float()
+        return (mtp_num_items or {}).get(depth, counts[depth]).clamp_min(1).float()
+
+    def term(name: str, depth: int, value: torch.Tensor) -> torch.Tensor:
+        logs[name] = (value.detach().float(), counts[depth].float())
+        return value / denominator(depth)
+
+    def graph_if(weight: float) -> contextlib.AbstractContextManager:
+        # a term with weight 0 is still computed for the logs, but without a graph
+        return contextlib.nullcontext() if weight != 0.0 else torch.no_grad()
+
+    student_weight = _head_at(head_weight, hidden)
+    lm_terms, kd_terms = [], []
+    for k in range(len(mtp_hidden) + 1):
+        # depth k has T - k positions; the pad rows are never read
+        h = hidden if k == 0 else F.pad(mtp_hidden[k - 1], (0, 0, 0, k))
+        if k and teacher_mtp_hidden:
+            target, teacher_depth = F.pad(teacher_mtp_hidden[k - 1], (0, 0, 0, k)), k
+        else:
+            target, teacher_depth = teacher_hidden, 0
+        depth_weight = 1.0 if k == 0 else beta
+        lm_name, kd_name = ("lm", "kd") if k == 0 else (f"mtp_lm_{k}", f"mtp_kd_{k}")
+        with graph_if(depth_weight * (1.0 - lam)):
+            lm = lm_loss(h, student_weight, labels[k], depth=k, head_bias=head_bias, **options)
+        lm_terms.append(term(lm_name, k, lm))
+        with graph_if(depth_weight * lam):
+            kd = mtp_kd_loss(
+                h, student_weight, target, _head_at(teacher_head_weight, target), k, labels=labels[k],
+                attention_mask=attention_mask, teacher_depth=teacher_depth, student_head_bias=head_bias,
+                teacher_head_bias=teacher_head_bias, **kd_options,
+            )  # fmt: skip
+        kd_terms.append(term(kd_name, k, kd))
+    loss, _ = slimqwen_objective(lm_terms[0], kd_terms[0], lm_terms[1:], kd_terms[1:], lam, beta)
+    for group in ("mtp_lm", "mtp_kd"):
+        per_depth = [logs[f"{group}_{k}"] for k in range(1, len(mtp_hidden) + 1)]
+        if per_depth:
+            mean = torch.stack([value / count.to(value.device).clamp_min(1) for value, count in per_depth]).mean()
+            logs[group] = (mean, torch.ones((), device=mean.device))
+    return loss, logs
