@@ -4,244 +4,21 @@ All supported families store their weights under the same names (`model.layers.N
 `mlp.gate`, `mlp.experts.gate_up_proj [E, 2I, H]`, `mlp.shared_expert`, ...), so conversion is a config translation
 plus a strict state-dict copy. What each family does differently (biases, q/k norms, shared expert, dense layers,
 sliding windows, top-k renormalisation) is a SlimMoe config field, so the logits match the stock model exactly.
+The translation of each family lives in its axes spec (`hf_slim/anatomy/<model_type>.py`: `to_slim_moe` /
+`from_slim_moe`); the families here are the anatomy registry's families that have one.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import (
-    MixtralConfig,
-    MixtralForCausalLM,
-    OlmoeConfig,
-    OlmoeForCausalLM,
-    PreTrainedConfig,
-    PreTrainedModel,
-    Qwen2MoeConfig,
-    Qwen2MoeForCausalLM,
-    Qwen3MoeConfig,
-    Qwen3MoeForCausalLM,
-)
+from transformers import CONFIG_MAPPING, PreTrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from .anatomy import get_spec, supported_model_types
 from .models.slim_moe import SlimMoeConfig, SlimMoeForCausalLM
-
-
-_COMMON_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "hidden_act",
-    "max_position_embeddings",
-    "initializer_range",
-    "rms_norm_eps",
-    "tie_word_embeddings",
-    "attention_dropout",
-    "num_experts_per_tok",
-    "router_aux_loss_coef",
-    "pad_token_id",
-    "bos_token_id",
-    "eos_token_id",
-)
-
-
-def _common(config: PreTrainedConfig) -> dict:
-    fields = {name: getattr(config, name) for name in _COMMON_FIELDS}
-    fields["rope_parameters"] = copy.deepcopy(dict(config.rope_parameters))
-    fields["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return fields
-
-
-def _sparse_pattern(config: PreTrainedConfig) -> list[str]:
-    # Qwen2-MoE / Qwen3-MoE rule for which layers are MoE.
-    only_dense = set(config.mlp_only_layers or [])
-    return [
-        "sparse"
-        if i not in only_dense and config.num_experts > 0 and (i + 1) % config.decoder_sparse_step == 0
-        else "dense"
-        for i in range(config.num_hidden_layers)
-    ]
-
-
-def _qwen3_moe_in(config: Qwen3MoeConfig) -> dict:
-    return {
-        **_common(config),
-        "num_experts": config.num_experts,
-        "moe_intermediate_size": config.moe_intermediate_size,
-        "intermediate_size": config.intermediate_size,
-        "norm_topk_prob": config.norm_topk_prob,
-        "attention_bias": config.attention_bias,
-        "attention_output_bias": config.attention_bias,
-        "qk_norm": "head",
-        "sliding_window": config.sliding_window,
-        "mlp_layer_types": _sparse_pattern(config),
-    }
-
-
-def _qwen2_moe_in(config: Qwen2MoeConfig) -> dict:
-    return {
-        **_common(config),
-        "num_experts": config.num_experts,
-        "moe_intermediate_size": config.moe_intermediate_size,
-        "intermediate_size": config.intermediate_size,
-        "shared_expert_intermediate_size": config.shared_expert_intermediate_size,
-        "norm_topk_prob": config.norm_topk_prob,
-        "attention_bias": config.qkv_bias,
-        "attention_output_bias": False,
-        "qk_norm": None,
-        "sliding_window": config.sliding_window or None,
-        "layer_types": list(config.layer_types),
-        "mlp_layer_types": _sparse_pattern(config),
-    }
-
-
-def _olmoe_in(config: OlmoeConfig) -> dict:
-    return {
-        **_common(config),
-        "num_experts": config.num_experts,
-        "moe_intermediate_size": config.intermediate_size,
-        "norm_topk_prob": config.norm_topk_prob,
-        "attention_bias": config.attention_bias,
-        "attention_output_bias": config.attention_bias,
-        "qk_norm": "full",
-        "clip_qkv": config.clip_qkv,
-    }
-
-
-def _mixtral_in(config: MixtralConfig) -> dict:
-    return {
-        **_common(config),
-        "num_experts": config.num_local_experts,
-        "moe_intermediate_size": config.intermediate_size,
-        "norm_topk_prob": True,
-        "qk_norm": None,
-        "sliding_window": config.sliding_window,
-    }
-
-
-def _require(config: SlimMoeConfig, model_type: str, field: str, allowed, why: str) -> None:
-    value = getattr(config, field)
-    if value not in allowed:
-        raise ValueError(
-            f"Cannot convert SlimMoe to {model_type!r}: config.{field}={value!r} but {model_type} supports only "
-            f"{allowed} ({why})."
-        )
-
-
-def _out_common(config: SlimMoeConfig) -> dict:
-    fields = {name: getattr(config, name) for name in _COMMON_FIELDS}
-    fields["rope_parameters"] = copy.deepcopy(dict(config.rope_parameters))
-    fields["head_dim"] = config.head_dim
-    return fields
-
-
-def _uniform_window(config: SlimMoeConfig, model_type: str) -> int | None:
-    kinds = set(config.layer_types)
-    if len(kinds) > 1:
-        raise ValueError(
-            f"Cannot convert SlimMoe to {model_type!r}: config.layer_types mixes {sorted(kinds)} but {model_type} "
-            "applies one attention type to every layer."
-        )
-    return config.sliding_window if kinds == {"sliding_attention"} else None
-
-
-def _dense_layers(config: SlimMoeConfig) -> list[int]:
-    return [i for i, kind in enumerate(config.mlp_layer_types) if kind == "dense"]
-
-
-def _qwen3_moe_out(config: SlimMoeConfig) -> dict:
-    model_type = "qwen3_moe"
-    _require(config, model_type, "qk_norm", ("head",), "Qwen3-MoE always applies per-head q/k RMSNorm")
-    _require(config, model_type, "shared_expert_intermediate_size", (0,), "Qwen3-MoE has no shared expert")
-    _require(config, model_type, "clip_qkv", (None,), "Qwen3-MoE does not clip q/k/v")
-    _require(config, model_type, "attention_output_bias", (config.attention_bias,), "one bias flag for q/k/v/o")
-    window = _uniform_window(config, model_type)
-    return {
-        **_out_common(config),
-        "num_experts": config.num_experts,
-        "moe_intermediate_size": config.moe_intermediate_size,
-        "intermediate_size": config.intermediate_size,
-        "norm_topk_prob": config.norm_topk_prob,
-        "attention_bias": config.attention_bias,
-        "use_sliding_window": window is not None,
-        "sliding_window": window,
-        "mlp_only_layers": _dense_layers(config),
-    }
-
-
-def _qwen2_moe_out(config: SlimMoeConfig) -> dict:
-    model_type = "qwen2_moe"
-    _require(config, model_type, "qk_norm", (None,), "Qwen2-MoE has no q/k norm")
-    _require(config, model_type, "clip_qkv", (None,), "Qwen2-MoE does not clip q/k/v")
-    _require(config, model_type, "attention_output_bias", (False,), "Qwen2-MoE has no o_proj bias")
-    if config.shared_expert_intermediate_size == 0:
-        raise ValueError(
-            "Cannot convert SlimMoe to 'qwen2_moe': config.shared_expert_intermediate_size=0 but every Qwen2-MoE "
-            "sparse layer has a shared expert; choose qwen3_moe, olmoe or mixtral instead."
-        )
-    sliding = "sliding_attention" in config.layer_types
-    return {
-        **_out_common(config),
-        "num_experts": config.num_experts,
-        "moe_intermediate_size": config.moe_intermediate_size,
-        "intermediate_size": config.intermediate_size,
-        "shared_expert_intermediate_size": config.shared_expert_intermediate_size,
-        "norm_topk_prob": config.norm_topk_prob,
-        "qkv_bias": config.attention_bias,
-        "use_sliding_window": sliding,
-        "sliding_window": config.sliding_window if sliding else 4096,
-        "layer_types": list(config.layer_types),
-        "mlp_only_layers": _dense_layers(config),
-    }
-
-
-def _all_sparse(config: SlimMoeConfig, model_type: str) -> None:
-    if _dense_layers(config):
-        raise ValueError(
-            f"Cannot convert SlimMoe to {model_type!r}: config.mlp_layer_types has dense layers "
-            f"{_dense_layers(config)} but every {model_type} layer is sparse."
-        )
-    _require(config, model_type, "shared_expert_intermediate_size", (0,), f"{model_type} has no shared expert")
-
-
-def _olmoe_out(config: SlimMoeConfig) -> dict:
-    model_type = "olmoe"
-    _all_sparse(config, model_type)
-    _require(config, model_type, "qk_norm", ("full",), "OLMoE normalises the full q/k projections")
-    _require(config, model_type, "attention_output_bias", (config.attention_bias,), "one bias flag for q/k/v/o")
-    _require(config, model_type, "head_dim", (config.hidden_size // config.num_attention_heads,), "no head_dim field")
-    _uniform_window(config, model_type)
-    _require(config, model_type, "layer_types", (["full_attention"] * config.num_hidden_layers,), "no sliding window")
-    fields = _out_common(config)
-    fields.pop("head_dim")
-    return {
-        **fields,
-        "num_experts": config.num_experts,
-        "intermediate_size": config.moe_intermediate_size,
-        "norm_topk_prob": config.norm_topk_prob,
-        "attention_bias": config.attention_bias,
-        "clip_qkv": config.clip_qkv,
-    }
-
-
-def _mixtral_out(config: SlimMoeConfig) -> dict:
-    model_type = "mixtral"
-    _all_sparse(config, model_type)
-    _require(config, model_type, "qk_norm", (None,), "Mixtral has no q/k norm")
-    _require(config, model_type, "clip_qkv", (None,), "Mixtral does not clip q/k/v")
-    _require(config, model_type, "attention_bias", (False,), "Mixtral has no attention biases")
-    _require(config, model_type, "attention_output_bias", (False,), "Mixtral has no attention biases")
-    _require(config, model_type, "norm_topk_prob", (True,), "Mixtral always renormalises the top-k weights")
-    return {
-        **_out_common(config),
-        "num_local_experts": config.num_experts,
-        "intermediate_size": config.moe_intermediate_size,
-        "sliding_window": _uniform_window(config, model_type),
-    }
 
 
 @dataclass(frozen=True)
@@ -252,12 +29,21 @@ class _Family:
     from_slim: Callable[[SlimMoeConfig], dict]
 
 
-FAMILIES: dict[str, _Family] = {
-    "qwen3_moe": _Family(Qwen3MoeConfig, Qwen3MoeForCausalLM, _qwen3_moe_in, _qwen3_moe_out),
-    "qwen2_moe": _Family(Qwen2MoeConfig, Qwen2MoeForCausalLM, _qwen2_moe_in, _qwen2_moe_out),
-    "olmoe": _Family(OlmoeConfig, OlmoeForCausalLM, _olmoe_in, _olmoe_out),
-    "mixtral": _Family(MixtralConfig, MixtralForCausalLM, _mixtral_in, _mixtral_out),
-}
+def _convertible_families() -> dict[str, _Family]:
+    # One family registry (hf_slim.anatomy): a family converts when its axes spec says how its config reads as SlimMoe.
+    families = {}
+    for model_type in supported_model_types():
+        spec = get_spec(model_type)
+        if spec.to_slim_moe is None or spec.from_slim_moe is None:
+            continue
+        config_class = CONFIG_MAPPING[model_type]
+        families[model_type] = _Family(
+            config_class, MODEL_FOR_CAUSAL_LM_MAPPING[config_class], spec.to_slim_moe, spec.from_slim_moe
+        )
+    return families
+
+
+FAMILIES: dict[str, _Family] = _convertible_families()
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
 
 

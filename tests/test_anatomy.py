@@ -336,3 +336,45 @@ def test_variant_by_sizes_from_a_checkpoint_alone(family, tmp_path):
     torch.testing.assert_close(logits(variant), logits(reference), rtol=0, atol=0)
     with pytest.raises(ValueError, match="num_experts=9"):
         prefix_selection(spec, model.config, {"num_experts": 9})
+
+
+def test_remote_code_size_fields_agree_with_the_vocabulary():
+    """The SlimMoe family files ship as remote code and keep their own copy of the size vocabulary."""
+    from hf_slim.anatomy import NESTED_SIZE_FIELDS, SIZE_FIELDS
+    from hf_slim.models.slim_moe import variants_slim_moe
+
+    assert set(variants_slim_moe.ELASTIC_FIELDS) == set(SIZE_FIELDS)
+    assert set(variants_slim_moe.ELASTIC_NESTED_FIELDS) == set(NESTED_SIZE_FIELDS)
+    assert variants_slim_moe.ELASTIC_FIELDS[0] == "num_hidden_layers"  # the variant code treats layers first
+
+
+def test_one_vocabulary_for_every_size_list():
+    from hf_slim.anatomy import (
+        AXES,
+        AXIS_SIZE_FIELDS,
+        PER_LAYER_SIZE_FIELD_OF_AXIS,
+        SIZE_FIELD_OF_AXIS,
+        SIZES,
+    )
+    from hf_slim.pruning import SIZE_FIELDS, PruneConfig
+
+    assert SIZE_FIELDS == tuple(f.name for f in SIZES)
+    assert set(SIZE_FIELD_OF_AXIS) == set(AXES)  # every axis has exactly one size field
+    assert set(PER_LAYER_SIZE_FIELD_OF_AXIS) == {"head", "expert", "expert_ffn", "shared_ffn", "ffn"}
+    assert set(AXIS_SIZE_FIELDS) == set(SIZE_FIELDS) - {"num_experts_per_tok"}
+    assert set(SIZE_FIELDS) <= {f for f in PruneConfig.__dataclass_fields__}
+
+
+def test_layers_with_moved_to_anatomy_keeps_a_deprecated_alias():
+    from hf_slim import anatomy
+
+    with pytest.warns(FutureWarning, match="hf_slim.anatomy.layers_with"):
+        from hf_slim.pruning.prune import layers_with
+    assert layers_with is anatomy.layers_with
+
+
+def test_register_family_refuses_a_clash():
+    from hf_slim.anatomy import register_family
+
+    with pytest.raises(ValueError, match="qwen3_moe"):
+        register_family("qwen3_moe", "somewhere.else")

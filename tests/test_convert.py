@@ -92,3 +92,11 @@ def test_per_layer_expert_widths_cannot_go_to_a_stock_family():
     config = SlimMoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=[8, 16, 8])
     with pytest.raises(ValueError, match="moe_intermediate_size is a per-layer list"):
         to_hf(SlimMoeForCausalLM(config), "qwen3_moe")
+
+
+def test_convertible_families_come_from_the_anatomy_registry():
+    from hf_slim.anatomy import get_spec, supported_model_types
+
+    expected = {mt for mt in supported_model_types() if get_spec(mt).to_slim_moe is not None}
+    assert set(SUPPORTED_MODEL_TYPES) == expected
+    assert {"qwen3_moe", "qwen2_moe", "olmoe", "mixtral"} <= expected

@@ -9,12 +9,8 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from .blocks import expert_ffn_activations, layers_with
 from .core import (
-    AXES,
-    PER_LAYER_AXES,
     ArchSpec,
     Dim,
     Selection,
@@ -33,23 +29,47 @@ from .core import (
     select_tensors,
     tensor_index,
 )
+from .registry import get_spec, register_family, supported_model_types
+from .vocabulary import (
+    AXES,
+    AXIS_SIZE_FIELDS,
+    NESTED_SIZE_FIELDS,
+    PER_LAYER_AXES,
+    PER_LAYER_SIZE_FIELD_OF_AXIS,
+    SELECTABLE_AXES,
+    SIZE_FIELD_OF_AXIS,
+    SIZE_FIELDS,
+    SIZES,
+    SizeField,
+)
 
 __all__ = [
     "AXES",
+    "AXIS_SIZE_FIELDS",
+    "NESTED_SIZE_FIELDS",
     "PER_LAYER_AXES",
+    "PER_LAYER_SIZE_FIELD_OF_AXIS",
+    "SELECTABLE_AXES",
+    "SIZE_FIELDS",
+    "SIZE_FIELD_OF_AXIS",
+    "SIZES",
+    "SizeField",
     "ArchSpec",
     "Dim",
     "Selection",
     "TensorRule",
     "apply_selection",
     "contiguous_runs",
+    "expert_ffn_activations",
     "get_spec",
     "index_tensor",
     "kv_indices_for_heads",
     "layer_key",
+    "layers_with",
     "normalize_selection",
     "prefix_selection",
     "read_indexed",
+    "register_family",
     "renamed",
     "select",
     "select_config",
@@ -57,33 +77,3 @@ __all__ = [
     "supported_model_types",
     "tensor_index",
 ]
-
-# model_type -> module holding `SPEC`; imported on first use so `import hf_slim` stays light
-_FAMILIES = {
-    "qwen3_moe": "qwen3_moe",
-    "qwen2_moe": "qwen2_moe",
-    "olmoe": "olmoe",
-    "mixtral": "mixtral",
-    "qwen3_next": "qwen3_next",
-    "slim_moe": "slim_moe",
-}
-
-
-def supported_model_types() -> list[str]:
-    """The `model_type`s with an axes spec."""
-    return sorted(_FAMILIES)
-
-
-def get_spec(obj: Any) -> ArchSpec:
-    """The axes spec for a model, a config or a `model_type` string.
-
-    Raises:
-        `ValueError`: for a model type without a spec, listing the supported ones.
-    """
-    model_type = obj if isinstance(obj, str) else getattr(getattr(obj, "config", obj), "model_type", None)
-    if model_type not in _FAMILIES:
-        raise ValueError(
-            f"model_type={model_type!r} has no axes spec; supported model types: {', '.join(supported_model_types())}"
-        )
-    module = importlib.import_module(f"{__name__}.{_FAMILIES[model_type]}")
-    return module.SPEC

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .core import Dim, TensorRule
+from .core import ArchSpec, Dim, TensorRule
 
 __all__ = [
     "rule",
@@ -16,8 +16,10 @@ __all__ = [
     "shared_expert_rules",
     "dense_mlp_rules",
     "head_dim_units",
+    "qwen_dense_layers",
     "qwen_sparse_layout_hook",
     "DEFAULT_MODULES",
+    "moe_spec",
 ]
 
 DEFAULT_MODULES = {
@@ -109,7 +111,9 @@ def head_dim_units(config: Any) -> dict[str, int]:
     return {"head_dim": int(hd), "head_dim_x2": 2 * int(hd)}
 
 
-def _dense_layers(config: Any) -> list[int]:
+def qwen_dense_layers(config: Any) -> list[int]:
+    """The Qwen-MoE rule for which decoder layers are dense: listed in `mlp_only_layers`, off the
+    `decoder_sparse_step` pattern, or every layer when there are no experts. The one place it is written."""
     step = getattr(config, "decoder_sparse_step", 1) or 1
     mlp_only = set(getattr(config, "mlp_only_layers", None) or [])
     n_exp = getattr(config, "num_experts", 0) or 0
@@ -124,7 +128,38 @@ def qwen_sparse_layout_hook(old: Any, new: Any, selection: dict) -> None:
     """Dropping layers breaks the `decoder_sparse_step` pattern: spell the dense layers out as `mlp_only_layers`."""
     if "layer" not in selection:
         return
-    dense = set(_dense_layers(old))
+    dense = set(qwen_dense_layers(old))
     kept = selection["layer"].tolist()
     new.decoder_sparse_step = 1
     new.mlp_only_layers = [j for j, i in enumerate(kept) if i in dense]
+
+
+def moe_spec(
+    model_type: str,
+    *,
+    attention: tuple[TensorRule, ...] | None = None,
+    shared_expert: bool = False,
+    dense_mlp: bool = False,
+    extra_block_rules: tuple[TensorRule, ...] = (),
+    **fields: Any,
+) -> ArchSpec:
+    """An [`ArchSpec`] with what the Qwen-style MoE families share: embedding / norm / head rules, decoder norms,
+    q/k/v/o attention (`attention` replaces it), router + routed experts, optionally a shared expert and dense MLP
+    layers; canonical config names, `head_dim` units, the default hook modules, `layer_types` following the layers.
+    `fields` sets or overrides any other [`ArchSpec`] field."""
+    block_rules = (
+        decoder_norm_rules()
+        + (attention_rules() if attention is None else attention)
+        + extra_block_rules
+        + router_expert_rules()
+        + (shared_expert_rules() if shared_expert else ())
+        + (dense_mlp_rules() if dense_mlp else ())
+    )
+    defaults: dict[str, Any] = dict(
+        global_rules=embedding_rules(),
+        config_fields={},
+        units=head_dim_units,
+        modules=DEFAULT_MODULES,
+        layer_list_fields=("layer_types",),
+    )
+    return ArchSpec(model_type=model_type, block_rules=block_rules, **{**defaults, **fields})

@@ -20,6 +20,15 @@ from typing import Any
 
 import torch
 
+from .registry import get_spec
+from .vocabulary import (
+    AXES,
+    AXIS_SIZE_FIELDS,
+    PER_LAYER_AXES,
+    PER_LAYER_SIZE_FIELD_OF_AXIS,
+)
+from .vocabulary import SELECTABLE_AXES as _SELECTABLE
+
 __all__ = [
     "AXES",
     "PER_LAYER_AXES",
@@ -42,11 +51,6 @@ __all__ = [
     "layer_key",
 ]
 
-#: Every axis a spec may name. `kv_head` is derived from `head` (KV-group aware) and never selected directly.
-AXES = ("layer", "hidden", "head", "kv_head", "expert", "expert_ffn", "shared_ffn", "ffn")
-#: Axes whose index set is chosen per block (decoder layer or MTP layer).
-PER_LAYER_AXES = ("head", "kv_head", "expert", "expert_ffn", "shared_ffn", "ffn")
-_SELECTABLE = ("layer", "hidden", "head", "expert", "expert_ffn", "shared_ffn", "ffn")
 
 #: A selection maps an axis to its ordered kept indices. `layer` and `hidden` take one 1-D index tensor;
 #: per-layer axes take `{block: indices}` where block is a decoder-layer number or a block prefix such as
@@ -114,6 +118,10 @@ class ArchSpec:
         validate (`Callable`, optional): `(new_config)` raising `ValueError` when the architecture cannot hold it.
         config_rules (`Callable`, optional): `(config) -> block rules` that depend on config switches (e.g. whether
             q/k norms span all heads); checked before `block_rules`.
+        to_slim_moe (`Callable`, optional): `(config) -> SlimMoeConfig kwargs` expressing this family exactly (the
+            weights keep their names); families with it are the ones `hf_slim.convert` supports.
+        from_slim_moe (`Callable`, optional): `(slim_config) -> kwargs of this family's config`, raising `ValueError`
+            naming a SlimMoe field the family cannot hold.
     """
 
     model_type: str
@@ -129,6 +137,8 @@ class ArchSpec:
     config_hook: Callable[[Any, Any, dict], None] | None = None
     validate: Callable[[Any], None] | None = None
     config_rules: Callable[[Any], tuple[TensorRule, ...]] | None = None
+    to_slim_moe: Callable[[Any], dict[str, Any]] | None = None
+    from_slim_moe: Callable[[Any], dict[str, Any]] | None = None
     notes: str = ""
     _block_re: re.Pattern = field(init=False, repr=False, compare=False)
 
@@ -357,7 +367,7 @@ def prefix_selection(
     Returns:
         A selection for [`select_tensors`], [`tensor_index`] or [`apply_selection`].
     """
-    known = {"num_hidden_layers", "hidden_size", *(_CANONICAL.values()), "num_key_value_heads"}
+    known = set(AXIS_SIZE_FIELDS)
     unknown = sorted(set(sizes) - known)
     if unknown:
         raise ValueError(f"sizes: unknown field(s) {unknown}; valid fields: {sorted(known)}")
@@ -387,7 +397,7 @@ def prefix_selection(
             )
         q = torch.cat([g * group + torch.arange(heads // kv) for g in range(kv)])
         sel["head"] = {b: q for b in blocks}
-    for axis, canonical in _CANONICAL.items():
+    for axis, canonical in PER_LAYER_SIZE_FIELD_OF_AXIS.items():
         if axis != "head" and canonical in sizes:
             sel[axis] = {b: torch.arange(sizes[canonical]) for b in blocks}
     return sel
@@ -515,13 +525,7 @@ def select_config(
     if "hidden" in selection:
         setattr(new, spec.field("hidden_size"), int(selection["hidden"].numel()))
     per_layer_done: set[str] = set()
-    for axis, canonical in (
-        ("expert", "num_experts"),
-        ("expert_ffn", "moe_intermediate_size"),
-        ("shared_ffn", "shared_expert_intermediate_size"),
-        ("ffn", "intermediate_size"),
-        ("head", "num_attention_heads"),
-    ):
+    for axis, canonical in PER_LAYER_SIZE_FIELD_OF_AXIS.items():
         per = selection.get(axis)
         if not per:
             continue
@@ -586,19 +590,10 @@ def select_tensors(
     return out, new_config
 
 
-_CANONICAL = {
-    "expert": "num_experts",
-    "expert_ffn": "moe_intermediate_size",
-    "shared_ffn": "shared_expert_intermediate_size",
-    "ffn": "intermediate_size",
-    "head": "num_attention_heads",
-}
-
-
 def _check_coverage(spec: ArchSpec, config: Any, tensors: Mapping[str, Any], sel: Mapping[str, Any]) -> None:
     """A per-layer selection that changes a size held once in the config must give indices for every block that
     carries the axis (MTP layers included), or the rebuilt model would not fit."""
-    for axis, canonical in _CANONICAL.items():
+    for axis, canonical in PER_LAYER_SIZE_FIELD_OF_AXIS.items():
         per = sel.get(axis)
         if not per:
             continue
@@ -684,8 +679,6 @@ def apply_selection(
         The new model. Keeping every index in order gives back the same function; a permutation of
         `hidden`, `head`, `expert`, `expert_ffn`, `shared_ffn` or `ffn` gives the same function as well.
     """
-    from . import get_spec
-
     spec = spec or get_spec(model.config)
     sel = normalize_selection(spec, selection)
     state = dict(tensors) if tensors is not None else model.state_dict()

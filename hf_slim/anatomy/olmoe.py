@@ -4,15 +4,8 @@ head axis, and the modeling code sizes `q_norm` by `hidden_size`: a pruned OLMoE
 
 from typing import Any
 
-from ._rules import (
-    DEFAULT_MODULES,
-    attention_rules,
-    decoder_norm_rules,
-    embedding_rules,
-    head_dim_units,
-    router_expert_rules,
-)
-from .core import ArchSpec
+from ._rules import attention_rules, head_dim_units, moe_spec
+from ._slim_moe_fields import all_sparse, common_in, common_out, require, uniform_window
 
 
 def _validate(config: Any) -> None:
@@ -25,13 +18,44 @@ def _validate(config: Any) -> None:
         )
 
 
-SPEC = ArchSpec(
-    model_type="olmoe",
-    global_rules=embedding_rules(),
-    block_rules=decoder_norm_rules() + attention_rules(full_qk_norm=True) + router_expert_rules(),
+def _to_slim_moe(config: Any) -> dict:
+    return {
+        **common_in(config),
+        "num_experts": config.num_experts,
+        "moe_intermediate_size": config.intermediate_size,
+        "norm_topk_prob": config.norm_topk_prob,
+        "attention_bias": config.attention_bias,
+        "attention_output_bias": config.attention_bias,
+        "qk_norm": "full",
+        "clip_qkv": config.clip_qkv,
+    }
+
+
+def _from_slim_moe(config: Any) -> dict:
+    model_type = "olmoe"
+    all_sparse(config, model_type)
+    require(config, model_type, "qk_norm", ("full",), "OLMoE normalises the full q/k projections")
+    require(config, model_type, "attention_output_bias", (config.attention_bias,), "one bias flag for q/k/v/o")
+    require(config, model_type, "head_dim", (config.hidden_size // config.num_attention_heads,), "no head_dim field")
+    uniform_window(config, model_type)
+    require(config, model_type, "layer_types", (["full_attention"] * config.num_hidden_layers,), "no sliding window")
+    fields = common_out(config)
+    fields.pop("head_dim")
+    return {
+        **fields,
+        "num_experts": config.num_experts,
+        "intermediate_size": config.moe_intermediate_size,
+        "norm_topk_prob": config.norm_topk_prob,
+        "attention_bias": config.attention_bias,
+        "clip_qkv": config.clip_qkv,
+    }
+
+
+SPEC = moe_spec(
+    "olmoe",
+    attention=attention_rules(full_qk_norm=True),
     config_fields={"moe_intermediate_size": "intermediate_size"},
-    units=head_dim_units,
-    modules=DEFAULT_MODULES,
-    layer_list_fields=("layer_types",),
     validate=_validate,
+    to_slim_moe=_to_slim_moe,
+    from_slim_moe=_from_slim_moe,
 )

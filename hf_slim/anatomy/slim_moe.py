@@ -9,18 +9,9 @@ numbering when decoder layers are dropped.
 
 from typing import Any
 
-from ._rules import (
-    DEFAULT_MODULES,
-    attention_rules,
-    decoder_norm_rules,
-    dense_mlp_rules,
-    embedding_rules,
-    head_dim_units,
-    router_expert_rules,
-    rule,
-    shared_expert_rules,
-)
-from .core import ArchSpec, Dim, TensorRule
+from ._rules import embedding_rules, moe_spec, rule
+from .core import Dim, TensorRule
+from .vocabulary import AXIS_SIZE_FIELDS
 
 _mtp = (
     rule("mtp.fc.weight", Dim("hidden", 0), Dim("hidden", 1, 1, 2)),
@@ -37,18 +28,6 @@ def _qk_norm_rules(config: Any) -> tuple[TensorRule, ...]:
             rule("self_attn.k_norm.weight", Dim("kv_head", 0, "head_dim")),
         )
     return ()
-
-
-_SIZES = (
-    "num_hidden_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "num_experts",
-    "moe_intermediate_size",
-    "shared_expert_intermediate_size",
-    "intermediate_size",
-)
 
 
 def _expert_widths(old: Any, new: Any, selection: dict) -> None:
@@ -78,21 +57,15 @@ def _hook(old: Any, new: Any, selection: dict) -> None:
     _expert_widths(old, new, selection)
     # Elastic variants are prefixes of the source's axes: a permutation keeps them meaningful to whoever re-ranks,
     # a shrink does not, so they are dropped as soon as any size changes.
-    if getattr(old, "elastic", None) and any(getattr(old, f) != getattr(new, f) for f in _SIZES):
+    if getattr(old, "elastic", None) and any(getattr(old, f) != getattr(new, f) for f in AXIS_SIZE_FIELDS):
         new.elastic = None
 
 
-SPEC = ArchSpec(
-    model_type="slim_moe",
+SPEC = moe_spec(
+    "slim_moe",
     global_rules=embedding_rules() + _mtp,
-    block_rules=decoder_norm_rules()
-    + attention_rules()
-    + router_expert_rules()
-    + shared_expert_rules()
-    + dense_mlp_rules(),
-    config_fields={},
-    units=head_dim_units,
-    modules=DEFAULT_MODULES,
+    shared_expert=True,
+    dense_mlp=True,
     block_containers=("model.layers", "mtp.layers"),
     layer_list_fields=("layer_types", "mlp_layer_types"),
     per_layer_fields=("moe_intermediate_size",),

@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from ..models.slim_moe.configuration_slim_moe import FULL_VARIANT
-from .config import ElasticConfig
+from ..anatomy import apply_selection, expert_ffn_activations, get_spec, layers_with
+from ..pruning import choose_layers, expert_importance, hidden_importance
+from .config import FULL_VARIANT, ElasticConfig
 
 __all__ = ["make_elastic", "importance_orders", "variant_selection", "slice_variant", "LAYER_METHODS"]
 
@@ -62,11 +63,6 @@ def importance_orders(
         `{"hidden": perm, "head": {block: perm}, "expert": {...}, "expert_ffn": {block: [E, I]}, "shared_ffn": {...},
         "ffn": {...}}` with indices of the source model (per-expert neuron orders indexed by source expert).
     """
-    from ..anatomy import get_spec
-    from ..pruning.experts import expert_importance
-    from ..pruning.prune import expert_ffn_activations, layers_with
-    from ..pruning.scores import hidden_importance
-
     spec = get_spec(model)
     statistics.check_compatible(model.config)
     selection: dict[str, Any] = {"hidden": _descending(hidden_importance(statistics, hidden_method))}
@@ -89,8 +85,6 @@ def _resolve_layers(model: Any, elastic: ElasticConfig, statistics: Any, layer_m
         raise ValueError(f"layer_method={layer_method!r}: valid values are {list(LAYER_METHODS)}")
     if layer_method == "last":
         return elastic
-    from ..pruning.scores import choose_layers
-
     config = model.config
     variants = elastic.to_dict()["variants"]
     for fields in variants.values():
@@ -131,8 +125,6 @@ def make_elastic(
     Raises:
         `ValueError`: invalid or non-nested variants (naming the variant and the axis), statistics of another model.
     """
-    from ..anatomy import apply_selection
-
     _check_model(model)
     if statistics is None:
         raise ValueError("statistics: make_elastic orders every axis by importance; pass collect_statistics(model, ...)")
@@ -153,9 +145,6 @@ def variant_selection(model: Any, name: str) -> tuple[dict[str, Any], dict[str, 
         `shared_expert_intermediate_size` when it drops to 0) and the tensor-name fragments of modules the variant
         does not have (the shared expert at width 0).
     """
-    from ..anatomy import get_spec
-    from ..pruning.prune import expert_ffn_activations, layers_with
-
     spec = get_spec(model)
     sizes = model.config.elastic_variant_sizes(name)
     variant = model.config.variant_config(name)
@@ -200,8 +189,6 @@ def slice_variant(model: Any, name: str) -> Any:
     Raises:
         `KeyError`: unknown variant (listing the variants). `ValueError`: the model has no elastic variants.
     """
-    from ..anatomy import apply_selection
-
     _check_model(model)
     if name == FULL_VARIANT:
         model.config.elastic_variant_sizes(name)

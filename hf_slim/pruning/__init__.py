@@ -9,13 +9,18 @@
 
 from .calibration import collect_statistics, pack_calibration_data
 from .config import SIZE_FIELDS, PruneConfig
+from .experts import expert_importance
 from .export import save_pruned, size_summary
 from .progressive import ProgressivePlan, prune_progressively
 from .prune import plan_selection, prune
+from .scores import choose_layers, hidden_importance
 from .stats import ImportanceStats
 
 __all__ = [
+    "choose_layers",
     "collect_statistics",
+    "expert_importance",
+    "hidden_importance",
     "pack_calibration_data",
     "ImportanceStats",
     "PruneConfig",

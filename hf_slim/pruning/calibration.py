@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..anatomy.vocabulary import AXIS_SIZE_FIELDS
 from ..integrations.transformers_experts import grouped_linear_kernel as _grouped_linear_kernel
 from .stats import ImportanceStats
 
@@ -315,17 +316,8 @@ def _get(root: Any, path: str) -> Any:
 
 
 def _sizes(spec: Any, config: Any) -> dict[str, Any]:
-    keys = (
-        "num_hidden_layers",
-        "hidden_size",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "num_experts",
-        "moe_intermediate_size",
-        "shared_expert_intermediate_size",
-        "intermediate_size",
-    )
-    return {k: getattr(config, spec.field(k), None) for k in keys if getattr(config, spec.field(k), None) is not None}
+    fields = ((k, getattr(config, spec.field(k), None)) for k in AXIS_SIZE_FIELDS)
+    return {k: v for k, v in fields if v is not None}
 
 
 @torch.no_grad()

@@ -10,20 +10,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+# Target sizes, named as the config fields they set in the canonical (Qwen3-MoE) spelling: the anatomy vocabulary's.
+from ..anatomy.vocabulary import SIZE_FIELDS
+
 __all__ = ["PruneConfig", "SIZE_FIELDS"]
 
-#: Target sizes, named as the config fields they set in the canonical (Qwen3-MoE) spelling.
-SIZE_FIELDS = (
-    "num_hidden_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "moe_intermediate_size",
-    "shared_expert_intermediate_size",
-    "intermediate_size",
-    "num_experts",
-    "num_experts_per_tok",
-)
 _CHOICES = {
     "depth_method": ("last", "block_influence"),
     "hidden_method": ("slimqwen", "minitron"),

@@ -2,55 +2,47 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 
+from .. import anatomy
+from ..anatomy import SIZES, apply_selection, get_spec
 from .config import PruneConfig
-from .experts import expert_importance, expert_similarity, merge_expert_rows, plan_experts
-from .scores import choose_expert_neurons, choose_heads, choose_hidden, choose_layers, choose_neurons
+from .experts import (
+    expert_importance,
+    expert_similarity,
+    merge_expert_rows,
+    plan_experts,
+)
+from .scores import (
+    choose_expert_neurons,
+    choose_heads,
+    choose_hidden,
+    choose_layers,
+    choose_neurons,
+)
 from .stats import ImportanceStats
 
-__all__ = ["prune", "plan_selection", "layers_with"]
+__all__ = ["prune", "plan_selection"]
 
-_NEEDS_STATS = (
-    "hidden_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "moe_intermediate_size",
-    "shared_expert_intermediate_size",
-    "intermediate_size",
-    "num_experts",
-)
+_MOVED_TO_ANATOMY = ("layers_with", "expert_ffn_activations")
 
 
-def layers_with(model: Any, spec: Any, key: str) -> list[tuple[int, int | str]]:
-    """Blocks holding the module `spec.modules[key]` (e.g. `experts`, `attn_out`, `dense_down`), as
-    `(statistics index, selection key)`: decoder layers by number, other blocks (MTP layers) by prefix."""
-    path = spec.modules[key]
-    out: list[tuple[int, int | str]] = []
-    for i, block in enumerate(spec.blocks(model)):
-        try:
-            model.get_submodule(f"{block}.{path}")
-        except AttributeError:
-            continue
-        out.append((i, int(block.rsplit(".", 1)[1]) if spec.is_decoder_block(block) else block))
-    return out
+def __getattr__(name: str) -> Any:
+    # `layers_with` / `expert_ffn_activations` answer questions about the spec and moved to hf_slim.anatomy
+    if name in _MOVED_TO_ANATOMY:
+        warnings.warn(
+            f"hf_slim.pruning.prune.{name} moved to hf_slim.anatomy.{name}; import it from there",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return getattr(anatomy, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-def expert_ffn_activations(model: Any, spec: Any, stats: Any) -> list[tuple[int | str, torch.Tensor]]:
-    """`(selection key, [E, I_layer])` per block with routed experts, from the `expert_ffn.act` statistic.
-
-    The statistic is stored at the widest expert width; blocks with narrower experts (a per-layer
-    `moe_intermediate_size`) use only their own first `I_layer` columns.
-    """
-    act = stats["expert_ffn.act"]
-    out = []
-    for i, key in layers_with(model, spec, "experts"):
-        block = spec.blocks(model)[i]
-        width = model.get_submodule(f"{block}.{spec.modules['experts']}").gate_up_proj.shape[1] // 2
-        out.append((key, act[i, :, :width]))
-    return out
+# Every axis but depth (which `last` drops without scores) and top-k is chosen by calibration importance.
+_NEEDS_STATS = tuple(f.name for f in SIZES if f.axis not in (None, "layer"))
 
 
 def plan_selection(
@@ -63,8 +55,6 @@ def plan_selection(
         experts were merged (else `None`); non-axis config updates (`num_experts_per_tok`); and a JSON-friendly
         report of the kept indices and merge groups.
     """
-    from ..anatomy import get_spec
-
     if not isinstance(config, PruneConfig):
         raise TypeError(f"config must be a PruneConfig, got {type(config).__name__}")
     spec = get_spec(model)
@@ -97,9 +87,9 @@ def plan_selection(
         heads = targets.get("num_attention_heads", mc.num_attention_heads)
         kv = targets.get("num_key_value_heads", mc.num_key_value_heads)
         scores = stats["head.out_norm"]
-        attn = layers_with(model, spec, "attn_out")
+        attn = anatomy.layers_with(model, spec, "attn_out")
         sel["head"] = {k: choose_heads(scores[i], mc.num_key_value_heads, heads, kv) for i, k in attn}
-    sparse = layers_with(model, spec, "experts")
+    sparse = anatomy.layers_with(model, spec, "experts")
     if "num_experts" in targets:
         n_keep = targets["num_experts"]
         strategy = config.expert_strategy
@@ -130,14 +120,14 @@ def plan_selection(
     if "moe_intermediate_size" in targets:
         sel["expert_ffn"] = {
             k: choose_expert_neurons(act, targets["moe_intermediate_size"])
-            for k, act in expert_ffn_activations(model, spec, stats)
+            for k, act in anatomy.expert_ffn_activations(model, spec, stats)
         }
     if "shared_expert_intermediate_size" in targets:
         act = stats["shared_ffn.act"]
-        layers = layers_with(model, spec, "shared_down")
+        layers = anatomy.layers_with(model, spec, "shared_down")
         sel["shared_ffn"] = {k: choose_neurons(act[i], targets["shared_expert_intermediate_size"]) for i, k in layers}
     if "intermediate_size" in targets:
-        layers = layers_with(model, spec, "dense_down")
+        layers = anatomy.layers_with(model, spec, "dense_down")
         if not layers:
             raise ValueError(f"intermediate_size={targets['intermediate_size']}: the model has no dense FFN layer")
         act = stats["ffn.act"]
@@ -168,8 +158,6 @@ def prune(model: Any, config: PruneConfig, stats: ImportanceStats | None = None)
         >>> small = prune(model, PruneConfig(num_experts=0.5, num_experts_per_tok=4, hidden_size=0.75), stats)
         ```
     """
-    from ..anatomy import apply_selection
-
     sel, tensors, updates, report = plan_selection(model, config, stats)
     new = apply_selection(model, sel, tensors=tensors, updates=updates)
     new.hf_slim_pruning_report = report
