@@ -87,23 +87,22 @@ def router_expert_rules(prefix: str = "mlp") -> tuple[TensorRule, ...]:
     )
 
 
+def _gated_mlp_rules(prefix: str, axis: str) -> tuple[TensorRule, ...]:
+    """A gated FFN (`gate_proj`, `up_proj`, `down_proj`) whose intermediate width is `axis`."""
+    return (
+        rule(prefix + "gate_proj.weight", Dim(axis, 0), Dim("hidden", 1)),
+        rule(prefix + "up_proj.weight", Dim(axis, 0), Dim("hidden", 1)),
+        rule(prefix + "down_proj.weight", Dim("hidden", 0), Dim(axis, 1)),
+    )
+
+
 def shared_expert_rules(prefix: str = "mlp") -> tuple[TensorRule, ...]:
     p = prefix + "."
-    return (
-        rule(p + "shared_expert.gate_proj.weight", Dim("shared_ffn", 0), Dim("hidden", 1)),
-        rule(p + "shared_expert.up_proj.weight", Dim("shared_ffn", 0), Dim("hidden", 1)),
-        rule(p + "shared_expert.down_proj.weight", Dim("hidden", 0), Dim("shared_ffn", 1)),
-        rule(p + "shared_expert_gate.weight", Dim("hidden", 1)),
-    )
+    return (*_gated_mlp_rules(p + "shared_expert.", "shared_ffn"), rule(p + "shared_expert_gate.weight", Dim("hidden", 1)))
 
 
 def dense_mlp_rules(prefix: str = "mlp") -> tuple[TensorRule, ...]:
-    p = prefix + "."
-    return (
-        rule(p + "gate_proj.weight", Dim("ffn", 0), Dim("hidden", 1)),
-        rule(p + "up_proj.weight", Dim("ffn", 0), Dim("hidden", 1)),
-        rule(p + "down_proj.weight", Dim("hidden", 0), Dim("ffn", 1)),
-    )
+    return _gated_mlp_rules(prefix + ".", "ffn")
 
 
 def head_dim_units(config: Any) -> dict[str, int]:
