@@ -8,7 +8,6 @@ import textwrap
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -19,11 +18,14 @@ from hf_slim.anatomy import (
     kv_indices_for_heads,
     normalize_selection,
     read_indexed,
+    renamed,
     select,
     select_tensors,
     supported_model_types,
     tensor_index,
 )
+from hf_slim.models.slim_moe import loading_slim_moe
+from hf_slim.models.slim_moe.loading_slim_moe import SafetensorsFile
 
 # ---- tiny in-test models and real calibration text (shared with test_pruning / test_calibration) ----
 VOCAB = 160
@@ -255,14 +257,13 @@ def test_lazy_slices_without_a_model(family, tmp_path):
         sel["hidden"] = torch.arange(24)
     sel = normalize_selection(spec, sel)
     ref, _ = select_tensors(spec, model.config, state, sel)
-    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+    with SafetensorsFile(tmp_path / "m.safetensors") as f:
         got = {}
         for name in f.keys():
-            s = f.get_slice(name)
-            idx = tensor_index(spec, name, s.get_shape(), model.config, sel)
+            idx = tensor_index(spec, name, f.shape(name), model.config, sel)
             if idx is None:
                 continue
-            got[name] = read_indexed(s, s.get_shape(), idx)
+            got[name] = read_indexed(f, name, idx)
     assert "model.layers.3.input_layernorm.weight" not in got
     for name, t in got.items():
         torch.testing.assert_close(t, ref[name], rtol=0, atol=0)
@@ -270,6 +271,43 @@ def test_lazy_slices_without_a_model(family, tmp_path):
 
 def test_contiguous_runs():
     assert contiguous_runs(torch.tensor([0, 1, 2, 5, 6, 3])) == [(0, 3), (5, 7), (3, 4)]
+
+
+@pytest.mark.parametrize("family", ["slim_moe", "qwen3_moe"])
+def test_lazy_read_of_a_non_prefix_selection_maps_nothing(family, tmp_path, monkeypatch):
+    """Out-of-order experts, scattered hidden dims and per-expert (2-D) neuron sets, read by byte ranges, equal the
+    in-memory selection bit for bit; safetensors' memory-mapped reader is never called."""
+    model = tiny_model(family, seed=5)
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "m.safetensors"))
+    spec = get_spec(model.config.model_type)
+    sl = sparse_layers(model)
+    g = torch.Generator().manual_seed(0)
+    n_experts, ffn = model.config.num_experts, model.config.moe_intermediate_size
+    sel = normalize_selection(spec, {
+        "expert": {i: torch.tensor([5, 1, 3]) for i in sl},
+        "expert_ffn": {i: torch.stack([torch.randperm(ffn, generator=g)[:6] for _ in range(n_experts)]) for i in sl},
+        "hidden": torch.tensor([0, 2, 3, 7]),
+        "layer": torch.tensor([2, 0, 1]),
+    })
+    ref, _ = select_tensors(spec, model.config, state, sel)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("safe_open (memory-mapped read) called")
+
+    monkeypatch.setattr(loading_slim_moe, "safe_open", refuse)
+    monkeypatch.setattr("safetensors.safe_open", refuse)
+    with SafetensorsFile(tmp_path / "m.safetensors") as f:
+        got = {}
+        for name in f.keys():
+            idx = tensor_index(spec, name, f.shape(name), model.config, sel)
+            if idx is not None:
+                got[renamed(spec, name, sel)] = t = read_indexed(f, name, idx)
+                assert torch.equal(read_indexed(state[name], None, idx), t), name  # an in-memory tensor source
+        read = f.bytes_read
+    assert sorted(got) == sorted(ref) and read < sum(t.nbytes for t in state.values())
+    for name, t in got.items():
+        assert t.dtype == ref[name].dtype and torch.equal(t, ref[name]), name
 
 
 def test_kv_group_rules():
@@ -310,7 +348,7 @@ def test_unsupported_model_type_lists_supported():
 def test_variant_by_sizes_from_a_checkpoint_alone(family, tmp_path):
     """Elastic use: sizes -> prefix selection -> new config + lazily read slices, with no source model instance;
     the result equals `apply_selection` on the model."""
-    from hf_slim.anatomy import prefix_selection, renamed, select_config
+    from hf_slim.anatomy import prefix_selection, select_config
 
     model = tiny_model(family, seed=4)
     state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
@@ -319,16 +357,15 @@ def test_variant_by_sizes_from_a_checkpoint_alone(family, tmp_path):
     if family != "mixtral":
         sizes["hidden_size"] = 24
     spec = get_spec(model.config.model_type)
-    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
-        names = list(f.keys())
+    with SafetensorsFile(tmp_path / "m.safetensors") as f:
+        names = f.keys()
         sel = normalize_selection(spec, prefix_selection(spec, model.config, sizes, names))
         new_config = select_config(spec, model.config, sel)
         tensors = {}
         for name in names:
-            s = f.get_slice(name)
-            idx = tensor_index(spec, name, s.get_shape(), model.config, sel)
+            idx = tensor_index(spec, name, f.shape(name), model.config, sel)
             if idx is not None:
-                tensors[renamed(spec, name, sel)] = read_indexed(s, s.get_shape(), idx)
+                tensors[renamed(spec, name, sel)] = read_indexed(f, name, idx)
     assert new_config.num_key_value_heads == 2  # every KV head kept, one query head per group
     variant = AutoModelForCausalLM.from_config(new_config).eval()
     variant.load_state_dict(tensors, strict=True)

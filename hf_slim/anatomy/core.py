@@ -293,7 +293,7 @@ def tensor_index(
     Args:
         spec (`ArchSpec`): the architecture.
         name (`str`): full tensor name (as in the checkpoint).
-        shape (`Sequence[int]`): its full shape (e.g. from `safe_open(...).get_slice(name).get_shape()`).
+        shape (`Sequence[int]`): its full shape (e.g. from `SafetensorsFile(path).shape(name)` in `hf_slim.models.slim_moe.loading_slim_moe`).
         config: the source config (unit sizes such as `head_dim` come from it).
         selection (`dict`): a normalised selection (see [`normalize_selection`]); `kv_head` is derived.
 
@@ -433,27 +433,30 @@ def contiguous_runs(idx: torch.Tensor) -> list[tuple[int, int]]:
     return runs
 
 
-def read_indexed(source: Any, shape: Sequence[int], idx: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
-    """Read only the selected elements from a sliceable source (a `safe_open(...).get_slice(name)` or a tensor).
+def read_indexed(source: Any, name: str | None, idx: tuple[torch.Tensor | None, ...] | None) -> torch.Tensor:
+    """Read only the selected elements of tensor `name`: [`index_tensor`] without loading the tensor whole.
 
-    Reads one block per combination of contiguous runs, so prefix selections (elastic variants) cost one or two
-    reads per tensor; per-row (2-D) selections read the selected rows and gather in memory.
+    Args:
+        source: a lazy reader with `shape(name)` and `read(name, runs_per_dim)` (one list of `(start, stop)` runs
+            per dim, in output order), such as the SlimMoe family's byte-range reader
+            `hf_slim.models.slim_moe.loading_slim_moe.SafetensorsFile` (plain file reads, nothing memory-mapped);
+            or an in-memory tensor (`name` is then unused).
+        name (`str`): the tensor's name in the reader.
+        idx: [`tensor_index`]'s result for the tensor.
+
+    1-D selections are read as runs of consecutive indices, so prefix selections (elastic variants) cost one read
+    per run of rows; per-row (2-D) selections read their dims whole and gather in memory.
     """
-    dims_runs = []
-    for d, n in enumerate(shape):
-        el = idx[d] if d < len(idx) else None
-        dims_runs.append([(0, n)] if el is None or el.ndim == 2 else contiguous_runs(el))
-
-    def read(ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
-        return torch.as_tensor(source[tuple(slice(a, b) for a, b in ranges)])
-
-    def assemble(d: int, prefix: tuple[tuple[int, int], ...]) -> torch.Tensor:
-        if d == len(shape):
-            return read(prefix)
-        blocks = [assemble(d + 1, prefix + (r,)) for r in dims_runs[d]]
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=d)
-
-    out = assemble(0, ())
+    if isinstance(source, torch.Tensor):
+        return index_tensor(source, idx)
+    if idx is None:
+        raise ValueError(f"{name}: tensor is dropped by the selection")
+    shape = tuple(source.shape(name))
+    runs = [
+        None if d >= len(idx) or idx[d] is None or idx[d].ndim == 2 else contiguous_runs(idx[d])
+        for d in range(len(shape))
+    ]
+    out = source.read(name, runs)
     rest = tuple(el if (el is not None and el.ndim == 2) else None for el in idx)
     if any(el is not None for el in rest):
         out = index_tensor(out, rest)

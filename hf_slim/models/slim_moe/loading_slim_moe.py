@@ -108,7 +108,8 @@ def _slice_tensor(source, ranges: tuple[list[tuple[int, int]], ...], copy: bool 
 # The safetensors layout is public: 8-byte little-endian header length, a JSON header mapping each tensor to its
 # `dtype`, `shape` and `data_offsets` (relative to the end of the header), then the raw row-major little-endian data.
 # Partial loading reads the needed byte ranges with plain file reads straight into the destination tensor's buffer,
-# so no page of a full tensor is ever mapped into the process.
+# so no page of a full tensor is ever mapped into the process. `SafetensorsFile` / `read_safetensors_runs` read any
+# per-dim runs selection this way; they are also hf_slim's lazy reader for pruning checkpoints tensor by tensor.
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -137,7 +138,8 @@ def _tensor_runs(
     shape: tuple[int, ...], ranges: tuple[list[tuple[int, int]], ...], itemsize: int
 ) -> list[tuple[int, int]]:
     """`(source byte offset, byte count)` runs that, read back to back, give the sub-tensor of a row-major tensor of
-    `shape` made of `ranges` per dim (see `elastic_ranges`); runs adjacent in the source are coalesced."""
+    `shape` made of `ranges` per dim (`(start, stop)` runs in output order, e.g. from `elastic_ranges`); runs adjacent
+    in the source are coalesced."""
     # dims after `inner` are kept whole, so each index of the dims up to `inner` reads one contiguous block
     inner = max((d for d, r in enumerate(ranges) if r != [(0, shape[d])]), default=-1)
     if inner < 0:
@@ -179,12 +181,21 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> int:
     return done
 
 
-def _read_safetensors_ranges(
-    path: str, header: dict, data_start: int, name: str, shape: tuple[int, ...], fd: int
+def read_safetensors_runs(
+    fd: int, header: dict, data_start: int, name: str, runs_per_dim, path: str = "<safetensors file>"
 ) -> tuple[torch.Tensor, int, int]:
-    """Read variant tensor `name` of `shape` (prefix ranges, see `elastic_ranges`) from an open safetensors file.
+    """Read a selection of tensor `name` from an open safetensors file with plain file reads (nothing is mapped).
 
-    Returns `(tensor, bytes read, number of reads)`.
+    Args:
+        fd (`int`): an `os.open` descriptor of the file.
+        header (`dict`), data_start (`int`): what `_safetensors_header` returns for the file.
+        name (`str`): the tensor.
+        runs_per_dim: one list of `(start, stop)` runs per dim (`None` for a whole dim); the result holds, along each
+            dim, the runs' indices back to back in the given order (runs may be out of order, not only prefixes).
+        path (`str`): the file's name, for error messages.
+
+    Returns:
+        `(tensor in the stored dtype, bytes read, number of reads)`; runs adjacent in the file are read at once.
     """
     entry = header[name]
     if entry["dtype"] not in _SAFETENSORS_DTYPES:
@@ -195,8 +206,16 @@ def _read_safetensors_ranges(
         raise ValueError("partial loading of safetensors files needs a little-endian machine.")
     dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
     source_shape = tuple(entry["shape"])
+    if len(runs_per_dim) != len(source_shape):
+        raise ValueError(f"{path}: tensor {name!r} has {len(source_shape)} dims, the selection gives {len(runs_per_dim)}.")
+    ranges = []
+    for size, runs in zip(source_shape, runs_per_dim):
+        runs = [(0, size)] if runs is None else [(int(a), int(b)) for a, b in runs]
+        if any(not 0 <= a <= b <= size for a, b in runs):
+            raise ValueError(f"{path}: runs {runs} fall outside tensor {name!r} of shape {list(source_shape)}.")
+        ranges.append(runs)
+    shape = tuple(sum(b - a for a, b in runs) for runs in ranges)
     begin, end = entry["data_offsets"]
-    ranges = elastic_ranges(name, shape, source_shape)
     out = torch.empty(shape, dtype=dtype)
     itemsize = out.element_size()
     expected = itemsize
@@ -208,10 +227,72 @@ def _read_safetensors_ranges(
         return out, 0, 0
     buffer = memoryview((ctypes.c_char * (out.numel() * itemsize)).from_address(out.data_ptr())).cast("B")
     position = reads = 0
-    for offset, count in _tensor_runs(source_shape, ranges, itemsize):
+    for offset, count in _tensor_runs(source_shape, tuple(ranges), itemsize):
         position += _pread_into(fd, buffer[position : position + count], data_start + begin + offset)
         reads += 1
     return out, position, reads
+
+
+def _read_safetensors_ranges(
+    path: str, header: dict, data_start: int, name: str, shape: tuple[int, ...], fd: int
+) -> tuple[torch.Tensor, int, int]:
+    """Read variant tensor `name` of `shape` (prefix ranges, see `elastic_ranges`) from an open safetensors file.
+
+    Returns `(tensor, bytes read, number of reads)`.
+    """
+    ranges = elastic_ranges(name, shape, tuple(header[name]["shape"]))
+    return read_safetensors_runs(fd, header, data_start, name, ranges, path)
+
+
+class SafetensorsFile:
+    """One safetensors file read by byte ranges (`os.preadv`), never memory-mapped: the header is parsed once and
+    the file stays open until `close()` (or the end of a `with` block).
+
+    ```python
+    with SafetensorsFile(path) as f:
+        for name in f.keys():
+            rows = f.read(name, [[(4, 6), (0, 2)]] + [None] * (len(f.shape(name)) - 1))  # rows 4, 5, 0, 1
+    ```
+
+    `bytes_read` and `reads` count what `read` has read so far.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.header, self.data_start = _safetensors_header(self.path)
+        self.bytes_read = self.reads = 0
+        self._fd: int | None = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.header
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def read(self, name: str, runs_per_dim=None) -> torch.Tensor:
+        """Tensor `name`, or the selection `runs_per_dim` of it (see `read_safetensors_runs`), in the stored dtype."""
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed.")
+        if runs_per_dim is None:
+            runs_per_dim = [None] * len(self.header[name]["shape"])
+        out, count, reads = read_safetensors_runs(self._fd, self.header, self.data_start, name, runs_per_dim, self.path)
+        self.bytes_read += count
+        self.reads += reads
+        return out
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _build_variant(
@@ -306,27 +387,26 @@ def load_elastic_variant(model_class: type, path: str | os.PathLike, name: str, 
         config = SlimMoeConfig.from_pretrained(path, **hub_kwargs)
     weight_map = _weight_map(path, hub_kwargs)
     report = {"variant": name, "bytes_read": 0, "tensors_read": 0, "reads": 0}
-    headers: dict[str, tuple[dict, int]] = {}
-    files: dict[str, int] = {}
+    files: dict[str, SafetensorsFile] = {}
 
     def read(source: str, shape: tuple[int, ...]) -> torch.Tensor | None:
         if source not in weight_map:
             return None
         file = weight_map[source]
         if file not in files:
-            headers[file] = _safetensors_header(file)
-            files[file] = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        tensor, count, reads = _read_safetensors_ranges(file, *headers[file], source, shape, files[file])
-        report["bytes_read"] += count
-        report["reads"] += reads
+            files[file] = SafetensorsFile(file)
+        handle = files[file]
+        tensor = handle.read(source, elastic_ranges(source, shape, handle.shape(source)))
         report["tensors_read"] += 1
         return tensor
 
     try:
         model = _build_variant(model_class, config, name, read)
     finally:
-        for fd in files.values():
-            os.close(fd)
+        for handle in files.values():
+            handle.close()
+    report["bytes_read"] = sum(handle.bytes_read for handle in files.values())
+    report["reads"] = sum(handle.reads for handle in files.values())
     if dtype is not None and dtype != "auto":
         model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     report["checkpoint_bytes"] = sum(os.path.getsize(f) for f in set(weight_map.values()))
@@ -339,4 +419,12 @@ def load_elastic_variant(model_class: type, path: str | os.PathLike, name: str, 
     return model.eval()
 
 
-__all__ = ["check_checkpoint_shapes", "copy_variant", "elastic_ranges", "elastic_source_name", "load_elastic_variant"]
+__all__ = [
+    "SafetensorsFile",
+    "check_checkpoint_shapes",
+    "copy_variant",
+    "elastic_ranges",
+    "elastic_source_name",
+    "load_elastic_variant",
+    "read_safetensors_runs",
+]
