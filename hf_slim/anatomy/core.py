@@ -293,7 +293,8 @@ def tensor_index(
     Args:
         spec (`ArchSpec`): the architecture.
         name (`str`): full tensor name (as in the checkpoint).
-        shape (`Sequence[int]`): its full shape (e.g. from `SafetensorsFile(path).shape(name)` in `hf_slim.models.slim_moe.loading_slim_moe`).
+        shape (`Sequence[int]`): its full shape (e.g. from `SafetensorsFile(path).shape(name)`,
+            `hf_slim.models.slim_moe.loading_slim_moe`).
         config: the source config (unit sizes such as `head_dim` come from it).
         selection (`dict`): a normalised selection (see [`normalize_selection`]); `kv_head` is derived.
 
