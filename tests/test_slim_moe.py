@@ -249,3 +249,19 @@ def test_trainer_predict_gathers_logits_not_the_cache(tmp_path):
     with torch.no_grad():
         expected = model(ids).logits
     torch.testing.assert_close(torch.as_tensor(prediction.predictions), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_family_logs_follow_transformers_verbosity():
+    from transformers.utils import logging as hf_logging
+
+    from hf_slim.models.slim_moe import generation_slim_moe, loading_slim_moe
+
+    before = hf_logging.get_verbosity()
+    try:
+        for module in (generation_slim_moe, loading_slim_moe):
+            hf_logging.set_verbosity_info()
+            assert module.logger.getEffectiveLevel() == hf_logging.INFO
+            hf_logging.set_verbosity_error()
+            assert module.logger.getEffectiveLevel() == hf_logging.ERROR
+    finally:
+        hf_logging.set_verbosity(before)

@@ -16,7 +16,9 @@ from transformers.utils import ModelOutput, logging
 from .variants_slim_moe import FULL_VARIANT
 
 
-logger = logging.get_logger(__name__)
+# Under transformers' logger hierarchy, so `transformers.logging.set_verbosity_*` governs these messages as it does
+# the library's own (a logger named after this module alone would sit outside it, as TRL's and remote code's do).
+logger = logging.get_logger(f"transformers.{__name__}")
 
 
 @dataclass

@@ -21,7 +21,9 @@ from transformers.utils import cached_file, logging
 from .configuration_slim_moe import SlimMoeConfig
 
 
-logger = logging.get_logger(__name__)
+# Under transformers' logger hierarchy, so `transformers.logging.set_verbosity_*` governs these messages as it does
+# the library's own (a logger named after this module alone would sit outside it, as TRL's and remote code's do).
+logger = logging.get_logger(f"transformers.{__name__}")
 
 
 def check_pretrained_shapes(model_class: type, pretrained_model_name_or_path: str | os.PathLike, kwargs: dict) -> None:
