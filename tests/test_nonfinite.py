@@ -247,3 +247,8 @@ def _ddp_main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     _ddp_main(sys.argv[1])
+    # Tear the gloo group down before the interpreter exits: left to process exit, its threads can abort the
+    # process ("terminate called without an active exception") after the run itself succeeded.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
