@@ -24,17 +24,19 @@ from __future__ import annotations
 
 import enum
 import importlib.abc
-import logging
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from transformers.utils import logging
 
 from . import TransformersCompatError
 
 
 __all__ = ["TOUCH_POINTS", "OptimizerHandler", "register_optimizers", "register_optimizers_when_loaded"]
 
-logger = logging.getLogger(__name__)
+# Under transformers' logger hierarchy (as the SlimMoe family's), so `transformers.logging.set_verbosity_*` governs it.
+logger = logging.get_logger(f"transformers.{__name__}")
 
 TOUCH_POINTS: dict[str, str] = {
     "transformers.training_args.OptimizerNames": (
