@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from hf_slim.convert import from_hf, to_hf
 from hf_slim.elastic import ElasticConfig, make_elastic
-from hf_slim.hub import save_for_hub
+from hf_slim.hub import run_without_hf_slim, save_for_hub
 from hf_slim.pruning import collect_statistics
 
 
@@ -291,10 +291,7 @@ def test_shipped_remote_code_generates_like_stock(tmp_path, stock, batch):
     ref = _greedy(stock, ids, mask)
     folder = save_for_hub(from_hf(stock, num_mtp_heads=2), tmp_path / "export")
     torch.save({"ids": ids, "mask": mask, "sequences": ref.sequences}, tmp_path / "ref.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.modules["hf_slim"] = None  # the shipped code must not need hf_slim
+    script = f"""
         import torch
         from transformers import AutoModelForCausalLM
         ref = torch.load({str(tmp_path / "ref.pt")!r})
@@ -307,12 +304,9 @@ def test_shipped_remote_code_generates_like_stock(tmp_path, stock, batch):
             assert out.tolist() == ref["sequences"].tolist(), (implementation, out.tolist())
         print("REMOTE_GENERATE_OK")
         """
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    result = run_without_hf_slim(script, env={"HF_HOME": str(tmp_path / "hf_home")})  # the shipped code alone
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE_GENERATE_OK" in result.stdout
-
 
 
 def test_shipped_code_refuses_a_transformers_without_the_cache_api(tmp_path):
