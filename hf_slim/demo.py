@@ -45,14 +45,17 @@ class DemoConfig:
     """Sizes of the embedded default run."""
 
     output_dir: str = "outputs/demo"
+    # the data: a tokenizer trained on the corpus, cut into blocks
     vocab_size: int = 1024
     block_size: int = 128
+    # the teacher (the student is pruned from it)
     hidden_size: int = 128
     num_hidden_layers: int = 4
     num_experts: int = 8
     num_experts_per_tok: int = 2
     moe_intermediate_size: int = 96
     num_mtp_heads: int = 2
+    # the runs
     teacher_steps: int = 300
     distill_steps: int = 150
     calibration_samples: int = 64

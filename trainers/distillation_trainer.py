@@ -24,6 +24,7 @@ from transformers.optimization import get_scheduler
 from trl import SFTTrainer
 
 from hf_slim.losses import distillation_objective
+from hf_slim.losses.options import check_same_vocabulary
 from hf_slim.models.slim_moe.configuration_slim_moe import FULL_VARIANT
 
 from .distillation_config import SlimDistillationConfig
@@ -368,13 +369,14 @@ class SlimDistillationTrainer(SFTTrainer):
         s_weight, _ = _head(student)
         t_weight, _ = _head(teacher)
         v_s, v_t = s_weight.shape[0], t_weight.shape[0]
-        if v_s != v_t:
-            raise ValueError(
-                f"Vocabulary mismatch: the student's lm_head has {v_s} rows (vocab_size) but the teacher's has {v_t}. "
-                "KD compares the two next-token distributions token by token, so both must share one tokenizer and "
-                "vocabulary. Use a teacher with the student's tokenizer; if they share the tokenizer and only the "
-                f"padded head rows differ, resize one model first (e.g. student.resize_token_embeddings({v_t}))."
-            )
+        check_same_vocabulary(
+            v_s,
+            v_t,
+            student="the student's lm_head",
+            teacher="the teacher's",
+            fix="Use a teacher with the student's tokenizer; if they share the tokenizer and only the padded head rows "
+            f"differ, resize one model first (e.g. student.resize_token_embeddings({v_t})).",
+        )
         tokenizer = getattr(self, "_tokenizer", None)
         if tokenizer is not None and len(tokenizer) > v_s:
             raise ValueError(

@@ -16,6 +16,8 @@ __all__ = [
     "COMMON_FIELDS",
     "common_in",
     "common_out",
+    "carried_in",
+    "carried_out",
     "qwen_in",
     "qwen_out",
     "require",
@@ -61,29 +63,33 @@ def common_out(config: Any) -> dict:
     return _common(config, config.head_dim)
 
 
+def carried_in(config: Any, fields: tuple[str, ...], renames: dict[str, str] | None = None) -> dict:
+    """SlimMoe field -> value, for SlimMoe `fields` a family holds one to one, some under another name (`renames`:
+    SlimMoe name -> the family's, the spec's `config_fields`)."""
+    renames = renames or {}
+    return {name: getattr(config, renames.get(name, name)) for name in fields}
+
+
+def carried_out(config: Any, fields: tuple[str, ...], renames: dict[str, str] | None = None) -> dict:
+    """The inverse of [`carried_in`]: the family's field -> value, read from a `SlimMoeConfig`."""
+    renames = renames or {}
+    return {renames.get(name, name): getattr(config, name) for name in fields}
+
+
+#: What Qwen2-MoE and Qwen3-MoE hold under SlimMoe's own names, besides the common fields.
+_QWEN_FIELDS = ("num_experts", "moe_intermediate_size", "intermediate_size", "norm_topk_prob")
+
+
 def qwen_in(config: Any) -> dict:
     """Qwen2-MoE / Qwen3-MoE -> SlimMoe: experts, widths and the sparse-layer pattern."""
     dense = set(qwen_dense_layers(config))
-    return {
-        **common_in(config),
-        "num_experts": config.num_experts,
-        "moe_intermediate_size": config.moe_intermediate_size,
-        "intermediate_size": config.intermediate_size,
-        "norm_topk_prob": config.norm_topk_prob,
-        "mlp_layer_types": ["dense" if i in dense else "sparse" for i in range(config.num_hidden_layers)],
-    }
+    layer_types = ["dense" if i in dense else "sparse" for i in range(config.num_hidden_layers)]
+    return {**common_in(config), **carried_in(config, _QWEN_FIELDS), "mlp_layer_types": layer_types}
 
 
 def qwen_out(config: Any) -> dict:
     """SlimMoe -> Qwen2-MoE / Qwen3-MoE: experts, widths, and the dense layers spelled out as `mlp_only_layers`."""
-    return {
-        **common_out(config),
-        "num_experts": config.num_experts,
-        "moe_intermediate_size": config.moe_intermediate_size,
-        "intermediate_size": config.intermediate_size,
-        "norm_topk_prob": config.norm_topk_prob,
-        "mlp_only_layers": slim_dense_layers(config),
-    }
+    return {**common_out(config), **carried_out(config, _QWEN_FIELDS), "mlp_only_layers": slim_dense_layers(config)}
 
 
 def require(config: Any, model_type: str, field: str, allowed: Any, why: str) -> None:

@@ -4,18 +4,16 @@
 from typing import Any
 
 from ._rules import moe_spec
-from ._slim_moe_fields import all_sparse, common_in, common_out, require, uniform_window
+from ._slim_moe_fields import all_sparse, carried_in, carried_out, common_in, common_out, require, uniform_window
+
+
+#: SlimMoe fields Mixtral holds one to one, under its own names (also the spec's config fields).
+_RENAMED = {"num_experts": "num_local_experts", "moe_intermediate_size": "intermediate_size"}
 
 
 def _to_slim_moe(config: Any) -> dict:
-    return {
-        **common_in(config),
-        "num_experts": config.num_local_experts,
-        "moe_intermediate_size": config.intermediate_size,
-        "norm_topk_prob": True,
-        "qk_norm": None,
-        "sliding_window": config.sliding_window,
-    }
+    fields = {**common_in(config), **carried_in(config, tuple(_RENAMED), _RENAMED)}
+    return {**fields, "norm_topk_prob": True, "qk_norm": None, "sliding_window": config.sliding_window}
 
 
 def _from_slim_moe(config: Any) -> dict:
@@ -26,17 +24,13 @@ def _from_slim_moe(config: Any) -> dict:
     require(config, model_type, "attention_bias", (False,), "Mixtral has no attention biases")
     require(config, model_type, "attention_output_bias", (False,), "Mixtral has no attention biases")
     require(config, model_type, "norm_topk_prob", (True,), "Mixtral always renormalises the top-k weights")
-    return {
-        **common_out(config),
-        "num_local_experts": config.num_experts,
-        "intermediate_size": config.moe_intermediate_size,
-        "sliding_window": uniform_window(config, model_type),
-    }
+    window = uniform_window(config, model_type)
+    return {**common_out(config), **carried_out(config, tuple(_RENAMED), _RENAMED), "sliding_window": window}
 
 
 SPEC = moe_spec(
     "mixtral",
-    config_fields={"num_experts": "num_local_experts", "moe_intermediate_size": "intermediate_size"},
+    config_fields=_RENAMED,
     to_slim_moe=_to_slim_moe,
     from_slim_moe=_from_slim_moe,
 )

@@ -5,7 +5,7 @@ head axis, and the modeling code sizes `q_norm` by `hidden_size`: a pruned OLMoE
 from typing import Any
 
 from ._rules import attention_rules, head_dim_units, moe_spec
-from ._slim_moe_fields import all_sparse, common_in, common_out, require, uniform_window
+from ._slim_moe_fields import all_sparse, carried_in, carried_out, common_in, common_out, require, uniform_window
 
 
 def _validate(config: Any) -> None:
@@ -18,17 +18,14 @@ def _validate(config: Any) -> None:
         )
 
 
+#: SlimMoe fields OLMoE holds one to one; `_RENAMED` says which under another name (also the spec's config fields).
+_CARRIED = ("num_experts", "moe_intermediate_size", "norm_topk_prob", "attention_bias", "clip_qkv")
+_RENAMED = {"moe_intermediate_size": "intermediate_size"}
+
+
 def _to_slim_moe(config: Any) -> dict:
-    return {
-        **common_in(config),
-        "num_experts": config.num_experts,
-        "moe_intermediate_size": config.intermediate_size,
-        "norm_topk_prob": config.norm_topk_prob,
-        "attention_bias": config.attention_bias,
-        "attention_output_bias": config.attention_bias,
-        "qk_norm": "full",
-        "clip_qkv": config.clip_qkv,
-    }
+    fields = {**common_in(config), **carried_in(config, _CARRIED, _RENAMED)}
+    return {**fields, "attention_output_bias": config.attention_bias, "qk_norm": "full"}
 
 
 def _from_slim_moe(config: Any) -> dict:
@@ -41,20 +38,13 @@ def _from_slim_moe(config: Any) -> dict:
     require(config, model_type, "layer_types", (["full_attention"] * config.num_hidden_layers,), "no sliding window")
     fields = common_out(config)
     fields.pop("head_dim")
-    return {
-        **fields,
-        "num_experts": config.num_experts,
-        "intermediate_size": config.moe_intermediate_size,
-        "norm_topk_prob": config.norm_topk_prob,
-        "attention_bias": config.attention_bias,
-        "clip_qkv": config.clip_qkv,
-    }
+    return {**fields, **carried_out(config, _CARRIED, _RENAMED)}
 
 
 SPEC = moe_spec(
     "olmoe",
     attention=attention_rules(full_qk_norm=True),
-    config_fields={"moe_intermediate_size": "intermediate_size"},
+    config_fields=_RENAMED,
     validate=_validate,
     to_slim_moe=_to_slim_moe,
     from_slim_moe=_from_slim_moe,

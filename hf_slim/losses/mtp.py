@@ -17,9 +17,9 @@ def align_mtp_positions(
     teacher_hidden: torch.Tensor,
     depth: int,
     *,
+    teacher_depth: int = 0,
     labels: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
-    teacher_depth: int = 0,
     ignore_index: int = -100,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pair student positions of MTP depth `depth` with the teacher positions that predict the same future token.

@@ -7,7 +7,7 @@ import math
 import torch
 
 
-__all__ = ["DIVERGENCES", "check_kd_options"]
+__all__ = ["DIVERGENCES", "check_kd_options", "check_same_vocabulary"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum")
@@ -92,12 +92,22 @@ def _check_bias(name: str, bias: torch.Tensor | None, weight: torch.Tensor) -> N
         raise ValueError(f"{name} must have shape ({weight.shape[0]},), got {tuple(bias.shape)}.")
 
 
-def _check_vocab(student_head_weight: torch.Tensor, teacher_head_weight: torch.Tensor) -> None:
-    v_s, v_t = student_head_weight.shape[0], teacher_head_weight.shape[0]
-    if v_s != v_t:
+def check_same_vocabulary(v_student: int, v_teacher: int, *, student: str, teacher: str, fix: str) -> None:
+    """KD compares two next-token distributions token by token: both sides must cover the same vocabulary."""
+    if v_student != v_teacher:
         raise ValueError(
-            f"Vocabulary mismatch: student_head_weight has {v_s} rows but teacher_head_weight has {v_t}. KD compares "
-            "distributions token by token, so both heads must cover the same vocabulary. If the models share a "
-            "tokenizer and only the padded head rows differ (e.g. 151936 vs 152064), pass both heads sliced to the "
-            "tokenizer length (`weight[:len(tokenizer)]`); otherwise use a teacher with the student's tokenizer."
+            f"Vocabulary mismatch: {student} has {v_student} rows but {teacher} has {v_teacher}. KD compares the "
+            f"distributions token by token, so both must cover the same vocabulary. {fix}"
         )
+
+
+def _check_vocab(student_head_weight: torch.Tensor, teacher_head_weight: torch.Tensor) -> None:
+    check_same_vocabulary(
+        student_head_weight.shape[0],
+        teacher_head_weight.shape[0],
+        student="student_head_weight",
+        teacher="teacher_head_weight",
+        fix="If the models share a tokenizer and only the padded head rows differ (e.g. 151936 vs 152064), pass both "
+        "heads sliced to the tokenizer length (`weight[:len(tokenizer)]`); otherwise use a teacher with the student's "
+        "tokenizer.",
+    )
