@@ -8,7 +8,7 @@ from . import optim
 from .elastic import ElasticBudget, ElasticConfig, make_elastic, slice_variant
 from .models import SlimMoeConfig, SlimMoeForCausalLM, SlimMoeModel
 from .optim import Aurora
-from .pruning import ImportanceStats, ProgressivePlan, PruneConfig, collect_statistics, prune
+from .pruning import ImportanceStats, ProgressivePlan, PruneConfig, collect_statistics, prune, prune_checkpoint
 
 
 __version__ = "0.1.0"
@@ -28,5 +28,6 @@ __all__ = [
     "make_elastic",
     "optim",
     "prune",
+    "prune_checkpoint",
     "slice_variant",
 ]

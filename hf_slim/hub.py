@@ -1,5 +1,6 @@
 """Hub-ready export: safetensors weights, config (with `auto_map` for SlimMoe), generation config, tokenizer, the
-modeling code and a model card, written atomically into one folder that `from_pretrained` loads as it is."""
+modeling code and a model card, written atomically into one folder that `from_pretrained` loads as it is.
+`write_hub_files` writes everything but the weights, for whoever writes the weights another way."""
 
 from __future__ import annotations
 
@@ -137,6 +138,55 @@ def _write_mtp_tensors(folder: Path, mtp_state: dict) -> None:
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def write_hub_files(
+    model: PreTrainedModel,
+    folder: str | os.PathLike,
+    *,
+    processing_class: Any | None = None,
+    generation_config: GenerationConfig | None = None,
+    repo_id: str | None = None,
+    card_kwargs: dict[str, Any] | None = None,
+    mtp_note: str = "",
+) -> None:
+    """Write everything of a Hub-ready folder but the weights: `config.json` (for SlimMoe with `auto_map` and the
+    family's modeling code next to it), `generation_config.json`, the tokenizer and the model card.
+
+    [`save_for_hub`] calls it after `save_pretrained`; the streaming pruner (`hf_slim.pruning.prune_checkpoint`) calls
+    it for a model on the meta device, whose weights it writes itself. Only `model`'s config, class and parameter
+    shapes are read (and its generation config when `generation_config` is not given).
+
+    Args:
+        model: The model (any device, `meta` included); `model.config` is written as it is.
+        folder: An existing folder.
+        processing_class: Tokenizer/processor to save alongside.
+        generation_config: Defaults to the model's own, else one derived from its config.
+        repo_id: Name used in the model card (defaults to the folder name).
+        card_kwargs: Extra arguments for `render_model_card` (description, recipe, base_model, ...).
+        mtp_note: A line for the card about MTP weights kept beside a stock checkpoint.
+    """
+    folder = Path(folder)
+    remote_code = isinstance(model, SlimMoeForCausalLM)
+    model.config.save_pretrained(folder)
+    if remote_code:
+        config_path = folder / "config.json"
+        config = json.loads(config_path.read_text())
+        config["auto_map"] = AUTO_MAP
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        source_dir = Path(slim_moe.__file__).parent
+        for name in REMOTE_CODE_FILES:
+            shutil.copyfile(source_dir / name, folder / name)
+    gen = generation_config or getattr(model, "generation_config", None) or GenerationConfig.from_model_config(
+        model.config
+    )
+    gen.save_pretrained(folder)
+    if processing_class is not None:
+        processing_class.save_pretrained(folder)
+    card = render_model_card(
+        model, repo_id or folder.name, remote_code=remote_code, mtp_note=mtp_note, **(card_kwargs or {})
+    )
+    card.save(folder / "README.md")
+
+
 def save_for_hub(
     model: PreTrainedModel,
     folder: str | os.PathLike,
@@ -184,35 +234,24 @@ def save_for_hub(
         export = to_hf(model, model_type)
         if keep_mtp and model.mtp is not None:
             mtp_state = {f"mtp.{k}": v.detach().cpu() for k, v in model.mtp.state_dict().items()}
-    remote_code = isinstance(export, SlimMoeForCausalLM)
     with atomic_directory(folder, overwrite=overwrite) as tmp:
         export.save_pretrained(tmp, max_shard_size=max_shard_size)
-        if remote_code:
-            config_path = tmp / "config.json"
-            config = json.loads(config_path.read_text())
-            config["auto_map"] = AUTO_MAP
-            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            source_dir = Path(slim_moe.__file__).parent
-            for name in REMOTE_CODE_FILES:
-                shutil.copyfile(source_dir / name, tmp / name)
-        if mtp_state:
-            _write_mtp_tensors(tmp, mtp_state)
-        gen = generation_config or getattr(export, "generation_config", None) or GenerationConfig.from_model_config(
-            export.config
-        )
-        gen.save_pretrained(tmp)
-        if processing_class is not None:
-            processing_class.save_pretrained(tmp)
         mtp_note = ""
         if mtp_state:
+            _write_mtp_tensors(tmp, mtp_state)
             mtp_note = (
                 f"The checkpoint keeps {getattr(model.config, 'num_mtp_heads', 0)} multi-token-prediction depth(s) "
                 f"under `mtp.*` in `{MTP_FILE}` (hf-slim's own layout); stock transformers skips them."
             )
-        card = render_model_card(
-            export, repo_id or folder.name, remote_code=remote_code, mtp_note=mtp_note, **(card_kwargs or {})
+        write_hub_files(
+            export,
+            tmp,
+            processing_class=processing_class,
+            generation_config=generation_config,
+            repo_id=repo_id or folder.name,
+            card_kwargs=card_kwargs,
+            mtp_note=mtp_note,
         )
-        card.save(tmp / "README.md")
     return folder.resolve()
 
 
@@ -296,4 +335,12 @@ def push_to_hub(
     return str(getattr(commit, "commit_url", commit))
 
 
-__all__ = ["AUTO_MAP", "REMOTE_CODE_FILES", "push_to_hub", "render_model_card", "run_without_hf_slim", "save_for_hub"]
+__all__ = [
+    "AUTO_MAP",
+    "REMOTE_CODE_FILES",
+    "push_to_hub",
+    "render_model_card",
+    "run_without_hf_slim",
+    "save_for_hub",
+    "write_hub_files",
+]

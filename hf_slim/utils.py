@@ -1,9 +1,10 @@
-"""Small shared helpers: atomic folder writes and parameter counts."""
+"""Small shared helpers: atomic folder writes, parameter counts and byte sizes."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -66,3 +67,37 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         else:
             active += n
     return {"total": total, "active": active, "experts": experts, "mtp": mtp}
+
+
+# Decimal units as transformers / huggingface_hub parse `max_shard_size` ("5GB" = 5 * 10**9), binary ones as well.
+_SIZE_UNITS = {
+    "": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}  # fmt: skip
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
+
+
+def parse_size(value: int | str, what: str = "size") -> int:
+    """A byte count from an int or a string such as `"5GB"` (decimal, as `save_pretrained(max_shard_size=...)`
+    reads it), `"500MB"` or `"2GiB"`.
+
+    Args:
+        value: the size.
+        what: the argument's name, for the error message.
+
+    Raises:
+        `ValueError`: `value` is not a positive size.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value > 0:
+            return value
+    elif isinstance(value, str):
+        m = _SIZE_RE.fullmatch(value)
+        if m is not None and m.group(2).upper() in _SIZE_UNITS:
+            size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+            if size > 0:
+                return size
+    raise ValueError(
+        f"{what}={value!r} is not a size; give a positive number of bytes or a string such as '5GB', '500MB' or "
+        f"'2GiB'."
+    )

@@ -311,6 +311,7 @@ def test_cli_prune_end_to_end(tmp_path, capsys):
     assert back.config.num_experts == 4 and back.config.hidden_size == 24
     assert (tmp_path / "out" / "tokenizer.json").exists()
     assert (tmp_path / "out" / "importance_stats.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "out", "src"]  # calibration work files gone
     # replay: the saved pruning_config.json and statistics reproduce the same model without calibrating again
     again = parser.parse_args(["prune", str(src), str(tmp_path / "again"), "--config",
                                str(tmp_path / "out" / "pruning_config.json"), "--stats",

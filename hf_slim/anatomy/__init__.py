@@ -16,6 +16,7 @@ from .core import (
     Selection,
     TensorRule,
     apply_selection,
+    check_coverage,
     contiguous_runs,
     index_tensor,
     kv_indices_for_heads,
@@ -29,6 +30,7 @@ from .core import (
     select_tensors,
     tensor_index,
 )
+from .layout import IDENTITY_LAYOUT, ExpertStack, StoredLayout
 from .registry import get_spec, register_family, supported_model_types
 from .vocabulary import (
     AXES,
@@ -56,9 +58,13 @@ __all__ = [
     "SizeField",
     "ArchSpec",
     "Dim",
+    "ExpertStack",
+    "IDENTITY_LAYOUT",
+    "StoredLayout",
     "Selection",
     "TensorRule",
     "apply_selection",
+    "check_coverage",
     "contiguous_runs",
     "expert_ffn_activations",
     "get_spec",

@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 from .core import ArchSpec, Dim, TensorRule
+from .layout import ExpertStack, StoredLayout
 
 __all__ = [
     "rule",
@@ -19,6 +20,7 @@ __all__ = [
     "qwen_dense_layers",
     "qwen_sparse_layout_hook",
     "DEFAULT_MODULES",
+    "QWEN_STORED_LAYOUT",
     "moe_spec",
 ]
 
@@ -32,6 +34,18 @@ DEFAULT_MODULES = {
     "shared_down": "mlp.shared_expert.down_proj",
     "extra_norms": "",
 }
+
+#: What `save_pretrained` writes for Qwen-style experts (transformers' "qwen2_moe" weight conversion, shared by
+#: qwen3_moe, olmoe and qwen3_next): one gate, up and down projection per expert; every other name unchanged.
+QWEN_STORED_LAYOUT = StoredLayout(
+    expert_stacks=(
+        ExpertStack(
+            "mlp.experts.gate_up_proj",
+            ("mlp.experts.{expert}.gate_proj.weight", "mlp.experts.{expert}.up_proj.weight"),
+        ),
+        ExpertStack("mlp.experts.down_proj", ("mlp.experts.{expert}.down_proj.weight",)),
+    )
+)
 
 
 def rule(name: str, *dims: Dim, regex: bool = False) -> TensorRule:
@@ -144,7 +158,8 @@ def moe_spec(
 ) -> ArchSpec:
     """An [`ArchSpec`] with what the Qwen-style MoE families share: embedding / norm / head rules, decoder norms,
     q/k/v/o attention (`attention` replaces it), router + routed experts, optionally a shared expert and dense MLP
-    layers; canonical config names, `head_dim` units, the default hook modules, `layer_types` following the layers.
+    layers; canonical config names, `head_dim` units, the default hook modules, `layer_types` following the layers,
+    and the Qwen-style stored layout (experts stored one tensor per expert, [`QWEN_STORED_LAYOUT`]).
     `fields` sets or overrides any other [`ArchSpec`] field."""
     block_rules = (
         decoder_norm_rules()
@@ -160,5 +175,6 @@ def moe_spec(
         units=head_dim_units,
         modules=DEFAULT_MODULES,
         layer_list_fields=("layer_types",),
+        stored_layout=QWEN_STORED_LAYOUT,
     )
     return ArchSpec(model_type=model_type, block_rules=block_rules, **{**defaults, **fields})

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .layout import IDENTITY_LAYOUT, StoredLayout
 from .registry import get_spec
 from .vocabulary import (
     AXES,
@@ -41,6 +42,7 @@ __all__ = [
     "index_tensor",
     "read_indexed",
     "contiguous_runs",
+    "check_coverage",
     "select_tensors",
     "select_config",
     "prefix_selection",
@@ -122,6 +124,8 @@ class ArchSpec:
             weights keep their names); families with it are the ones `hf_slim.convert` supports.
         from_slim_moe (`Callable`, optional): `(slim_config) -> kwargs of this family's config`, raising `ValueError`
             naming a SlimMoe field the family cannot hold.
+        stored_layout ([`StoredLayout`], optional): how checkpoints name and split the tensors (per-expert tensors,
+            renamed modules); defaults to every name stored unchanged. `moe_spec` supplies the Qwen-style layout.
     """
 
     model_type: str
@@ -139,6 +143,7 @@ class ArchSpec:
     config_rules: Callable[[Any], tuple[TensorRule, ...]] | None = None
     to_slim_moe: Callable[[Any], dict[str, Any]] | None = None
     from_slim_moe: Callable[[Any], dict[str, Any]] | None = None
+    stored_layout: StoredLayout = IDENTITY_LAYOUT
     notes: str = ""
     _block_re: re.Pattern = field(init=False, repr=False, compare=False)
 
@@ -592,6 +597,12 @@ def select_tensors(
             continue
         out[renamed(spec, name, sel)] = index_tensor(t, idx) if any(i is not None for i in idx) else t
     return out, new_config
+
+
+def check_coverage(spec: ArchSpec, config: Any, names: Iterable[str], selection: Mapping[str, Any]) -> None:
+    """Raise what [`select_tensors`] raises when a (normalised) selection leaves a block carrying a resized axis
+    without indices; `names` are the source's tensor names (no tensors needed, e.g. a lazy checkpoint's)."""
+    _check_coverage(spec, config, dict.fromkeys(names), selection)
 
 
 def _check_coverage(spec: ArchSpec, config: Any, tensors: Mapping[str, Any], sel: Mapping[str, Any]) -> None:

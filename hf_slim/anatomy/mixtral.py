@@ -5,6 +5,7 @@ from typing import Any
 
 from ._rules import moe_spec
 from ._slim_moe_fields import all_sparse, carried_in, carried_out, common_in, common_out, require, uniform_window
+from .layout import ExpertStack, StoredLayout
 
 
 #: SlimMoe fields Mixtral holds one to one, under its own names (also the spec's config fields).
@@ -28,9 +29,23 @@ def _from_slim_moe(config: Any) -> dict:
     return {**common_out(config), **carried_out(config, tuple(_RENAMED), _RENAMED), "sliding_window": window}
 
 
+# transformers' "mixtral" weight conversion: the MoE block is `block_sparse_moe` on disk (router included) and each
+# expert holds w1 (gate), w3 (up) and w2 (down).
+_STORED = StoredLayout(
+    renames=(("mlp.", "block_sparse_moe."),),
+    expert_stacks=(
+        ExpertStack(
+            "mlp.experts.gate_up_proj",
+            ("block_sparse_moe.experts.{expert}.w1.weight", "block_sparse_moe.experts.{expert}.w3.weight"),
+        ),
+        ExpertStack("mlp.experts.down_proj", ("block_sparse_moe.experts.{expert}.w2.weight",)),
+    ),
+)
+
 SPEC = moe_spec(
     "mixtral",
     config_fields=_RENAMED,
     to_slim_moe=_to_slim_moe,
     from_slim_moe=_from_slim_moe,
+    stored_layout=_STORED,
 )

@@ -11,6 +11,7 @@ from typing import Any
 
 from ._rules import embedding_rules, moe_spec, rule
 from .core import Dim, TensorRule
+from .layout import IDENTITY_LAYOUT
 from .vocabulary import AXIS_SIZE_FIELDS
 
 _mtp = (
@@ -71,4 +72,5 @@ SPEC = moe_spec(
     per_layer_fields=("moe_intermediate_size",),
     config_hook=_hook,
     config_rules=_qk_norm_rules,
+    stored_layout=IDENTITY_LAYOUT,  # SlimMoe stores its own state-dict names unchanged
 )

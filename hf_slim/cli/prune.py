@@ -1,4 +1,8 @@
-"""`hf-slim prune MODEL_OR_PATH OUTPUT --num-experts N --hidden-size H ...` (flags mirror `PruneConfig`)."""
+"""`hf-slim prune MODEL_OR_PATH OUTPUT --num-experts N --hidden-size H ...` (flags mirror `PruneConfig`).
+
+Memory stays bounded by one decoder block, whatever the checkpoint's size: calibration loads one block at a time
+(`collect_statistics_layerwise`) and the output is written tensor by tensor from lazy reads of the source
+(`prune_checkpoint`)."""
 
 from __future__ import annotations
 
@@ -47,7 +51,28 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="Calibration batch size.")
     parser.add_argument("--stats", help="Reuse statistics saved by an earlier run instead of calibrating.")
     parser.add_argument("--save-stats", action="store_true", help="Store the statistics in the output folder.")
-    parser.add_argument("--device", default="cpu", help="Device for calibration (default: cpu).")
+    parser.add_argument(
+        "--device", default="cpu", help="Where calibration runs its blocks, one at a time (cpu, cuda, cuda:1, ...)."
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="dtype of the calibration forward and of the written weights (default: as the checkpoint stores them).",
+    )
+    parser.add_argument(
+        "--max-memory",
+        default=None,
+        help="Host memory calibration may use, e.g. 20GB or 16GiB (default: what the machine has available); the "
+        "calibration hidden states go to --work-dir when they do not fit.",
+    )
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="Folder for spilled hidden states and for resuming a killed calibration from its last finished layer "
+        "(default: .OUTPUT.calibration beside the output; removed when calibration finishes).",
+    )
+    parser.add_argument("--max-shard-size", default="5GB", help="Shard size of the output (default: 5GB).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
 
 
@@ -96,25 +121,19 @@ def before_after_table(before: dict[str, Any], after: dict[str, Any], title: str
     return table
 
 
-def run_prune(args: argparse.Namespace) -> int:
-    """Handler of `hf-slim prune`: load, (calibrate), prune, save Hub-ready, print the before/after table."""
+def _prune_config(args: argparse.Namespace) -> Any:
+    """The `PruneConfig` of the command line: `--config` (a PruneConfig JSON or a `pruning_config.json`), then flags."""
     import json
 
-    import torch
-    from rich.console import Console
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..pruning.calibration import collect_statistics
     from ..pruning.config import SIZE_FIELDS, PruneConfig
-    from ..pruning.export import save_pruned, size_summary
-    from ..pruning.prune import prune
-    from ..pruning.stats import ImportanceStats
 
     base: dict[str, Any] = {}
     if args.config:
         with open(args.config, encoding="utf-8") as f:
             base = json.load(f)
-        if "prune_config" in base:  # a pruning_config.json written by save_pruned
+        if not isinstance(base, dict):
+            raise ValueError(f"--config {args.config}: expected a JSON object, got {type(base).__name__}")
+        if "prune_config" in base:  # a pruning_config.json written by save_pruned / prune_checkpoint
             base = base["prune_config"]
         base = PruneConfig.from_dict(base).to_dict()  # validates, names unknown fields
     for f in dataclasses.fields(PruneConfig):
@@ -125,41 +144,96 @@ def run_prune(args: argparse.Namespace) -> int:
             base[f.name] = value
     config = PruneConfig.from_dict(base)
     if config.is_noop:
-        raise ValueError("nothing to prune: set at least one size flag (e.g. --num-experts, --hidden-size)")
+        raise ValueError(
+            "nothing to prune: set at least one size flag (e.g. --num-experts, --hidden-size) or a budget "
+            "(--target-total-params, --target-active-params)"
+        )
+    return config
+
+
+def _source_tokenizer(folder: Path | None) -> Any:
+    """The source's tokenizer, or None where it has none (transformers may return an empty one for such a folder)."""
+    from transformers import AutoTokenizer
+
+    if folder is None:
+        return None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError):
+        return None
+    return tokenizer if len(tokenizer) > 1 else None
+
+
+def _sizes_of(config: Any) -> dict[str, Any]:
+    """`size_summary` of the model a config describes, built on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..pruning.export import size_summary
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return size_summary(model)
+
+
+def _human_bytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    """Handler of `hf-slim prune`: open the checkpoint lazily, calibrate block by block, prune tensor by tensor into
+    a Hub-ready folder, print the before/after table. Memory stays bounded by one block, not the model."""
+    import os
+
+    from rich.console import Console
+    from transformers import AutoConfig
+
+    from ..checkpoints import open_checkpoint
+    from ..pruning.layerwise import collect_statistics_layerwise
+    from ..pruning.stats import ImportanceStats
+    from ..pruning.streaming import prune_checkpoint
+
+    config = _prune_config(args)
     check_output(args.output, args.overwrite)
     out = Path(args.output)
-
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    reader = open_checkpoint(args.model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError):
-        tokenizer = None
-    config.resolve(model.config)  # fail on impossible targets before the (long) calibration
-    stats = None
-    calibration = None
-    if args.stats:
-        stats = ImportanceStats.load(args.stats)
-        calibration = f"statistics from `{os.path.basename(args.stats)}`"
-    elif args.calibration:
-        if tokenizer is None:
-            raise ValueError(f"calibration: {args.model} has no tokenizer to encode the calibration text")
-        data, calibration = read_calibration_texts(args.calibration, args.text_column)
-        model.to(args.device)
-        stats = collect_statistics(
-            model, data, num_samples=args.num_samples, max_length=args.max_length, batch_size=args.batch_size,
-            tokenizer=tokenizer, text_column=args.text_column,
-        )
-        model.to("cpu")
-        calibration = f"{calibration}, {stats.metadata['num_samples']} x {stats.metadata['max_length']} tokens"
-    before = size_summary(model)
-    small = prune(model, config, stats)
-    after = size_summary(small)
-    folder = save_pruned(
-        small, out, prune_config=config, before=before, stats=stats if args.save_stats else None,
-        tokenizer=tokenizer, base_model=args.model if not Path(args.model).exists() else None,
-        calibration=calibration, overwrite=args.overwrite,
-    )
+        stats = None
+        calibration = None
+        if args.stats:
+            stats = ImportanceStats.load(args.stats)
+            calibration = f"statistics from `{os.path.basename(args.stats)}`"
+        config.resolve(reader.config, stats)  # impossible targets fail before the (long) calibration
+        tokenizer = _source_tokenizer(reader.folder)
+        if args.calibration and stats is None:
+            if tokenizer is None:
+                raise ValueError(
+                    f"calibration: {args.model} has no tokenizer (no tokenizer files in {reader.folder}) to encode "
+                    "the calibration text"
+                )
+            data, calibration = read_calibration_texts(args.calibration, args.text_column)
+            work_dir = args.work_dir or out.resolve().parent / f".{out.name}.calibration"
+            stats = collect_statistics_layerwise(
+                reader, data, num_samples=args.num_samples, max_length=args.max_length, batch_size=args.batch_size,
+                tokenizer=tokenizer, text_column=args.text_column, dtype=args.dtype, device=args.device,
+                max_memory=args.max_memory, work_dir=work_dir,
+            )  # fmt: skip
+            calibration = f"{calibration}, {stats.metadata['num_samples']} x {stats.metadata['max_length']} tokens"
+        chosen = config.resolve(reader.config, stats)
+        folder = prune_checkpoint(
+            reader, out, config, stats, dtype=args.dtype, tokenizer=tokenizer,
+            base_model=args.model if not Path(args.model).exists() else None, calibration=calibration,
+            overwrite=args.overwrite, max_shard_size=args.max_shard_size, save_stats=args.save_stats,
+        )  # fmt: skip
+        read = reader.bytes_read
+        before = _sizes_of(reader.config)
+    finally:
+        reader.close()
+    after = _sizes_of(AutoConfig.from_pretrained(folder))
     console = Console()
     console.print(before_after_table(before, after, title=f"hf-slim prune: {args.model}"))
+    if config.has_budget:
+        console.print(f"sizes chosen for the budget: {chosen}")
+    console.print(f"read {_human_bytes(read)} of tensors from {args.model}")
     console.print(f"wrote {folder}")
     return 0

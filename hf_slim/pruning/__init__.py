@@ -7,18 +7,27 @@
 ```
 """
 
+from .budget import BudgetSearch, calibration_loss, count_parameters_for, resolve_budget, search_budget
 from .calibration import collect_statistics, pack_calibration_data
 from .config import SIZE_FIELDS, PruneConfig
 from .experts import expert_importance
 from .export import save_pruned, size_summary
+from .layerwise import collect_statistics_layerwise
 from .progressive import ProgressivePlan, prune_progressively
 from .prune import plan_selection, prune
 from .scores import choose_layers, hidden_importance
+from .streaming import prune_checkpoint
 from .stats import ImportanceStats
 
 __all__ = [
+    "BudgetSearch",
+    "calibration_loss",
+    "count_parameters_for",
+    "resolve_budget",
+    "search_budget",
     "choose_layers",
     "collect_statistics",
+    "collect_statistics_layerwise",
     "expert_importance",
     "hidden_importance",
     "pack_calibration_data",
@@ -27,6 +36,7 @@ __all__ = [
     "ProgressivePlan",
     "SIZE_FIELDS",
     "prune",
+    "prune_checkpoint",
     "prune_progressively",
     "plan_selection",
     "save_pruned",

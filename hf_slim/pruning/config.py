@@ -12,17 +12,29 @@ from typing import Any
 
 # Target sizes, named as the config fields they set in the canonical (Qwen3-MoE) spelling: the anatomy vocabulary's.
 from ..anatomy.vocabulary import SIZE_FIELDS
+from .budget import BUDGET_AXES, parse_param_count, resolve_budget
+from .scores import HIDDEN_METHODS
 
 __all__ = ["PruneConfig", "SIZE_FIELDS"]
 
 _CHOICES = {
     "depth_method": ("last", "block_influence"),
-    "hidden_method": ("slimqwen", "minitron"),
+    "hidden_method": HIDDEN_METHODS,
     "expert_strategy": ("frequency", "soft", "reap", "merge", "partial_preserve"),
     "merge_similarity": ("router_logits", "router_weight", "expert_output"),
     "merge_importance": ("frequency", "soft", "reap"),
 }
 _NO_FRACTION = ("num_key_value_heads", "num_experts_per_tok")
+
+
+_BUDGET_FIELDS = ("target_total_params", "target_active_params")
+
+
+def _budget_help(what: str) -> str:
+    return (
+        f"Budget of {what} parameters: an int, a string like '20B' / '3.5B' / '800M', or a fraction in (0, 1] of the "
+        "source's; the sizes not set here are chosen to fit it (see hf_slim.pruning.resolve_budget)."
+    )
 
 
 def _size_help(what: str) -> str:
@@ -37,9 +49,16 @@ class PruneConfig:
     maps `num_experts` to Mixtral's `num_local_experts`, `moe_intermediate_size` to its `intermediate_size`, ...).
     `None` leaves an axis alone; an int is the target; a float in (0, 1] is a fraction of the source size.
 
+    A budget (`target_total_params`, `target_active_params`: `"20B"`, `"3B"`, an int, or a fraction of the source's
+    count) chooses the sizes along `budget_axes` (default: depth, hidden, expert width, shared / dense width and, for a
+    total budget, expert count; minus every size set explicitly) by the rule of [`resolve_budget`]; `resolve` returns
+    the chosen sizes, so `prune` and `pruning_config.json` record them.
+
     Example:
         ```python
         >>> PruneConfig(num_hidden_layers=0.75, hidden_size=1536, num_experts=256, num_experts_per_tok=8)
+        >>> PruneConfig(target_total_params="20B", num_experts_per_tok=8).resolve(model.config)
+        {'num_hidden_layers': 46, 'hidden_size': 1856, 'moe_intermediate_size': 640, 'num_experts': 112}
         ```
     """
 
@@ -52,8 +71,9 @@ class PruneConfig:
     hidden_size: int | float | None = field(default=None, metadata={"help": _size_help("hidden size")})
     hidden_method: str = field(
         default="slimqwen",
-        metadata={"help": "`slimqwen`: mean over all RMSNorm outputs of mean |x|; `minitron`: mean over sequence, "
-                  "L2 over batch."},
+        metadata={"help": "`slimqwen` (default): mean over all RMSNorm outputs of mean |x| (SlimQwen); `minitron`: "
+                  "signed mean over sequence, L2 over batch (Minitron paper); `minitron_modelopt`: mean |x| over "
+                  "sequence, L2 over batch, summed over the decoder norms (NVIDIA ModelOpt)."},
     )
     num_attention_heads: int | float | None = field(default=None, metadata={"help": _size_help("query heads")})
     num_key_value_heads: int | None = field(
@@ -83,6 +103,16 @@ class PruneConfig:
         default="frequency",
         metadata={"help": "Importance that picks kept experts and weights merges: `frequency`, `soft` or `reap`."},
     )
+    target_total_params: int | float | str | None = field(default=None, metadata={"help": _budget_help("total")})
+    target_active_params: int | float | str | None = field(
+        default=None, metadata={"help": _budget_help("active (per-token)")}
+    )
+    budget_axes: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Sizes a budget may choose (a list, or names separated by commas), in top-up order. None: "
+                  "num_hidden_layers, hidden_size, the expert / shared / dense widths the model has and, for a total "
+                  "budget, num_experts; minus the sizes set explicitly."},
+    )
 
     def __post_init__(self) -> None:
         for name in SIZE_FIELDS:
@@ -102,6 +132,7 @@ class PruneConfig:
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"{name}={value!r}: valid values are {list(choices)}")
+        self._check_budget()
         if (
             isinstance(self.num_experts, int)
             and self.num_experts_per_tok is not None
@@ -119,6 +150,35 @@ class PruneConfig:
                 f"num_attention_heads={self.num_attention_heads}: must be a multiple of num_key_value_heads="
                 f"{self.num_key_value_heads}"
             )
+
+    def _check_budget(self) -> None:
+        for name in _BUDGET_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                parse_param_count(value, name=name)
+        axes = self.budget_axes
+        if axes is None:
+            return
+        if isinstance(axes, str):
+            axes = [a.strip() for a in axes.split(",") if a.strip()]
+        if not isinstance(axes, (list, tuple)) or not axes or not all(isinstance(a, str) for a in axes):
+            raise ValueError(
+                f"budget_axes={self.budget_axes!r}: give a non-empty list of size names (or one string of names "
+                f"separated by commas) from {list(BUDGET_AXES)}"
+            )
+        self.budget_axes = list(axes)
+        if not self.has_budget:
+            raise ValueError(
+                f"budget_axes={self.budget_axes}: set target_total_params or target_active_params for the budget to "
+                "choose these sizes"
+            )
+        for a in self.budget_axes:
+            if a not in BUDGET_AXES:
+                raise ValueError(f"budget_axes: {a!r} is not a size field; valid axes: {list(BUDGET_AXES)}")
+            if getattr(self, a) is not None:
+                raise ValueError(
+                    f"budget_axes: {a} is also set to {getattr(self, a)!r}; remove it from budget_axes or unset it"
+                )
 
     # ---- serialisation -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -146,13 +206,24 @@ class PruneConfig:
 
     # ---- targets -----------------------------------------------------------------------------------------
     @property
-    def is_noop(self) -> bool:
-        return all(getattr(self, n) is None for n in SIZE_FIELDS)
+    def has_budget(self) -> bool:
+        """Whether a parameter budget chooses some of the sizes."""
+        return any(getattr(self, n) is not None for n in _BUDGET_FIELDS)
 
-    def resolve(self, model_config: Any) -> dict[str, int]:
+    @property
+    def is_noop(self) -> bool:
+        return not self.has_budget and all(getattr(self, n) is None for n in SIZE_FIELDS)
+
+    def resolve(self, model_config: Any, stats: Any = None) -> dict[str, int]:
         """Absolute targets for a source config; raises `ValueError` for targets the source cannot give.
 
+        With a budget, the sizes it chooses ([`resolve_budget`], the explicit sizes fixed) are among the targets.
         Only the fields that change something are returned.
+
+        Args:
+            model_config: the source model's config.
+            stats ([`ImportanceStats`], *optional*): with `depth_method="block_influence"`, lets a budget count the
+                layers block influence keeps (it matters only where layers differ, e.g. dense and sparse layers).
         """
         from ..anatomy import get_spec
 
@@ -175,6 +246,18 @@ class PruneConfig:
             if target > source:
                 raise ValueError(f"{name}={value}: larger than the source model's {spec.field(name)}={source}")
             out[name] = target
+        if self.has_budget:
+            out.update(
+                resolve_budget(
+                    model_config,
+                    target_total_params=self.target_total_params,
+                    target_active_params=self.target_active_params,
+                    axes=self.budget_axes,
+                    fixed=out,
+                    stats=stats,
+                    depth_method=self.depth_method,
+                )
+            )
         heads = out.get("num_attention_heads", model_config.num_attention_heads)
         kv = out.get("num_key_value_heads", model_config.num_key_value_heads)
         if heads % kv:

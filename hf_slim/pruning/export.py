@@ -13,7 +13,14 @@ from typing import Any
 from .config import SIZE_FIELDS, PruneConfig
 from .stats import ImportanceStats
 
-__all__ = ["save_pruned", "size_summary", "STATS_FILE", "PRUNING_CONFIG_FILE"]
+__all__ = [
+    "save_pruned",
+    "size_summary",
+    "pruned_card_kwargs",
+    "write_pruning_record",
+    "STATS_FILE",
+    "PRUNING_CONFIG_FILE",
+]
 
 STATS_FILE = "importance_stats.safetensors"
 PRUNING_CONFIG_FILE = "pruning_config.json"
@@ -90,6 +97,55 @@ def _recipe(config: PruneConfig, before: dict, after: dict, calibration: str | N
     return "\n".join(lines)
 
 
+def pruned_card_kwargs(
+    model_type: str,
+    prune_config: PruneConfig,
+    before: dict[str, Any] | None,
+    after: dict[str, Any],
+    base_model: str | None = None,
+    calibration: str | None = None,
+    eval_results: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The model-card arguments of a pruned model (`hf_slim.hub.write_hub_files(card_kwargs=...)`): the recipe with
+    the pruning config and the before/after table; `before` defaults to `after` when unknown."""
+    return {
+        "recipe": _recipe(prune_config, before or after, after, calibration, eval_results),
+        "base_model": base_model,
+        "description": f"A pruned {model_type} Mixture-of-Experts model.",
+        "tags": ["pruned"],
+    }
+
+
+def write_pruning_record(
+    folder: str | os.PathLike,
+    *,
+    prune_config: PruneConfig,
+    report: dict[str, Any],
+    before: dict[str, Any] | None,
+    after: dict[str, Any],
+    base_model: str | None = None,
+    calibration: str | None = None,
+    stats: ImportanceStats | None = None,
+) -> None:
+    """Write `pruning_config.json` (the config, the kept indices and merges, sizes before/after) into `folder`, and
+    the statistics as `importance_stats.safetensors` when given."""
+    folder = Path(folder)
+    record = {
+        "prune_config": prune_config.to_dict(),
+        "report": report,
+        "before": before or {},
+        "after": after,
+        "base_model": base_model,
+        "calibration": calibration,
+        "statistics_file": STATS_FILE if stats is not None else None,
+    }
+    # no sort_keys: _json_ready already ordered every mapping (json cannot sort int and str keys together)
+    text = json.dumps(_json_ready(record), indent=2, default=str)
+    (folder / PRUNING_CONFIG_FILE).write_text(text + "\n")
+    if stats is not None:
+        stats.save(folder / STATS_FILE)
+
+
 def save_pruned(
     model: Any,
     folder: str | os.PathLike,
@@ -126,8 +182,6 @@ def save_pruned(
     if stats is not None and not isinstance(stats, ImportanceStats):
         raise TypeError(f"stats must be ImportanceStats or None, got {type(stats).__name__}")
     after = size_summary(model)
-    before = before or {}
-    recipe = _recipe(prune_config, before or after, after, calibration, eval_results)
     folder = Path(folder)
     with atomic_directory(folder, overwrite=overwrite) as tmp:
         inner = save_for_hub(
@@ -135,28 +189,21 @@ def save_pruned(
             tmp / "model",
             processing_class=tokenizer,
             repo_id=folder.name,
-            card_kwargs={
-                "recipe": recipe,
-                "base_model": base_model,
-                "description": f"A pruned {model.config.model_type} Mixture-of-Experts model.",
-                "tags": ["pruned"],
-            },
+            card_kwargs=pruned_card_kwargs(
+                model.config.model_type, prune_config, before, after, base_model, calibration, eval_results
+            ),
         )
         for item in Path(inner).iterdir():
             shutil.move(str(item), tmp / item.name)
         Path(inner).rmdir()
-        record = {
-            "prune_config": prune_config.to_dict(),
-            "report": getattr(model, "hf_slim_pruning_report", {}),
-            "before": before,
-            "after": after,
-            "base_model": base_model,
-            "calibration": calibration,
-            "statistics_file": STATS_FILE if stats is not None else None,
-        }
-        # no sort_keys: _json_ready already ordered every mapping (json cannot sort int and str keys together)
-        text = json.dumps(_json_ready(record), indent=2, default=str)
-        (tmp / PRUNING_CONFIG_FILE).write_text(text + "\n")
-        if stats is not None:
-            stats.save(tmp / STATS_FILE)
+        write_pruning_record(
+            tmp,
+            prune_config=prune_config,
+            report=getattr(model, "hf_slim_pruning_report", {}),
+            before=before,
+            after=after,
+            base_model=base_model,
+            calibration=calibration,
+            stats=stats,
+        )
     return folder.resolve()

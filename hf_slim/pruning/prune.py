@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from .. import anatomy
 from ..anatomy import SIZES, apply_selection, get_spec
 from .config import PruneConfig
 from .experts import (
+    ExpertPlan,
     expert_importance,
     expert_similarity,
     merge_expert_rows,
@@ -25,7 +27,7 @@ from .scores import (
 )
 from .stats import ImportanceStats
 
-__all__ = ["prune", "plan_selection"]
+__all__ = ["ExpertMerge", "expert_merge_tensors", "plan_selection", "prune"]
 
 _MOVED_TO_ANATOMY = ("layers_with", "expert_ffn_activations")
 
@@ -43,23 +45,72 @@ def __getattr__(name: str) -> Any:
 
 # Every axis but depth (which `last` drops without scores) and top-k is chosen by calibration importance.
 _NEEDS_STATS = tuple(f.name for f in SIZES if f.axis not in (None, "layer"))
+# the fused expert tensors a merge averages (block-relative, under spec.modules["experts"])
+_EXPERT_LEAVES = ("gate_up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ExpertMerge:
+    """One block's expert merge, decided by [`plan_selection`]: `plan.groups` lists the source experts averaged into
+    each kept expert, weighted by `importance`. Applied to the block's fused expert tensors (`gate_up_proj`,
+    `down_proj`) before the expert selection keeps `plan.kept`.
+    """
+
+    block: str
+    plan: ExpertPlan
+    importance: torch.Tensor
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        """The fused experts tensor `weight` (`[num_experts, ...]`) with every merge group averaged into its target."""
+        return merge_expert_rows(weight, self.plan, self.importance)
+
+
+def expert_merge_tensors(spec: Any, merges: dict[str, ExpertMerge] | None) -> dict[str, ExpertMerge]:
+    """Tensor name -> the [`ExpertMerge`] to apply to it, for every fused experts tensor of a merged block."""
+    return {
+        f"{block}.{spec.modules['experts']}.{leaf}": merge
+        for block, merge in (merges or {}).items()
+        for leaf in _EXPERT_LEAVES
+    }
+
+
+def _router_weight(model: Any, spec: Any, block: str, tensors: Any) -> torch.Tensor:
+    name = f"{block}.{spec.modules['router']}.weight"
+    if tensors is not None:
+        return tensors.read(name) if hasattr(tensors, "read") else tensors[name]
+    weight = model.get_submodule(f"{block}.{spec.modules['router']}").weight
+    if weight.device.type == "meta":
+        raise ValueError(
+            "merge_similarity='router_weight' reads the router weights, but the model is on the meta device; pass "
+            "tensors= (a checkpoint reader) to plan_selection"
+        )
+    return weight
 
 
 def plan_selection(
-    model: Any, config: PruneConfig, stats: ImportanceStats | None = None
-) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, dict[str, Any], dict[str, Any]]:
-    """Everything [`prune`] decides, without building the new model.
+    model: Any, config: PruneConfig, stats: ImportanceStats | None = None, *, tensors: Any = None
+) -> tuple[dict[str, Any], dict[str, ExpertMerge] | None, dict[str, Any], dict[str, Any]]:
+    """Everything [`prune`] decides, without building the new model or touching the expert weights.
+
+    Args:
+        model: the source model, or only its structure: a model built on the meta device from the source config
+            (`with torch.device("meta"): AutoModelForCausalLM.from_config(config)`).
+        config ([`PruneConfig`]): target sizes and methods.
+        stats ([`ImportanceStats`], optional): calibration statistics of the source model.
+        tensors (optional): where the router weights come from when `merge_similarity="router_weight"`: a
+            `hf_slim.checkpoints` reader, or a mapping of name -> tensor; defaults to the model's own weights.
 
     Returns:
-        `(selection, tensors, updates, report)`: the [`hf_slim.anatomy.Selection`]; replacement source tensors when
-        experts were merged (else `None`); non-axis config updates (`num_experts_per_tok`); and a JSON-friendly
-        report of the kept indices and merge groups.
+        `(selection, merges, updates, report)`: the [`hf_slim.anatomy.Selection`]; the expert merges as
+        `{block prefix: ExpertMerge}` (`None` when no experts merge), to apply to each block's fused expert tensors
+        before the selection (see [`expert_merge_tensors`]); non-axis config updates (`num_experts_per_tok`); and a
+        JSON-friendly report of the kept indices and merge groups.
     """
     if not isinstance(config, PruneConfig):
         raise TypeError(f"config must be a PruneConfig, got {type(config).__name__}")
     spec = get_spec(model)
     mc = model.config
-    targets = config.resolve(mc)
+    targets = config.resolve(mc, stats)
     needs_stats = any(k in targets for k in _NEEDS_STATS) or (
         "num_hidden_layers" in targets and config.depth_method == "block_influence"
     )
@@ -70,7 +121,7 @@ def plan_selection(
     sel: dict[str, Any] = {}
     updates: dict[str, Any] = {}
     report: dict[str, Any] = {"targets": targets}
-    tensors: dict[str, torch.Tensor] | None = None
+    merges: dict[str, ExpertMerge] = {}
 
     if "num_hidden_layers" in targets:
         sel["layer"] = choose_layers(
@@ -96,21 +147,20 @@ def plan_selection(
         imp_name = strategy if strategy in ("frequency", "soft", "reap") else config.merge_importance
         sel["expert"] = {}
         groups_report: dict[int | str, dict[int, list[int]]] = {}  # decoder layer index, or "mtp.layers.N"
+        blocks = spec.blocks(model)
         for i, key in sparse:
-            block = spec.blocks(model)[i]
+            block = blocks[i]
             imp = expert_importance(stats, i, imp_name)
             sim = None
             if strategy in ("merge", "partial_preserve"):
-                router = model.get_submodule(f"{block}.{spec.modules['router']}").weight
+                router = None
+                if config.merge_similarity == "router_weight":
+                    router = _router_weight(model, spec, block, tensors)
                 sim = expert_similarity(stats, i, config.merge_similarity, router)
             plan = plan_experts(imp, n_keep, strategy, sim)
             sel["expert"][key] = plan.kept
             if plan.merges:
-                if tensors is None:
-                    tensors = dict(model.state_dict())
-                prefix = f"{block}.{spec.modules['experts']}"
-                for leaf in ("gate_up_proj", "down_proj"):
-                    tensors[f"{prefix}.{leaf}"] = merge_expert_rows(tensors[f"{prefix}.{leaf}"], plan, imp)
+                merges[block] = ExpertMerge(block, plan, imp)
                 groups_report[key] = {k: v for k, v in plan.groups.items() if len(v) > 1}
         report["experts"] = {i: t.tolist() for i, t in sel["expert"].items()}
         if groups_report:
@@ -132,7 +182,7 @@ def plan_selection(
             raise ValueError(f"intermediate_size={targets['intermediate_size']}: the model has no dense FFN layer")
         act = stats["ffn.act"]
         sel["ffn"] = {k: choose_neurons(act[i], targets["intermediate_size"]) for i, k in layers}
-    return sel, tensors, updates, report
+    return sel, merges or None, updates, report
 
 
 def prune(model: Any, config: PruneConfig, stats: ImportanceStats | None = None) -> Any:
@@ -158,7 +208,12 @@ def prune(model: Any, config: PruneConfig, stats: ImportanceStats | None = None)
         >>> small = prune(model, PruneConfig(num_experts=0.5, num_experts_per_tok=4, hidden_size=0.75), stats)
         ```
     """
-    sel, tensors, updates, report = plan_selection(model, config, stats)
+    sel, merges, updates, report = plan_selection(model, config, stats)
+    tensors = None
+    if merges:
+        tensors = dict(model.state_dict())
+        for name, merge in expert_merge_tensors(get_spec(model), merges).items():
+            tensors[name] = merge.apply(tensors[name])
     new = apply_selection(model, sel, tensors=tensors, updates=updates)
     new.hf_slim_pruning_report = report
     return new

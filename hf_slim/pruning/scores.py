@@ -9,9 +9,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .stats import ImportanceStats
+from .stats import STAT_KEYS_SINCE, ImportanceStats
 
 __all__ = [
+    "HIDDEN_METHODS",
     "top_indices",
     "hidden_importance",
     "choose_hidden",
@@ -30,21 +31,61 @@ def top_indices(score: torch.Tensor, k: int) -> torch.Tensor:
     return order[:k].sort().values
 
 
-def hidden_importance(stats: ImportanceStats, method: str = "slimqwen") -> torch.Tensor:
-    """Per-channel importance averaged over every RMSNorm output (decoder norms and the final norm).
+#: `hidden_method` values, in the order the docs list them.
+HIDDEN_METHODS = ("slimqwen", "minitron", "minitron_modelopt")
 
-    `slimqwen`: mean |x| over batch and sequence (SlimQwen); `minitron`: mean over sequence, L2 over batch.
+
+def hidden_importance(stats: ImportanceStats, method: str = "slimqwen") -> torch.Tensor:
+    """Per-channel importance of the hidden (embedding) axis, `[H]`, from the RMSNorm outputs.
+
+    Args:
+        stats ([`ImportanceStats`]): calibration statistics of the model.
+        method (`str`, defaults to `"slimqwen"`): how activations of the norm outputs become one score per channel:
+
+            - `"slimqwen"` (default): mean |x| over batch and sequence at every norm (the decoder norms and the final
+              norm), averaged over the norms (SlimQwen, arXiv 2605.08738).
+            - `"minitron"`: per norm, the signed mean of x over the sequence, then the L2 norm over samples, averaged
+              over the norms including the final one (the (batch L2, sequence mean) aggregation of the Minitron paper,
+              arXiv 2407.14679, applied to LN(X) as written there).
+            - `"minitron_modelopt"`: NVIDIA ModelOpt's implementation of Minitron: per norm, mean **|x|** over the
+              sequence, then the L2 norm over samples; summed over the decoder layers' two norms only (no final norm,
+              no MTP blocks, which ModelOpt drops). Matches `_register_hidden_size_importance` in
+              `modelopt/torch/prune/plugins/mcore_minitron.py` (NVIDIA/Model-Optimizer, read at commit a2fbac7b):
+              `_collect_activations` keeps `x.abs().mean(dim=0).pow(2).sum(dim=0)` for `x` of shape
+              `[seq, batch, hidden]`, summed over forward calls, and `_estimate_hidden_size_importance` sums
+              `act.pow(0.5)` over the hooked norms.
+
+    Returns:
+        `torch.Tensor` of shape `[H]`; higher is more important.
+
+    Raises:
+        `ValueError`: an unknown `method`, or statistics collected before `method`'s statistic existed.
     """
     if method == "slimqwen":
         per_norm, final = stats["hidden.norm_abs_mean"], stats.tensors.get("hidden.final_abs_mean")
     elif method == "minitron":
         per_norm, final = stats["hidden.minitron"], stats.tensors.get("hidden.final_minitron")
+    elif method == "minitron_modelopt":
+        return _modelopt_hidden_importance(stats)
     else:
-        raise ValueError(f"hidden_method={method!r}: valid values are ['slimqwen', 'minitron']")
+        raise ValueError(f"hidden_method={method!r}: valid values are {list(HIDDEN_METHODS)}")
     rows = per_norm.reshape(-1, per_norm.shape[-1])
     if final is not None:
         rows = torch.cat([rows, final[None]], dim=0)
     return rows.mean(0)
+
+
+def _modelopt_hidden_importance(stats: ImportanceStats) -> torch.Tensor:
+    key = "hidden.minitron_modelopt"
+    if key not in stats:
+        raise ValueError(
+            f"hidden_method='minitron_modelopt': these statistics have no {key!r} (it is collected since hf-slim "
+            f"{STAT_KEYS_SINCE[key]}); re-run collect_statistics with hf-slim >= {STAT_KEYS_SINCE[key]}"
+        )
+    sum_sq = stats[key]  # [L, 2, H]: per norm, sum over samples of (mean over sequence of |x|)^2
+    # ModelOpt drops MTP heads and hooks only the decoder layers' norms: keep the decoder rows (they come first)
+    n_decoder = stats.metadata.get("sizes", {}).get("num_hidden_layers", sum_sq.shape[0])
+    return sum_sq[:n_decoder].reshape(-1, sum_sq.shape[-1]).sqrt().sum(0)
 
 
 def choose_hidden(stats: ImportanceStats, k: int, method: str = "slimqwen") -> torch.Tensor:

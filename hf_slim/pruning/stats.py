@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ImportanceStats", "STAT_KEYS"]
+__all__ = ["ImportanceStats", "STAT_KEYS", "STAT_KEYS_SINCE"]
 
 #: What each tensor holds (L = blocks: the decoder layers, then MTP layers where the model has them;
 #: H = hidden, E = experts, I = expert width, nH = attention heads).
@@ -19,6 +19,8 @@ STAT_KEYS = {
     "hidden.final_abs_mean": "[H] mean |final norm output| per channel",
     "hidden.minitron": "[L, 2, H] per channel: mean over sequence, then L2 over samples (Minitron)",
     "hidden.final_minitron": "[H] Minitron aggregation at the final norm",
+    "hidden.minitron_modelopt": "[L, 2, H] per channel: sum over samples of (mean over sequence of |x|)^2, NVIDIA "
+    "ModelOpt's accumulator (the score takes the square root: L2 over samples)",
     "layer.block_influence": "[L] mean over tokens of 1 - cos(layer input, layer output)",
     "layer.sparse": "[L] 1 where the layer has routed experts",
     "layer.attention": "[L] 1 where the layer has softmax attention (head statistics valid)",
@@ -34,6 +36,10 @@ STAT_KEYS = {
     "shared_ffn.act": "[L, I_shared] mean |activation| at the shared expert's down-projection input",
     "ffn.act": "[L, I_dense] mean |activation| at the dense FFN's down-projection input",
 }
+
+#: The hf-slim version that first collects a key; statistics saved by an older version lack it, and the scores that
+#: need it say so (`re-run collect_statistics`). Keys not listed here were collected from the start.
+STAT_KEYS_SINCE = {"hidden.minitron_modelopt": "0.2.0"}
 
 
 @dataclass
