@@ -5,8 +5,8 @@
    151,936 — with as many layers as it takes to reach `--min-gb` on disk. Nothing is held whole in memory: one layer
    at a time is generated and written.
 2. Runs `hf-slim prune SRC OUT --hidden-size 0.75 --num-experts 0.5 --num-hidden-layers L-1 --calibration ...` in a
-   child process (the CLI's own `main`), which reports its peak RSS (`ru_maxrss`) and its disk I/O
-   (`/proc/self/io`) when it ends.
+   child process (the CLI's own `main`), which reports its peak RSS (`VmHWM`) and its I/O (`/proc/self/io`) when
+   it ends.
 3. Times a plain layer-by-layer forward of the same calibration tokens (load a block, run it, free it; no hooks) and
    reports calibration time / that forward.
 
@@ -139,13 +139,15 @@ def write_checkpoint(folder: Path, min_gb: float, seed: int = 0) -> dict:
 
 
 _CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from hf_slim.cli import main
 start = time.perf_counter()
 rc = main(sys.argv[1:])
 wall = time.perf_counter() - start
 io = dict(line.split(': ') for line in open('/proc/self/io').read().split('\\n') if line)
-print('BENCH ' + json.dumps({'rc': rc, 'wall_s': wall, 'max_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+# VmHWM: the peak RSS of this process image. ru_maxrss would also count the parent's RSS at the (v)fork.
+hwm = next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmHWM:'))
+print('BENCH ' + json.dumps({'rc': rc, 'wall_s': wall, 'max_rss_bytes': hwm,
       'read_bytes': int(io['read_bytes']), 'write_bytes': int(io['write_bytes']), 'rchar': int(io['rchar']), 'wchar': int(io['wchar'])}))
 """
 

@@ -101,3 +101,11 @@ def parse_size(value: int | str, what: str = "size") -> int:
         f"{what}={value!r} is not a size; give a positive number of bytes or a string such as '5GB', '500MB' or "
         f"'2GiB'."
     )
+
+
+def format_bytes(n: int) -> str:
+    """`n` bytes in decimal units, as [`parse_size`] reads them (`"20GB"` is 20 * 10^9)."""
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from .collector import _Collector, _get, pack_calibration_data
-from .layerwise_state import HiddenStates, WorkDir, fmt_bytes
+from ..utils import format_bytes
+from .layerwise_state import HiddenStates, WorkDir
 from .stats import ImportanceStats
 
 __all__ = ["collect_statistics_layerwise"]
@@ -123,7 +124,7 @@ def collect_statistics_layerwise(
             bar = tqdm(total=len(steps), initial=done, desc="layerwise calibration", disable=not show_progress)
             with bar:
                 for step in range(done, len(steps)):
-                    bar.set_postfix_str(steps[step][0])
+                    bar.set_postfix_str(f"{steps[step][0]}, read {format_bytes(reader.bytes_read)}")
                     run.run_step(step)
                     if folder is not None:
                         folder.commit(step + 1, steps[step][0], run.collector.acc, run.hidden,
@@ -143,6 +144,9 @@ def collect_statistics_layerwise(
 
 
 # ---- one run ------------------------------------------------------------------------------------------------------
+_LOAD_CHUNK_BYTES = 64 * 2**20  # what one read of a block's tensor may hold at once
+
+
 class _Stop(Exception):
     """Raised by the last recorder: the rest of the model's forward (final norm, head) is not needed."""
 
@@ -250,7 +254,8 @@ class _Run:
         elt = torch.empty((), dtype=self.dtype).element_size()
         rows = min(self.batch_size, n)
         tokens = rows * length
-        largest_read = max((int(self.reader.nbytes(name)) for name in self.names), default=0)
+        largest = max((int(self.reader.nbytes(name)) for name in self.names), default=0)
+        largest_read = min(largest, _LOAD_CHUNK_BYTES)  # tensors are read in chunks of rows (see _load)
         batch_io = 2 * tokens * hidden * elt
         if self.dev.type == "cpu":
             emb = _nbytes(self.model.get_input_embeddings())
@@ -265,15 +270,15 @@ class _Run:
             weights, work = largest_read, batch_io
         plan = _MemoryPlan(weights=weights, work=work, hidden=n * length * hidden * elt, budget=budget)
         if plan.need > budget:
-            shown = f"max_memory={given!r}" if given is not None else f"the available RAM ({fmt_bytes(budget)})"
+            shown = f"max_memory={given!r}" if given is not None else f"the available RAM ({format_bytes(budget)})"
             raise ValueError(
-                f"{shown} is too little: one block needs about {fmt_bytes(plan.need)} ({fmt_bytes(weights)} of "
-                f"weights and {fmt_bytes(work)} of working space at batch_size={self.batch_size}, "
+                f"{shown} is too little: one block needs about {format_bytes(plan.need)} ({format_bytes(weights)} of "
+                f"weights and {format_bytes(work)} of working space at batch_size={self.batch_size}, "
                 f"max_length={length}); give at least that, or lower batch_size"
             )
         where = "in memory" if plan.in_memory else "in the work folder"
         logger.info("layerwise calibration: hidden states (%s) %s; one block needs about %s",
-                    fmt_bytes(plan.hidden), where, fmt_bytes(plan.need))  # fmt: skip
+                    format_bytes(plan.hidden), where, format_bytes(plan.need))  # fmt: skip
         return plan
 
     def _bytes_per_token(self, elt: int) -> int:
@@ -480,13 +485,22 @@ class _Run:
                     f"{name}: not in the checkpoint {_where(self.reader)}, but its config "
                     f"(model_type={self.model.config.model_type!r}) builds it"
                 )
-            tensor = self.reader.read(name)
-            if tuple(tensor.shape) != tuple(target.shape):
+            shape = tuple(self.reader.shape(name))
+            if shape != tuple(target.shape):
                 raise ValueError(
-                    f"{name}: the checkpoint {_where(self.reader)} holds shape {tuple(tensor.shape)}, its config "
+                    f"{name}: the checkpoint {_where(self.reader)} holds shape {shape}, its config "
                     f"builds {tuple(target.shape)}"
                 )
-            target.data.copy_(tensor)  # casts to the run dtype
+            # Read in row chunks straight into the parameter: a fused expert tensor (0.8 GB in Qwen3-30B-A3B) never
+            # sits in memory twice, so a block costs its own bytes plus one chunk.
+            rows = max(1, _LOAD_CHUNK_BYTES // max(1, self.reader.nbytes(name) // max(1, shape[0]))) if shape else 1
+            if not shape or rows >= shape[0]:
+                target.data.copy_(self.reader.read(name))  # casts to the run dtype
+                continue
+            rest = [None] * (len(shape) - 1)
+            for start in range(0, shape[0], rows):
+                stop = min(start + rows, shape[0])
+                target.data[start:stop].copy_(self.reader.read(name, [[(start, stop)], *rest]))
 
     @staticmethod
     def _free(module: torch.nn.Module) -> None:

@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["HiddenStates", "WorkDir", "fmt_bytes"]
+from ..utils import format_bytes
+
+__all__ = ["HiddenStates", "WorkDir"]
 
 _PROGRESS = "progress.json"
 _WORK_FILE = re.compile(r"^(hidden-\d+\.bin|stats-\d+\.safetensors|progress\.json)(\.tmp)?$")
@@ -151,8 +153,8 @@ class WorkDir:
         free = shutil.disk_usage(self.path).free
         if free + have < 2 * nbytes:
             raise ValueError(
-                f"work_dir={self.path!r}: the hidden states need about {fmt_bytes(2 * nbytes - have)} free there, and "
-                f"{fmt_bytes(free)} is free; give a work_dir on a larger disk or calibrate fewer tokens"
+                f"work_dir={self.path!r}: the hidden states need about {format_bytes(2 * nbytes - have)} free there, and "
+                f"{format_bytes(free)} is free; give a work_dir on a larger disk or calibrate fewer tokens"
             )
 
     def commit(self, done: int, name: str, acc: dict[str, torch.Tensor], hidden: HiddenStates, *, last: bool) -> None:
@@ -182,14 +184,6 @@ class WorkDir:
                 os.remove(os.path.join(self.path, name))
         if not os.listdir(self.path):
             os.rmdir(self.path)
-
-
-def fmt_bytes(n: int) -> str:
-    """`n` bytes in decimal units, as `max_memory` strings are read (`"20GB"` is 20 * 10^9)."""
-    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
 
 
 def _fsync(path: str) -> None:

@@ -32,7 +32,7 @@ from ..checkpoints import (
     StateDictReader,
     open_checkpoint,
 )
-from ..utils import atomic_directory, parse_size
+from ..utils import atomic_directory, format_bytes, parse_size
 from .config import PruneConfig
 from .export import pruned_card_kwargs, size_summary, write_pruning_record
 from .prune import expert_merge_tensors, plan_selection
@@ -189,7 +189,13 @@ def _prune_into(
     merged = expert_merge_tensors(spec, merges)
     out_dtype = cast
     with ShardedCheckpointWriter(folder, spec=spec, config=new_config, max_shard_size=max_shard_size) as writer:
-        for name in tqdm(names, desc="pruning checkpoint", unit="tensor", disable=not show_progress):
+        bar = tqdm(names, desc="pruning checkpoint", unit="tensor", disable=not show_progress)
+        for name in bar:
+            bar.set_postfix_str(
+                f"layer {spec.split_name(name)[0] or '-'}, read {format_bytes(reader.bytes_read)}, "
+                f"wrote {format_bytes(writer.bytes_written)}",
+                refresh=False,
+            )
             idx = tensor_index(spec, name, reader.shape(name), source_config, sel)
             if idx is None:
                 continue  # a dropped layer

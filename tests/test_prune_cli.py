@@ -1,0 +1,123 @@
+"""`hf-slim prune` on the bounded path: bad checkpoints, too little memory, a full disk, budgets and dtypes, each as
+the CLI reports it (one line, exit code 2, nothing left on disk)."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from test_anatomy import real_text, tiny_model
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoConfig, PreTrainedTokenizerFast
+
+from hf_slim.checkpoints import writer as writer_module
+from hf_slim.cli import main
+from hf_slim.utils import count_parameters
+
+
+def _error_line(capsys, argv):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    # progress bars may come first (stderr, as tqdm writes them); the error is one line, the last
+    lines = [line for line in captured.err.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("hf-slim prune: error: ")]
+    assert errors == lines[-1:], captured.err
+    return errors[0][len("hf-slim prune: error: ") :]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A tiny Qwen3-MoE in three shards, with a byte-level tokenizer and a calibration text."""
+    folder = tmp_path_factory.mktemp("prune_cli") / "src"
+    tiny_model("qwen3_moe").save_pretrained(folder, max_shard_size="40KB")
+    vocab = {chr(i): i for i in range(160)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=chr(0)))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=chr(0)).save_pretrained(folder)
+    (folder.parent / "calib.txt").write_text("\n\n".join(real_text()))
+    return folder
+
+
+def _copy(source, tmp_path):
+    import shutil
+
+    return shutil.copytree(source, tmp_path / "src")
+
+
+def _shards(folder):
+    return sorted(folder.glob("model-*.safetensors"))
+
+
+def _leftovers(tmp_path):
+    """Everything in tmp_path besides the source: the output, temporary or calibration folders."""
+    return sorted(p.name for p in tmp_path.iterdir() if p.name != "src")
+
+
+def test_prune_cli_refuses_a_missing_shard(source, tmp_path, capsys):
+    src = _copy(source, tmp_path)
+    missing = _shards(src)[1]
+    missing.unlink()
+    message = _error_line(capsys, ["prune", str(src), str(tmp_path / "out"), "--num-experts", "2"])
+    assert missing.name in message
+    assert _leftovers(tmp_path) == []
+
+
+def test_prune_cli_refuses_a_truncated_shard(source, tmp_path, capsys):
+    src = _copy(source, tmp_path)
+    shard = _shards(src)[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    message = _error_line(capsys, ["prune", str(src), str(tmp_path / "out"), "--num-experts", "2"])
+    assert shard.name in message
+    assert _leftovers(tmp_path) == []
+
+
+def test_prune_cli_says_how_much_memory_one_block_needs(source, tmp_path, capsys):
+    calib = source.parent / "calib.txt"
+    argv = ["prune", str(source), str(tmp_path / "out"), "--num-experts", "2", "--calibration", str(calib),
+            "--num-samples", "4", "--max-length", "32", "--max-memory", "10KB"]  # fmt: skip
+    message = _error_line(capsys, argv)
+    assert message.startswith("max_memory='10KB' is too little: one block needs about ")
+    assert _leftovers(tmp_path) == []
+
+
+def test_prune_cli_on_a_full_disk_leaves_nothing(source, tmp_path, capsys, monkeypatch):
+    def no_space(self, name, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    monkeypatch.setattr(writer_module._Shard, "write", no_space)
+    message = _error_line(capsys, ["prune", str(source), str(tmp_path / "out"), "--num-hidden-layers", "1"])
+    assert "No space left on device" in message
+    assert _leftovers(tmp_path) == []
+
+
+def test_prune_cli_to_a_budget_in_bfloat16(source, tmp_path, capsys):
+    calib = source.parent / "calib.txt"
+    argv = ["prune", str(source), str(tmp_path / "out"), "--target-total-params", "0.6", "--calibration", str(calib),
+            "--num-samples", "4", "--max-length", "32", "--dtype", "bfloat16"]  # fmt: skip
+    assert main(argv) == 0
+    shown = capsys.readouterr().out
+    assert "sizes chosen for the budget" in shown and "wrote" in shown
+    config = AutoConfig.from_pretrained(tmp_path / "out")
+    record = json.loads((tmp_path / "out" / "pruning_config.json").read_text())
+    assert record["prune_config"]["target_total_params"] == "0.6"
+    chosen = record["report"]["targets"]
+    assert chosen and all(getattr(config, k) == v for k, v in chosen.items() if k != "num_experts_per_tok")
+    assert record["after"]["total_params"] <= 0.6 * record["before"]["total_params"]
+    with safe_open(str(next((tmp_path / "out").glob("*.safetensors"))), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert _leftovers(tmp_path) == ["out"]  # the calibration work folder is gone
+
+
+def test_prune_cli_output_counts_match_a_loaded_model(source, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    assert main(["prune", str(source), str(tmp_path / "out"), "--num-hidden-layers", "1"]) == 0
+    record = json.loads((tmp_path / "out" / "pruning_config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    counts = count_parameters(model)
+    assert (record["after"]["total_params"], record["after"]["active_params"]) == (counts["total"], counts["active"])
