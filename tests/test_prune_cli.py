@@ -121,3 +121,31 @@ def test_prune_cli_output_counts_match_a_loaded_model(source, tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     counts = count_parameters(model)
     assert (record["after"]["total_params"], record["after"]["active_params"]) == (counts["total"], counts["active"])
+
+
+def test_prune_cli_continues_a_killed_calibration(source, tmp_path, capsys, monkeypatch):
+    """Ctrl-C inside the second decoder block; the same command again resumes after the first block."""
+    from hf_slim.pruning import layerwise
+
+    calib = source.parent / "calib.txt"
+    argv = ["prune", str(source), str(tmp_path / "out"), "--num-experts", "2", "--calibration", str(calib),
+            "--num-samples", "4", "--max-length", "32"]  # fmt: skip
+    steps: list[str] = []
+    run_step = layerwise._Run.run_step
+
+    def interrupted_in_block_1(self, step):
+        steps.append(self.steps[step][0])
+        if self.steps[step][0] == "model.layers.1" and len(steps) < 10:
+            raise KeyboardInterrupt
+        return run_step(self, step)
+
+    monkeypatch.setattr(layerwise._Run, "run_step", interrupted_in_block_1)
+    assert main(argv) == 130
+    assert _leftovers(tmp_path) == [".out.calibration"]  # the finished blocks, kept for the next run
+    first = list(steps)
+    steps.clear()
+    steps.extend(["-"] * 10)  # the second run is not interrupted
+    assert main(argv) == 0
+    assert first == ["embeddings", "model.layers.0", "model.layers.1"]
+    assert steps[10] == "model.layers.1"  # resumed: neither the embeddings nor block 0 again
+    assert _leftovers(tmp_path) == ["out"]
