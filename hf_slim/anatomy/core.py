@@ -49,6 +49,7 @@ __all__ = [
     "renamed",
     "apply_selection",
     "select",
+    "source_tensors",
     "kv_indices_for_heads",
     "layer_key",
 ]
@@ -633,8 +634,31 @@ def _check_coverage(spec: ArchSpec, config: Any, tensors: Mapping[str, Any], sel
             )
 
 
+def source_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` with real tensors: on the CPU when accelerate dispatched the model over several devices
+    or offloaded modules (weights on the meta device until a hook loads them: each such module's hook loads them
+    onto the CPU once, through accelerate's public `align_module_device`; other modules are only read). A model on
+    one device gives its own state dict; meta tensors that no accelerate hook holds (a model built on the meta
+    device) stay meta."""
+    state = model.state_dict()
+    if any(t.device.type == "meta" for t in state.values()):
+        from accelerate.utils import align_module_device, has_offloaded_params
+
+        for name, module in model.named_modules():
+            if has_offloaded_params(module):
+                with align_module_device(module, torch.device("cpu")):
+                    for key, t in module.state_dict(prefix=f"{name}." if name else "").items():
+                        if key in state and state[key].device.type == "meta":
+                            state[key] = t
+    devices = {t.device for t in state.values() if t.device.type != "meta"}
+    if len(devices) <= 1 and all(t.device.type != "meta" for t in state.values()):
+        return state
+    return {k: t if t.device.type == "meta" else t.to("cpu") for k, t in state.items()}
+
+
 def _rebuild(model: Any, tensors: dict[str, torch.Tensor], config: Any, name_map: Callable[[str], str]) -> Any:
-    """Instantiate the same class from `config` on the meta device and assign the tensors."""
+    """Instantiate the same class from `config` on the meta device and assign the tensors; the buffers go where the
+    tensors are when those share one device."""
     cls = type(model)
     with torch.device("meta"):
         new = cls(config)
@@ -649,16 +673,23 @@ def _rebuild(model: Any, tensors: dict[str, torch.Tensor], config: Any, name_map
     if getattr(config, "tie_word_embeddings", False) or tied:
         new.tie_weights()
     old_buffers = dict(model.named_buffers())
+    devices = {t.device for t in tensors.values()}
+    target = devices.pop() if len(devices) == 1 else None
     for bname, buf in list(new.named_buffers()):
         if buf.device.type != "meta":
             continue
         src = old_buffers.get(name_map(bname))
         if src is None or src.shape != buf.shape:
             raise ValueError(f"cannot carry buffer {bname} over to the rebuilt model")
+        if src.device.type == "meta" and target is not None and target.type != "meta":
+            raise ValueError(
+                f"{name_map(bname)} is a buffer offloaded by accelerate; load the model with offload_buffers=False "
+                "(the default) or prune the checkpoint with hf_slim.pruning.prune_checkpoint"
+            )
         mod_name, _, leaf = bname.rpartition(".")
         mod = new.get_submodule(mod_name) if mod_name else new
         persistent = leaf not in getattr(mod, "_non_persistent_buffers_set", set())
-        mod.register_buffer(leaf, src.clone(), persistent=persistent)
+        mod.register_buffer(leaf, src.clone() if target is None else src.to(target, copy=True), persistent=persistent)
     if getattr(model, "generation_config", None) is not None:
         new.generation_config = copy.deepcopy(model.generation_config)
     new.train(model.training)
@@ -686,17 +717,20 @@ def apply_selection(
         model ([`~transformers.PreTrainedModel`]): a causal LM of a supported family.
         selection (`dict`): axis -> indices (see [`Selection`]). Indices refer to the source model.
         spec (`ArchSpec`, optional): defaults to the registered spec of `model.config.model_type`.
-        tensors (`dict`, optional): source tensors to use instead of `model.state_dict()` (e.g. after merging
-            experts); same names and shapes.
+        tensors (`dict`, optional): source tensors to use instead of the model's own (e.g. after merging experts);
+            same names and shapes. By default [`source_tensors`]: `model.state_dict()`, read through accelerate
+            when the model is dispatched over several devices or offloaded.
         updates (`dict`, optional): non-axis config fields to set (canonical names, e.g. `num_experts_per_tok`).
 
     Returns:
-        The new model. Keeping every index in order gives back the same function; a permutation of
-        `hidden`, `head`, `expert`, `expert_ffn`, `shared_ffn` or `ffn` gives the same function as well.
+        The new model, on the device of the tensors: a model on one device stays there, one dispatched over several
+        devices or offloaded by accelerate comes back whole on the CPU. Keeping every index in order gives back the
+        same function; a permutation of `hidden`, `head`, `expert`, `expert_ffn`, `shared_ffn` or `ffn` gives the
+        same function as well.
     """
     spec = spec or get_spec(model.config)
     sel = normalize_selection(spec, selection)
-    state = dict(tensors) if tensors is not None else model.state_dict()
+    state = dict(tensors) if tensors is not None else source_tensors(model)
     new_tensors, new_config = select_tensors(spec, model.config, state, sel, updates)
     inverse: dict[str, str] = {}
     if "layer" in sel:

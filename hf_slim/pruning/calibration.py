@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..integrations.transformers_experts import grouped_linear_kernel as _grouped_linear_kernel  # noqa: F401
-from .collector import _Collector, pack_calibration_data
+from .collector import _Collector, input_device, pack_calibration_data, unloaded_modules
 from .layerwise import collect_statistics_layerwise
 from .stats import ImportanceStats
 
@@ -43,9 +43,10 @@ def collect_statistics(
 
     Args:
         model ([`~transformers.PreTrainedModel`] or checkpoint): a causal LM of a supported family (see
-            [`hf_slim.anatomy.supported_model_types`]), or a checkpoint too large to load: a folder, a Hub id or a
-            `CheckpointReader`, which [`collect_statistics_layerwise`] calibrates one block at a time (same
-            statistics, same metadata).
+            [`hf_slim.anatomy.supported_model_types`]), in any dtype and possibly dispatched by accelerate
+            (`from_pretrained(..., device_map=...)`, offloaded modules included; the inputs go to the device of the
+            input embeddings); or a checkpoint too large to load: a folder, a Hub id or a `CheckpointReader`, which
+            [`collect_statistics_layerwise`] calibrates one block at a time (same statistics, same metadata).
         data: a `datasets.Dataset` (an `input_ids` column, or a text column), a list of texts (needs
             `tokenizer`), a list of token-id lists/tensors, or a `[n, length]` token tensor. Everything is
             concatenated and cut into `num_samples` rows of `max_length` tokens (SlimQwen uses 1024 samples).
@@ -59,10 +60,11 @@ def collect_statistics(
             `device`, `max_memory`, `work_dir`, `keep_work_files`).
 
     Returns:
-        [`ImportanceStats`] indexed like the source model.
+        [`ImportanceStats`] indexed like the source model, in float32 whatever the model's dtype.
 
     Raises:
-        `ValueError`: empty calibration data, bad sizes, or an unsupported model type.
+        `ValueError`: empty calibration data, bad sizes, an unsupported model type, or weights on the meta device
+            that no accelerate hook loads.
         `TypeError`: layer-by-layer options given with a model in memory.
     """
     if _is_checkpoint(model):
@@ -82,10 +84,18 @@ def collect_statistics(
     spec = get_spec(model)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    unloaded = unloaded_modules(model)
+    if unloaded:
+        raise ValueError(
+            f"{unloaded[0]}: its weights are on the meta device and no accelerate hook loads them; load the model "
+            "with its weights (from_pretrained, with device_map= to offload) or calibrate the checkpoint with "
+            "collect_statistics(path, ...)"
+        )
     ids = pack_calibration_data(
         data, tokenizer=tokenizer, num_samples=num_samples, max_length=max_length, text_column=text_column
     )
-    collector = _Collector(model, spec)
+    device = input_device(model)  # a dispatched model's embeddings may run elsewhere than its first parameter
+    collector = _Collector(model, spec, device=device)  # float32 accumulators where the inputs go
     import inspect
 
     extra = {"return_mtp": True} if "return_mtp" in inspect.signature(model.forward).parameters else {}
@@ -94,7 +104,7 @@ def collect_statistics(
     collector.install()
     try:
         for start in tqdm(range(0, ids.shape[0], batch_size), desc="calibration", disable=not show_progress):
-            batch = ids[start : start + batch_size].to(collector.dev)
+            batch = ids[start : start + batch_size].to(device)
             model(input_ids=batch, use_cache=False, **extra)
             collector.tokens += batch.numel()
             collector.samples += batch.shape[0]

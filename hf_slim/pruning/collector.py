@@ -98,8 +98,61 @@ def pack_calibration_data(
     return torch.tensor(stream[: n * max_length], dtype=torch.long).view(n, max_length)
 
 
+def input_device(model: Any) -> torch.device:
+    """Where a model's forward takes its `input_ids`: the device of the input embeddings.
+
+    For a model dispatched by accelerate (`from_pretrained(..., device_map=...)`) whose embeddings are offloaded
+    (their weight on the meta device until a hook loads it), this is the device accelerate runs them on, read from
+    `model.hf_device_map`: the embeddings' own device when it is an accelerator, else accelerate's main device (the
+    first accelerator in the map, or the CPU).
+    """
+    embeddings = model.get_input_embeddings()
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+        return weight.device
+    device_map = getattr(model, "hf_device_map", None) or {}
+    name = next((n for n, m in model.named_modules() if m is embeddings), "")
+    owner = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
+    placed = [device_map[owner]] if owner is not None else []
+    for device in placed + list(device_map.values()):
+        if device not in ("cpu", "disk"):
+            return torch.device(device)
+    return torch.device("cpu")
+
+
+def unloaded_modules(model: Any) -> list[str]:
+    """Modules with parameters on the meta device that no accelerate offloading hook (on the module or a parent)
+    loads: a forward cannot run them (a model built on the meta device, or loaded without its weights)."""
+    from accelerate.utils import has_offloaded_params
+
+    held: list[str] = []
+    out = []
+    for name, module in model.named_modules():
+        if has_offloaded_params(module):
+            held.append(name)
+        elif any(p.device.type == "meta" for p in module.parameters(recurse=False)) and not any(
+            h == "" or name.startswith(h + ".") for h in held
+        ):
+            out.append(name)
+    return out
+
+
+def _index_add(acc: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """`acc.index_add_(0, index, values)` where `index` and `values` may live on another device than `acc` (a block
+    of a dispatched model): the rows are summed where `values` are, and only the result moves."""
+    if values.device == acc.device:
+        acc.index_add_(0, index, values)
+    else:
+        acc += values.new_zeros(acc.shape).index_add_(0, index, values).to(acc.device)
+
+
 class _Collector:
-    """Accumulators and hooks; everything accumulates in float32 on `device` (default: the model's device).
+    """Accumulators and hooks; everything accumulates in float32 on `device`.
+
+    `device` defaults to where the model takes its inputs ([`input_device`]).
+    Every hook reduces on the device its block runs on and moves only the reduced tensor to the accumulators, so
+    the blocks of a model dispatched by accelerate may run on different devices, or be offloaded (the patched
+    experts forward loads an offloaded module's weights for the call, as accelerate's hook would).
 
     Hooks go in block by block (`install_block`, `install_final`), so the in-memory pass (every block at once) and
     the layer-by-layer pass (one materialised block at a time, see `hf_slim.pruning.layerwise`) share one code path.
@@ -113,10 +166,10 @@ class _Collector:
         self.blocks = spec.blocks(model)
         self.layers = [model.get_submodule(b) for b in self.blocks]
         self.L = len(self.layers)
-        self.dev = torch.device(device) if device is not None else next(model.parameters()).device
+        self.dev = torch.device(device) if device is not None else input_device(model)
         self.H = self.config.hidden_size
         self.handles: list[Any] = []
-        self.patched: list[tuple[Any, Any]] = []
+        self.patched: list[tuple[Any, Any]] = []  # (module, the forward its __dict__ held before: accelerate's)
         self.acc: dict[str, torch.Tensor] = {}
         self.tokens = 0
         self.samples = 0
@@ -192,17 +245,17 @@ class _Collector:
     # ---- hooks ---------------------------------------------------------------------------------------------
     def _hook_norm(self, module: Any, i: int, j: int) -> None:
         def hook(_m, _args, out):
-            x = out.detach().float()
-            self.acc["hidden.norm_abs_mean"][i, j] += x.abs().sum(dim=(0, 1))
-            self.acc["hidden.minitron"][i, j] += x.mean(dim=1).pow(2).sum(dim=0)
-            self.acc["hidden.minitron_modelopt"][i, j] += x.abs().mean(dim=1).pow(2).sum(dim=0)  # kept as a sum
+            x, dev = out.detach().float(), self.dev
+            self.acc["hidden.norm_abs_mean"][i, j] += x.abs().sum(dim=(0, 1)).to(dev)
+            self.acc["hidden.minitron"][i, j] += x.mean(dim=1).pow(2).sum(dim=0).to(dev)
+            self.acc["hidden.minitron_modelopt"][i, j] += x.abs().mean(dim=1).pow(2).sum(dim=0).to(dev)  # a sum
 
         self.handles.append(module.register_forward_hook(hook))
 
     def _final_norm(self, _m, _args, out):
         x = out.detach().float()
-        self.acc["hidden.final_abs_mean"] += x.abs().sum(dim=(0, 1))
-        self.acc["hidden.final_minitron"] += x.mean(dim=1).pow(2).sum(dim=0)
+        self.acc["hidden.final_abs_mean"] += x.abs().sum(dim=(0, 1)).to(self.dev)
+        self.acc["hidden.final_minitron"] += x.mean(dim=1).pow(2).sum(dim=0).to(self.dev)
 
     def _layer_in(self, i: int):
         def hook(_m, args, kwargs):
@@ -216,8 +269,9 @@ class _Collector:
     def _layer_out(self, i: int):
         def hook(_m, _args, out):
             y = out[0] if isinstance(out, tuple) else out
-            cos = F.cosine_similarity(self._last_in.float(), y.detach().float(), dim=-1)
-            self.acc["layer.block_influence"][i] += (1 - cos).sum()
+            # the input is seen before accelerate's hook moves it to the block's device
+            cos = F.cosine_similarity(self._last_in.to(y.device).float(), y.detach().float(), dim=-1)
+            self.acc["layer.block_influence"][i] += (1 - cos).sum().to(self.dev)
 
         return hook
 
@@ -227,14 +281,14 @@ class _Collector:
         def hook(_m, args):
             x = args[0].detach().float()
             norms = x.reshape(-1, n_heads, x.shape[-1] // n_heads).norm(dim=-1).sum(0)
-            self.zeros("head.out_norm", self.L, n_heads)[i] += norms
+            self.zeros("head.out_norm", self.L, n_heads)[i] += norms.to(self.dev)
 
         return hook
 
     def _act(self, key: str, i: int):
         def hook(_m, args):
             x = args[0].detach().float()
-            self.zeros(key, self.L, x.shape[-1])[i] += x.reshape(-1, x.shape[-1]).abs().sum(0)
+            self.zeros(key, self.L, x.shape[-1])[i] += x.reshape(-1, x.shape[-1]).abs().sum(0).to(self.dev)
 
         return hook
 
@@ -243,19 +297,18 @@ class _Collector:
             logits = (out[0] if isinstance(out, tuple) else out).detach().float()
             logits = logits.reshape(-1, logits.shape[-1])
             E = logits.shape[-1]
-            self.zeros("expert.router_gram", self.L, E, E)[i] += logits.T @ logits
+            self.zeros("expert.router_gram", self.L, E, E)[i] += (logits.T @ logits).to(self.dev)
 
         return hook
 
     def _widest_expert_ffn(self) -> int:
+        # shapes only: an offloaded parameter is a meta tensor of the right shape
         return max(
             p.shape[1] // 2 for name, p in self.model.named_parameters() if name.endswith("gate_up_proj") and p.dim() == 3
         )
 
     def _patch_experts(self, experts: Any, i: int) -> None:
-        collector = self
-        grouped_linear = _grouped_linear_kernel(experts)
-        E, two_i, H = experts.gate_up_proj.shape
+        E, two_i, H = experts.gate_up_proj.shape  # the shape only: offloaded weights are meta until the hook runs
         n_ffn = two_i // 2
         count = self.zeros("expert.count", self.L, E)
         soft = self.zeros("expert.soft", self.L, E)
@@ -264,16 +317,19 @@ class _Collector:
         # stored at the widest expert width of the model; narrower blocks (per-layer widths) fill a prefix
         act = self.zeros("expert_ffn.act", self.L, E, self._widest_expert_ffn())
 
-        def forward(self, hidden_states, top_k_index, top_k_weights):
+        def calibration_forward(self, hidden_states, top_k_index, top_k_weights):
             # The arithmetic of transformers' eager experts loop, with tokens grouped by expert once and every
             # statistic computed in a few batched ops after the loop (collect_statistics runs under no_grad).
+            # Statistics are reduced on the device this block runs on and added to the accumulators there
+            # (`_index_add`), so a dispatched model's blocks may run anywhere.
+            grouped_linear = _grouped_linear_kernel(self)  # here the weights are real, even when offloaded
             idx = top_k_index.reshape(-1, top_k_index.shape[-1])
             w = top_k_weights.reshape(idx.shape).to(hidden_states.dtype)
             flat = idx.flatten()
             per_expert = torch.bincount(flat, minlength=E)[:E]
-            count[i] += per_expert.float()
+            count[i] += per_expert.float().to(count.device)
             share = w.float() / w.float().sum(-1, keepdim=True).clamp_min(1e-20)
-            soft[i].index_add_(0, flat, share.flatten())
+            _index_add(soft[i], flat, share.flatten())
             order = torch.argsort(flat, stable=True)
             tok = order // idx.shape[-1]
             e_sorted = flat[order]
@@ -296,15 +352,24 @@ class _Collector:
                     gate, up = F.linear(x[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
                     torch.mul(self.act_fn(gate), up, out=h_all[rows])
                     torch.mm(h_all[rows], self.down_proj[e].T, out=y_all[rows])
-            act[i, :, :n_ffn].index_add_(0, e_sorted, h_all.float().abs())
+            _index_add(act[i, :, :n_ffn], e_sorted, h_all.float().abs())
             yf = y_all.float()
-            reap[i].index_add_(0, e_sorted, gw.float() * yf.norm(dim=-1))
-            mean_out[i].index_add_(0, e_sorted, yf)
+            _index_add(reap[i], e_sorted, gw.float() * yf.norm(dim=-1))
+            _index_add(mean_out[i], e_sorted, yf)
             out = torch.zeros_like(hidden_states)
             out.index_add_(0, tok, (y_all * gw[:, None]).to(out.dtype))
             return out
 
-        collector.patched.append((experts, experts.__dict__.get("forward")))
+        from accelerate.utils import align_module_device
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            # This replaces the module's forward, and with it the wrapper accelerate put there (which would load an
+            # offloaded module's weights around the call): the public `align_module_device` loads them instead, for
+            # the call; for a module that is not offloaded it does nothing.
+            with align_module_device(self):
+                return calibration_forward(self, hidden_states, top_k_index, top_k_weights)
+
+        self.patched.append((experts, experts.__dict__.get("forward")))
         experts.forward = types.MethodType(forward, experts)
 
     def metadata(self, max_length: int) -> dict[str, Any]:

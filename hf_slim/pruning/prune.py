@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,7 @@ import torch
 
 from .. import anatomy
 from ..anatomy import SIZES, apply_selection, get_spec
+from ..anatomy.core import source_tensors
 from .config import PruneConfig
 from .experts import (
     ExpertPlan,
@@ -62,7 +64,7 @@ class ExpertMerge:
 
     def apply(self, weight: torch.Tensor) -> torch.Tensor:
         """The fused experts tensor `weight` (`[num_experts, ...]`) with every merge group averaged into its target."""
-        return merge_expert_rows(weight, self.plan, self.importance)
+        return merge_expert_rows(weight, self.plan, self.importance.to(weight.device))
 
 
 def expert_merge_tensors(spec: Any, merges: dict[str, ExpertMerge] | None) -> dict[str, ExpertMerge]:
@@ -185,14 +187,41 @@ def plan_selection(
     return sel, merges or None, updates, report
 
 
-def prune(model: Any, config: PruneConfig, stats: ImportanceStats | None = None) -> Any:
+_AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def prune(
+    model: Any,
+    config: PruneConfig,
+    stats: ImportanceStats | None = None,
+    *,
+    device_map: str | int | torch.device | dict[str, Any] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | os.PathLike | None = None,
+) -> Any:
     """Structurally prune a MoE causal LM; returns a new model of the SAME class (a stock model stays stock).
+
+    The source may be loaded with `dtype=` and `device_map=` (`from_pretrained(..., device_map="auto")`, split
+    over GPUs, the CPU and the disk by accelerate): its tensors are read through accelerate, and the pruned model
+    keeps the source dtype. Where the pruned model goes:
+
+    - `device_map=None` (default): a source on one device gives a model on that device; a source dispatched over
+      several devices, or with offloaded modules, gives a model whole on the CPU (its layers are renumbered, so the
+      source's map no longer applies).
+    - `device_map="auto"` (or `"balanced"`, `"balanced_low_0"`, `"sequential"`) places it as `from_pretrained` would,
+      within `max_memory`; a dict (module name -> device, `"cpu"` or `"disk"`) as given, in the pruned model's
+      module names; a device (`"cuda:0"`, `0`, `"cpu"`) moves it there. Dispatched models get accelerate's hooks
+      and `hf_device_map`, as from `from_pretrained`.
 
     Args:
         model ([`~transformers.PreTrainedModel`]): source model (left untouched).
         config ([`PruneConfig`]): target sizes and methods.
         stats ([`ImportanceStats`], optional): calibration statistics of `model` from
             [`collect_statistics`]; required unless only depth (`last`) or top-k changes.
+        device_map (`str`, `int`, `torch.device` or `dict`, optional): where to put the pruned model (see above).
+        max_memory (`dict`, optional): with an automatic `device_map`, the most memory per device
+            (`{0: "20GiB", "cpu": "60GiB"}`), as in `from_pretrained`.
+        offload_folder (`str` or `os.PathLike`, optional): where modules the `device_map` puts on `"disk"` go.
 
     Returns:
         The pruned model. Router rows, biases, norms and config fields follow the kept indices; what was chosen is
@@ -200,21 +229,64 @@ def prune(model: Any, config: PruneConfig, stats: ImportanceStats | None = None)
 
     Raises:
         `ValueError`: targets larger than the source, top-k above the expert count, head counts that do not divide,
-            a hidden size the architecture cannot hold, or statistics from another model.
+            a hidden size the architecture cannot hold, statistics from another model, weights on the meta device
+            that no accelerate hook holds, or a `device_map` with `"disk"` but no `offload_folder`.
 
     Example:
         ```python
+        >>> model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, device_map="auto")
         >>> stats = collect_statistics(model, texts, tokenizer=tok, num_samples=256, max_length=1024)
         >>> small = prune(model, PruneConfig(num_experts=0.5, num_experts_per_tok=4, hidden_size=0.75), stats)
         ```
     """
-    sel, merges, updates, report = plan_selection(model, config, stats)
-    tensors = None
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ValueError("max_memory and offload_folder place the pruned model; pass device_map= with them")
+    tensors = source_tensors(model)  # real tensors, on the CPU when the model is dispatched or offloaded
+    missing = [name for name, t in tensors.items() if t.device.type == "meta"]
+    if missing:
+        raise ValueError(
+            f"{missing[0].rpartition('.')[0]}: its weights are on the meta device and no accelerate hook loads "
+            "them; load the model with its weights (from_pretrained, with device_map= to offload) or prune the "
+            "checkpoint with hf_slim.pruning.prune_checkpoint(path, ...)"
+        )
+    sel, merges, updates, report = plan_selection(model, config, stats, tensors=tensors)
     if merges:
-        tensors = dict(model.state_dict())
+        tensors = dict(tensors)
         for name, merge in expert_merge_tensors(get_spec(model), merges).items():
             tensors[name] = merge.apply(tensors[name])
     new = apply_selection(model, sel, tensors=tensors, updates=updates)
+    if device_map is not None:
+        new = _place(new, device_map, max_memory, offload_folder)
     new.hf_slim_pruning_report = report
     return new
 
+
+def _place(model: Any, device_map: Any, max_memory: Any, offload_folder: Any) -> Any:
+    """Move or dispatch the pruned model as `prune(device_map=...)` asks."""
+    if isinstance(device_map, (int, torch.device)) or (isinstance(device_map, str) and device_map not in _AUTO_MAPS):
+        if max_memory is not None or offload_folder is not None:
+            raise ValueError(
+                f"device_map={device_map!r} is one device; max_memory and offload_folder apply to a dict or an "
+                "automatic device_map"
+            )
+        return model.to(torch.device(device_map) if isinstance(device_map, int) else device_map)
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        # never split a block: its residual stream must stay on one device (what _no_split_modules says in HF)
+        blocks = sorted({type(model.get_submodule(b)).__name__ for b in get_spec(model).blocks(model)})
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(
+                model, max_memory=max_memory, no_split_module_classes=blocks, low_zero=device_map == "balanced_low_0"
+            )
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=blocks)
+    elif not isinstance(device_map, dict):
+        raise TypeError(
+            f"device_map must be a device, one of {list(_AUTO_MAPS)} or a dict of module name -> device, got "
+            f"{type(device_map).__name__}"
+        )
+    disk = sorted(name for name, device in device_map.items() if device == "disk")
+    if disk and offload_folder is None:
+        raise ValueError(f"device_map puts {disk} on the disk; pass offload_folder= (a folder for their weights)")
+    return dispatch_model(model, device_map, offload_dir=offload_folder)
