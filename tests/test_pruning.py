@@ -416,3 +416,16 @@ def test_cli_replays_pruning_config_of_mtp_model(tmp_path):
     first = json.loads((tmp_path / "out" / "pruning_config.json").read_text())
     second = json.loads((tmp_path / "again" / "pruning_config.json").read_text())
     assert second["report"] == first["report"] and second["prune_config"] == first["prune_config"]
+
+
+def test_pruned_model_shares_no_storage_with_the_source():
+    """Tensors no axis touches (embeddings after a depth-only cut) are copies: training the pruned model in place
+    leaves the source as it was."""
+    model, _ = model_and_stats("qwen3_moe")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small = prune(model, PruneConfig(num_hidden_layers=1))
+    with torch.no_grad():
+        for p in small.parameters():
+            p.add_(1.0)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)

@@ -732,6 +732,12 @@ def apply_selection(
     sel = normalize_selection(spec, selection)
     state = dict(tensors) if tensors is not None else source_tensors(model)
     new_tensors, new_config = select_tensors(spec, model.config, state, sel, updates)
+    # a tensor no axis touched is the source's own: copy it, so training the new model leaves the source as it was
+    shared = {t.untyped_storage().data_ptr() for t in state.values() if t.device.type != "meta"}
+    new_tensors = {
+        k: v.clone() if v.device.type != "meta" and v.untyped_storage().data_ptr() in shared else v
+        for k, v in new_tensors.items()
+    }
     inverse: dict[str, str] = {}
     if "layer" in sel:
         for name in state:
