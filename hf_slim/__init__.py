@@ -5,7 +5,15 @@
 """
 
 from . import optim
-from .elastic import ElasticBudget, ElasticConfig, make_elastic, slice_variant
+from .convert_streaming import convert_checkpoint
+from .elastic import (
+    ElasticBudget,
+    ElasticConfig,
+    make_elastic,
+    make_elastic_checkpoint,
+    slice_checkpoint,
+    slice_variant,
+)
 from .models import SlimMoeConfig, SlimMoeForCausalLM, SlimMoeModel
 from .optim import Aurora
 from .pruning import ImportanceStats, ProgressivePlan, PruneConfig, collect_statistics, prune, prune_checkpoint
@@ -25,9 +33,12 @@ __all__ = [
     "SlimMoeModel",
     "__version__",
     "collect_statistics",
+    "convert_checkpoint",
     "make_elastic",
+    "make_elastic_checkpoint",
     "optim",
     "prune",
     "prune_checkpoint",
+    "slice_checkpoint",
     "slice_variant",
 ]

@@ -5,11 +5,14 @@ All supported families store their weights under the same names (`model.layers.N
 plus a strict state-dict copy. What each family does differently (biases, q/k norms, shared expert, dense layers,
 sliding windows, top-k renormalisation) is a SlimMoe config field, so the logits match the stock model exactly.
 The translation of each family lives in its axes spec (`hf_slim/anatomy/<model_type>.py`: `to_slim_moe` /
-`from_slim_moe`); the families here are the anatomy registry's families that have one.
+`from_slim_moe`); the families here are the anatomy registry's families that have one. `conversion_configs` gives
+both configs of a conversion without touching a weight; `hf_slim.convert_checkpoint` (`hf_slim/convert_streaming.py`)
+converts a checkpoint on disk with it, one tensor at a time.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -77,10 +80,61 @@ def hf_config_from_slim(config: SlimMoeConfig, model_type: str) -> PreTrainedCon
     return family.config_class(**family.from_slim(config))
 
 
+def conversion_configs(
+    config: PreTrainedConfig, to: str = "slim_moe", num_mtp_heads: int = 0
+) -> tuple[SlimMoeConfig, PreTrainedConfig]:
+    """The configs of converting a checkpoint of `config` to the family `to`, without touching any weight.
+
+    Conversion goes through SlimMoe: a stock config is first read as the `SlimMoeConfig` expressing it exactly
+    ([`slim_config_from_hf`]), which is then translated to `to` ([`hf_config_from_slim`]) unless `to` is SlimMoe.
+    The weights keep their (model) names on the way.
+
+    Args:
+        config: the source config, SlimMoe or one of [`SUPPORTED_MODEL_TYPES`].
+        to (`str`, defaults to `"slim_moe"`): `"slim_moe"` or one of [`SUPPORTED_MODEL_TYPES`].
+        num_mtp_heads (`int`, defaults to 0): MTP depths to add; only when converting a stock config to SlimMoe.
+
+    Returns:
+        `(slim_config, target_config)`: the SlimMoe reading of `config` and the config written (the same object when
+        `to` is `"slim_moe"`).
+
+    Raises:
+        `ValueError`: an unknown `to` or source family (listing the supported ones), a bad `num_mtp_heads`, or a
+            SlimMoe field the target family cannot hold (naming it).
+    """
+    targets = ("slim_moe", *SUPPORTED_MODEL_TYPES)
+    if to not in targets:
+        raise ValueError(f"to={to!r} is not a family hf_slim converts to; valid values: {', '.join(targets)}.")
+    if isinstance(num_mtp_heads, bool) or not isinstance(num_mtp_heads, int) or num_mtp_heads < 0:
+        raise ValueError(f"num_mtp_heads={num_mtp_heads!r} must be an int >= 0.")
+    source = getattr(config, "model_type", None)
+    if source == "slim_moe":
+        if num_mtp_heads:
+            raise ValueError(
+                f"num_mtp_heads={num_mtp_heads}: MTP depths are added when converting a stock checkpoint to SlimMoe; "
+                f"this SlimMoe source keeps its own {config.num_mtp_heads}."
+            )
+        slim = config
+    else:
+        if num_mtp_heads and to != "slim_moe":
+            raise ValueError(
+                f"num_mtp_heads={num_mtp_heads} adds MTP depths to a SlimMoe output; to={to!r} is a stock family, "
+                "which has no place for them."
+            )
+        slim = slim_config_from_hf(config, num_mtp_heads=num_mtp_heads)
+    return slim, slim if to == "slim_moe" else hf_config_from_slim(slim, to)
+
+
 def _copy_attn_implementation(source: PreTrainedModel, target: PreTrainedModel) -> None:
     implementation = source.config._attn_implementation
     if implementation is not None and implementation != target.config._attn_implementation:
         target.set_attn_implementation(implementation)
+
+
+def _copy_generation_config(source: PreTrainedModel, target: PreTrainedModel) -> None:
+    # the source's generation defaults (sampling, stop tokens) belong to the weights, not to the family
+    if getattr(source, "generation_config", None) is not None and target.can_generate():
+        target.generation_config = copy.deepcopy(source.generation_config)
 
 
 @torch.no_grad()
@@ -104,7 +158,7 @@ def from_hf(model: PreTrainedModel, num_mtp_heads: int = 0, mtp_init: str = "las
         mtp_init: `"last_layer"` or `"random"`.
 
     Returns:
-        The SlimMoe model, in the source model's dtype and attention implementation.
+        The SlimMoe model, in the source model's dtype, attention implementation and generation config.
     """
     if mtp_init not in ("last_layer", "random"):
         raise ValueError(f"mtp_init must be 'last_layer' or 'random', got {mtp_init!r}.")
@@ -117,6 +171,7 @@ def from_hf(model: PreTrainedModel, num_mtp_heads: int = 0, mtp_init: str = "las
     if mtp_init == "last_layer":
         _init_mtp_from_last_layer(slim)
     _copy_attn_implementation(model, slim)
+    _copy_generation_config(model, slim)
     return slim.eval() if not model.training else slim
 
 
@@ -135,7 +190,16 @@ def to_hf(model: SlimMoeForCausalLM, model_type: str) -> PreTrainedModel:
     state = {key: value for key, value in model.state_dict().items() if not key.startswith("mtp.")}
     stock.load_state_dict(state, strict=not config.tie_word_embeddings)
     _copy_attn_implementation(model, stock)
+    _copy_generation_config(model, stock)
     return stock.eval() if not model.training else stock
 
 
-__all__ = ["FAMILIES", "SUPPORTED_MODEL_TYPES", "from_hf", "hf_config_from_slim", "slim_config_from_hf", "to_hf"]
+__all__ = [
+    "FAMILIES",
+    "SUPPORTED_MODEL_TYPES",
+    "conversion_configs",
+    "from_hf",
+    "hf_config_from_slim",
+    "slim_config_from_hf",
+    "to_hf",
+]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,8 @@ from transformers import GenerationConfig, PreTrainedModel
 
 from .models import slim_moe
 from .models.slim_moe import SlimMoeForCausalLM
+from .models.slim_moe.loading_slim_moe import SafetensorsFile
 from .utils import atomic_directory, count_parameters
-
 
 #: The SlimMoe family's files, copied next to the weights (auto_map names the first and third; they import the rest).
 REMOTE_CODE_FILES = (
@@ -122,19 +123,45 @@ def render_model_card(
 def _write_mtp_tensors(folder: Path, mtp_state: dict) -> None:
     """Store MTP tensors in their own shard and index every shard, so stock loaders skip them by name."""
     save_file({k: v.contiguous() for k, v in mtp_state.items()}, str(folder / MTP_FILE), metadata={"format": "pt"})
+    add_to_index(folder, MTP_FILE, list(mtp_state))
+
+
+def mtp_card_note(num_mtp_heads: int) -> str:
+    """The model card's line about MTP tensors kept beside a stock checkpoint in [`MTP_FILE`]."""
+    return (
+        f"The checkpoint keeps {num_mtp_heads} multi-token-prediction depth(s) under `mtp.*` in `{MTP_FILE}` "
+        "(hf-slim's own layout); stock transformers skips them."
+    )
+
+
+def tensor_bytes(folder: str | os.PathLike, files: list[str] | None = None) -> int:
+    """The tensor bytes in a folder's safetensors files (`files`, or every `*.safetensors`), headers left out: what
+    an index's `total_size` counts."""
+    folder = Path(folder)
+    total = 0
+    for name in files if files is not None else sorted(p.name for p in folder.glob("*.safetensors")):
+        with SafetensorsFile(folder / name) as handle:
+            total += sum(entry["data_offsets"][1] - entry["data_offsets"][0] for entry in handle.header.values())
+    return total
+
+
+def add_to_index(folder: str | os.PathLike, file: str, names: list[str]) -> None:
+    """List the tensors `names`, stored in `folder / file`, in the folder's `model.safetensors.index.json`.
+
+    A folder holding a single `model.safetensors` gets an index of it first; `metadata.total_size` becomes the tensor
+    bytes of every indexed file (as `save_pretrained` counts them, headers left out). This is how MTP tensors are kept
+    beside a stock checkpoint ([`MTP_FILE`]): stock loaders skip them by name.
+    """
+    folder = Path(folder)
     index_path = folder / "model.safetensors.index.json"
     if index_path.exists():
         index = json.loads(index_path.read_text())
     else:
-        from safetensors import safe_open
-
-        with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
-            keys = list(handle.keys())
+        with SafetensorsFile(folder / "model.safetensors") as handle:
+            keys = handle.keys()
         index = {"metadata": {}, "weight_map": {key: "model.safetensors" for key in keys}}
-    index["weight_map"].update({key: MTP_FILE for key in mtp_state})
-    index["metadata"]["total_size"] = sum(
-        os.path.getsize(folder / name) for name in set(index["weight_map"].values())
-    )
+    index["weight_map"].update({key: file for key in names})
+    index["metadata"]["total_size"] = tensor_bytes(folder, sorted(set(index["weight_map"].values())))
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
@@ -151,9 +178,10 @@ def write_hub_files(
     """Write everything of a Hub-ready folder but the weights: `config.json` (for SlimMoe with `auto_map` and the
     family's modeling code next to it), `generation_config.json`, the tokenizer and the model card.
 
-    [`save_for_hub`] calls it after `save_pretrained`; the streaming pruner (`hf_slim.pruning.prune_checkpoint`) calls
-    it for a model on the meta device, whose weights it writes itself. Only `model`'s config, class and parameter
-    shapes are read (and its generation config when `generation_config` is not given).
+    [`save_for_hub`] calls it after `save_pretrained`; the streaming writers (`hf_slim.pruning.prune_checkpoint`,
+    `hf_slim.convert_streaming.stream_export`) call it for a model on the meta device, whose weights they write
+    themselves. Only `model`'s config, class and parameter shapes are read (and its generation config when
+    `generation_config` is not given).
 
     Args:
         model: The model (any device, `meta` included); `model.config` is written as it is.
@@ -185,6 +213,28 @@ def write_hub_files(
         model, repo_id or folder.name, remote_code=remote_code, mtp_note=mtp_note, **(card_kwargs or {})
     )
     card.save(folder / "README.md")
+
+
+def read_hub_files(folder: str | os.PathLike | None) -> tuple[Any | None, GenerationConfig | None]:
+    """The tokenizer and generation config a checkpoint folder carries, to pass on to [`write_hub_files`] for a model
+    written from it tensor by tensor (`None` for each one the folder lacks, or for `folder=None`).
+
+    A tokenizer that cannot be loaded is left out with a warning; the weights do not depend on it.
+    """
+    if folder is None:
+        return None, None
+    folder = Path(folder)
+    tokenizer = generation_config = None
+    if any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError, TypeError) as error:
+            warnings.warn(f"the tokenizer in {folder} cannot be loaded ({error}); the output has none", stacklevel=2)
+    if (folder / "generation_config.json").is_file():
+        generation_config = GenerationConfig.from_pretrained(folder)
+    return tokenizer, generation_config
 
 
 def save_for_hub(
@@ -239,10 +289,7 @@ def save_for_hub(
         mtp_note = ""
         if mtp_state:
             _write_mtp_tensors(tmp, mtp_state)
-            mtp_note = (
-                f"The checkpoint keeps {getattr(model.config, 'num_mtp_heads', 0)} multi-token-prediction depth(s) "
-                f"under `mtp.*` in `{MTP_FILE}` (hf-slim's own layout); stock transformers skips them."
-            )
+            mtp_note = mtp_card_note(getattr(model.config, "num_mtp_heads", 0))
         write_hub_files(
             export,
             tmp,
@@ -337,10 +384,15 @@ def push_to_hub(
 
 __all__ = [
     "AUTO_MAP",
+    "MTP_FILE",
     "REMOTE_CODE_FILES",
+    "add_to_index",
+    "mtp_card_note",
     "push_to_hub",
+    "read_hub_files",
     "render_model_card",
     "run_without_hf_slim",
     "save_for_hub",
+    "tensor_bytes",
     "write_hub_files",
 ]

@@ -577,7 +577,7 @@ def test_anatomy_per_layer_sizes_only_where_the_config_holds_them():
 
 def test_slice_cli_per_layer_widths(per_layer_model, ids, tmp_path):
     source = save_for_hub(per_layer_model, tmp_path / "elastic")
-    with pytest.raises(ValueError, match=r"--to qwen3_moe: variant 'narrow' has per-layer moe_intermediate_size"):
+    with pytest.raises(ValueError, match=r"model_type='qwen3_moe': variant 'narrow' has per-layer moe_intermediate_size"):
         _run_cli(["slice", str(source), "narrow", str(tmp_path / "stock"), "--to", "qwen3_moe"])
     assert _run_cli(["slice", str(source), "narrow", str(tmp_path / "narrow")]) == 0
     sliced = AutoModelForCausalLM.from_pretrained(tmp_path / "narrow", trust_remote_code=True).eval()

@@ -3,7 +3,8 @@
 Nesting is "sort each axis by importance once, then every variant is a prefix": `make_elastic` builds one
 permutation per axis from the pruning calibration statistics and applies it with `hf_slim.anatomy.apply_selection`
 (a permutation of hidden channels, heads, experts and FFN neurons leaves the outputs unchanged); `slice_variant`
-applies the same `apply_selection` with prefix indices.
+applies the same `apply_selection` with prefix indices. Both plan from the model's structure and the statistics only
+(`elastic_plan`, `variant_selection`), which is how `hf_slim.elastic.streaming` applies them to a checkpoint on disk.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from ..anatomy import apply_selection, expert_ffn_activations, get_spec, layers_
 from ..pruning import choose_layers, expert_importance, hidden_importance
 from .config import FULL_VARIANT, ElasticConfig
 
-__all__ = ["make_elastic", "importance_orders", "variant_selection", "slice_variant", "LAYER_METHODS"]
+__all__ = ["LAYER_METHODS", "elastic_plan", "importance_orders", "make_elastic", "slice_variant", "variant_selection"]
 
 #: How a layer count becomes kept layers: `last` keeps the first layers (drops the last), `block_influence` keeps the
 #: layers whose output differs most from their input (Minitron's BI, from the calibration statistics).
@@ -126,19 +127,47 @@ def make_elastic(
         `ValueError`: invalid or non-nested variants (naming the variant and the axis), statistics of another model.
     """
     _check_model(model)
-    if statistics is None:
-        raise ValueError("statistics: make_elastic orders every axis by importance; pass collect_statistics(model, ...)")
-    elastic = variants if isinstance(variants, ElasticConfig) else ElasticConfig.from_dict(variants)
-    elastic = _resolve_layers(model, elastic, statistics, layer_method)
-    elastic.validate(model.config)
-    selection = importance_orders(model, statistics, hidden_method=hidden_method, expert_method=expert_method)
+    elastic, selection = elastic_plan(
+        model, variants, statistics, layer_method=layer_method, hidden_method=hidden_method, expert_method=expert_method
+    )
     ordered = apply_selection(model, selection)
     ordered.config.elastic = elastic.to_dict()
     return ordered
 
 
+def elastic_plan(
+    model: Any,
+    variants: ElasticConfig | dict[str, Any],
+    statistics: Any,
+    *,
+    layer_method: str = "last",
+    hidden_method: str = "slimqwen",
+    expert_method: str = "reap",
+) -> tuple[ElasticConfig, dict[str, Any]]:
+    """What [`make_elastic`] applies, from the model's structure and the statistics alone: the resolved variants and
+    the importance permutation of every axis ([`importance_orders`]).
+
+    `model` may be on the meta device (`hf_slim.elastic.make_elastic_checkpoint` plans from a model built from the
+    checkpoint's config, then permutes the checkpoint tensor by tensor).
+
+    Returns:
+        `(variants, selection)`: the [`ElasticConfig`] stored as `config.elastic` (layer counts resolved to kept layers
+        by `layer_method`) and the selection to apply.
+
+    Raises:
+        `ValueError`: no statistics, invalid or non-nested variants, statistics of another model.
+    """
+    if statistics is None:
+        raise ValueError("statistics: make_elastic orders every axis by importance; pass collect_statistics(model, ...)")
+    elastic = variants if isinstance(variants, ElasticConfig) else ElasticConfig.from_dict(variants)
+    elastic = _resolve_layers(model, elastic, statistics, layer_method)
+    elastic.validate(model.config)
+    return elastic, importance_orders(model, statistics, hidden_method=hidden_method, expert_method=expert_method)
+
+
 def variant_selection(model: Any, name: str) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
-    """The prefix [`hf_slim.anatomy.Selection`] of variant `name`.
+    """The prefix [`hf_slim.anatomy.Selection`] of variant `name`. Only `model`'s config and modules are read, so a
+    model on the meta device does (`hf_slim.elastic.slice_checkpoint` plans from one).
 
     Returns:
         `(selection, updates, dropped)`: the selection, non-axis config updates (`num_experts_per_tok`,

@@ -1,0 +1,234 @@
+"""convert_checkpoint (tensor by tensor from disk) writes what the in-memory conversion writes: save_for_hub(from_hf(
+model)) to SlimMoe, save_for_hub(slim, model_type=...) back, for every convertible family; the folders load with stock
+from_pretrained and give the in-memory model's logits."""
+
+from __future__ import annotations
+
+import filecmp
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_convert import CASES, _stock  # noqa: E402
+
+from hf_slim import convert_checkpoint  # noqa: E402
+from hf_slim.checkpoints import CheckpointError, StateDictReader, open_checkpoint  # noqa: E402
+from hf_slim.cli import main  # noqa: E402
+from hf_slim.convert import SUPPORTED_MODEL_TYPES, from_hf  # noqa: E402
+from hf_slim.hub import save_for_hub  # noqa: E402
+from hf_slim.models.slim_moe import SlimMoeConfig, SlimMoeForCausalLM  # noqa: E402
+
+SHARD = 30_000  # the tiny sources are saved in several shards
+IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
+_SOURCES: dict[str, tuple] = {}
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            out.update({key: handle.get_tensor(key) for key in handle.keys()})  # noqa: SIM118
+    return out
+
+
+def same_folders(a: Path, b: Path, fresh: tuple[str, ...] = ()) -> None:
+    """Same file names, every non-weight file byte for byte, every tensor bitwise (but the `fresh` ones: new random
+    inits, compared by shape and dtype)."""
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir())
+    for name in files:
+        if not name.endswith(".safetensors"):  # config, generation config, card, index, SlimMoe's code, tokenizer
+            assert filecmp.cmp(a / name, b / name, shallow=False), name
+    wa, wb = weights(a), weights(b)
+    assert sorted(wa) == sorted(wb)
+    for key in wa:
+        assert wa[key].dtype == wb[key].dtype and wa[key].shape == wb[key].shape, key
+        assert key in fresh or torch.equal(wa[key], wb[key]), key
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def source(model_type: str, tmp_path_factory) -> tuple:
+    """(stock model, its folder saved in shards with a tokenizer and its own generation defaults), once per family."""
+    if model_type not in _SOURCES:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        model = _stock(model_type)
+        model.generation_config = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.95, max_new_tokens=7)
+        folder = tmp_path_factory.mktemp(f"stock-{model_type}")
+        model.save_pretrained(folder, max_shard_size=SHARD)
+        tok = Tokenizer(models.WordLevel(vocab={chr(i + 48): i for i in range(97)}, unk_token="0"))
+        tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="0").save_pretrained(folder)
+        _SOURCES[model_type] = (model, folder)
+    return _SOURCES[model_type]
+
+
+def _loaded(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
+def test_to_slim_moe_and_back_equals_the_in_memory_conversion(model_type, tmp_path, tmp_path_factory):
+    stock, src = source(model_type, tmp_path_factory)
+    model, tokenizer = _loaded(src)
+    slim = from_hf(model, num_mtp_heads=2)
+    a = save_for_hub(slim, tmp_path / "a" / "slim", processing_class=tokenizer)
+    b = convert_checkpoint(src, tmp_path / "b" / "slim", num_mtp_heads=2, show_progress=False)
+    # fc is a fresh normal(0, initializer_range) draw on both sides; the MTP blocks copy the last sparse layer
+    same_folders(a, b, fresh=("mtp.fc.weight",))
+    streamed = weights(b)
+    assert 0.5 * 0.02 < streamed["mtp.fc.weight"].std() < 2 * 0.02
+    sparse = [i for i, kind in enumerate(slim.config.mlp_layer_types) if kind == "sparse"]
+    for key, value in slim.mtp.layers[1].state_dict().items():
+        assert torch.equal(streamed[f"mtp.layers.1.{key}"], value), key
+        assert torch.equal(value, slim.model.layers[sparse[-1]].state_dict()[key]), key
+    assert json.loads((b / "generation_config.json").read_text())["temperature"] == 0.6  # the source's defaults
+
+    # back to the stock family, MTP tensors kept beside the stock weights
+    loaded, tokenizer = _loaded(a)
+    c = save_for_hub(loaded, tmp_path / "c" / "back", model_type=model_type, processing_class=tokenizer)
+    d = convert_checkpoint(a, tmp_path / "d" / "back", to=model_type, show_progress=False)
+    same_folders(c, d)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    assert index["weight_map"]["mtp.fc.weight"] == "mtp.safetensors"
+    back = AutoModelForCausalLM.from_pretrained(d).eval()
+    assert type(back) is type(stock)
+    for key, value in stock.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    torch.testing.assert_close(logits(back), logits(stock), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_sharded_output_loads_with_stock_from_pretrained(model_type, tmp_path, tmp_path_factory):
+    """Written in several shards, from an open reader: the SlimMoe folder gives the stock model's logits, and the
+    conversion back (without MTP) loads as the stock class with the same state dict."""
+    stock, src = source(model_type, tmp_path_factory)
+    with open_checkpoint(src) as reader:
+        out = convert_checkpoint(reader, tmp_path / "slim", max_shard_size=SHARD, show_progress=False)
+        assert reader.bytes_read == sum(reader.nbytes(n) for n in reader.names())  # every tensor read once
+    assert len(set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
+    slim = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert isinstance(slim, SlimMoeForCausalLM) and slim.config.num_mtp_heads == 0
+    torch.testing.assert_close(logits(slim), logits(stock), atol=1e-5, rtol=1e-5)
+    back = convert_checkpoint(out, tmp_path / "back", to=model_type, max_shard_size=SHARD, show_progress=False)
+    assert not (back / "mtp.safetensors").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(back).eval()
+    assert type(reloaded) is type(stock)
+    for key, value in stock.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+
+
+def test_drop_mtp_stock_to_stock_and_dtype(tmp_path, tmp_path_factory):
+    stock, src = source("mixtral", tmp_path_factory)
+    slim = convert_checkpoint(src, tmp_path / "slim", num_mtp_heads=1, show_progress=False)
+    dropped = convert_checkpoint(slim, tmp_path / "dropped", to="mixtral", keep_mtp=False, show_progress=False)
+    assert sorted(weights(dropped)) == sorted(weights(src)) and not (dropped / "model.safetensors.index.json").exists()
+    # a stock checkpoint to its own family goes through SlimMoe, as `hf-slim convert --to mixtral` does
+    model, tokenizer = _loaded(src)
+    a = save_for_hub(from_hf(model), tmp_path / "a" / "mixtral", model_type="mixtral", processing_class=tokenizer)
+    b = convert_checkpoint(src, tmp_path / "b" / "mixtral", to="mixtral", show_progress=False)
+    same_folders(a, b)
+    half = convert_checkpoint(src, tmp_path / "bf16", dtype="bfloat16", num_mtp_heads=1, show_progress=False)
+    assert json.loads((half / "config.json").read_text())["dtype"] == "bfloat16"
+    streamed, state = weights(half), stock.state_dict()
+    assert all(t.dtype == torch.bfloat16 for t in streamed.values())
+    assert all(torch.equal(streamed[k], v.to(torch.bfloat16)) for k, v in state.items())
+
+
+def test_tensors_the_model_does_not_hold_are_left_out_with_a_warning(tmp_path):
+    stock = _stock("qwen3_moe")
+    state = {**stock.state_dict(), "mtp.extra.weight": torch.zeros(3)}  # e.g. Qwen3-Next's MTP weights
+    with pytest.warns(UserWarning, match=r"1 tensor\(s\) that Qwen3MoeForCausalLM does not hold.*'mtp.extra.weight'"):
+        out = convert_checkpoint(StateDictReader(state, stock.config), tmp_path / "slim", show_progress=False)
+    assert "mtp.extra.weight" not in weights(out)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out)), logits(stock), atol=1e-5, rtol=1e-5)
+
+
+# ---- bad input: one sentence, refused before any weight is read, nothing left at the output -------------------------
+def _config_only(config, folder: Path) -> Path:
+    config.save_pretrained(folder)
+    return folder
+
+
+def _refused(call, error, pattern, parent: Path) -> None:
+    with pytest.raises(error, match=pattern) as info:
+        call()
+    assert "\n" not in str(info.value)
+    assert not [p for p in parent.iterdir() if p.name.startswith(("out", ".out"))]
+
+
+def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    stock = _config_only(CASES["qwen3_moe"], tmp_path / "stock")  # no weights: the config alone is refused
+    slim_shared = _config_only(
+        SlimMoeConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=8),
+        tmp_path / "slim_shared",
+    )
+    per_layer = _config_only(
+        SlimMoeConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=[8, 4]),
+        tmp_path / "per_layer",
+    )
+    cases = [
+        (stock, {"to": "llama"}, ValueError, r"to='llama' is not a family.*slim_moe, mixtral, olmoe, qwen2_moe"),
+        (stock, {"to": "mixtral", "num_mtp_heads": 1}, ValueError, r"num_mtp_heads=1 adds MTP depths to a SlimMoe"),
+        (stock, {"num_mtp_heads": -1}, ValueError, r"num_mtp_heads=-1 must be an int >= 0"),
+        (slim_shared, {"num_mtp_heads": 1}, ValueError, r"this SlimMoe source keeps its own 0"),
+        (slim_shared, {"to": "qwen3_moe"}, ValueError, r"shared_expert_intermediate_size=8"),
+        (per_layer, {"to": "qwen3_moe"}, ValueError, r"moe_intermediate_size is a per-layer list \[8, 4\]"),
+        (stock, {"dtype": "int8"}, ValueError, r"dtype='int8' is not a floating-point torch dtype"),
+        (stock, {"max_shard_size": "lots"}, ValueError, r"max_shard_size='lots' is not a size"),
+        (tmp_path / "missing", {}, CheckpointError, r"neither a local folder nor a Hub model id"),
+        (stock, {}, CheckpointError, r"has no model.safetensors"),  # a good config, then the weights are missing
+    ]
+    qwen_next = _config_only(
+        AutoConfig.for_model("qwen3_next", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2),
+        tmp_path / "qwen3_next",
+    )
+    cases.append((qwen_next, {}, ValueError, r"Unsupported model_type 'qwen3_next'; hf_slim.convert supports mixtral"))
+    for folder, kwargs, error, pattern in cases:
+        call = functools.partial(convert_checkpoint, folder, out, show_progress=False, **kwargs)
+        _refused(call, error, pattern, tmp_path)
+
+
+def test_existing_output_and_the_source_as_output(tmp_path, tmp_path_factory):
+    _, src = source("olmoe", tmp_path_factory)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists and is not empty; pass overwrite=True"):
+        convert_checkpoint(src, tmp_path / "out", show_progress=False)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    with pytest.raises(ValueError, match="is the source folder"):
+        convert_checkpoint(src, src, overwrite=True, show_progress=False)
+    assert (src / "config.json").is_file()
+    convert_checkpoint(src, tmp_path / "out", overwrite=True, show_progress=False)
+    assert not (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_cli_convert_reports_bytes_and_refuses_before_reading(tmp_path, tmp_path_factory, capsys):
+    _, src = source("qwen2_moe", tmp_path_factory)
+    assert main(["convert", str(src), str(tmp_path / "slim"), "--num-mtp-heads", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert "bytes read" in shown and "bytes written" in shown
+    assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "slim"), SlimMoeForCausalLM)
+    argv = ["convert", str(tmp_path / "slim"), str(tmp_path / "back"), "--to", "qwen2_moe", "--num-mtp-heads", "1"]
+    assert main(argv) == 2
+    assert "this SlimMoe source keeps its own 1" in capsys.readouterr().err
+    assert not (tmp_path / "back").exists()
