@@ -9,9 +9,7 @@ tensor, or one block's fused experts when experts merge.
 
 from __future__ import annotations
 
-import copy
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,6 @@ from ..anatomy import (
     check_coverage,
     index_tensor,
     normalize_selection,
-    read_indexed,
     renamed,
     select_config,
     tensor_index,
@@ -32,6 +29,7 @@ from ..checkpoints import (
     StateDictReader,
     open_checkpoint,
 )
+from ..convert_streaming import meta_model, parse_dtype, read_bounded
 from ..utils import atomic_directory, format_bytes, parse_size
 from .config import PruneConfig
 from .export import pruned_card_kwargs, size_summary, write_pruning_record
@@ -39,49 +37,6 @@ from .prune import expert_merge_tensors, plan_selection
 from .stats import ImportanceStats
 
 __all__ = ["prune_checkpoint"]
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-def _as_dtype(dtype: Any) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype):
-        value = getattr(torch, dtype.removeprefix("torch."))
-        if value.is_floating_point:
-            return value
-    raise ValueError(
-        f"dtype={dtype!r} is not a floating-point torch dtype; use e.g. 'bfloat16', 'float16' or 'float32'."
-    )
-
-
-def _structure(config: Any) -> Any:
-    """The model of `config` on the meta device: its modules and shapes, no weights."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(copy.deepcopy(config))
-
-
-def _auto_tokenizer(folder: Path | None) -> Any:
-    if folder is None or not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as error:
-        warnings.warn(f"the tokenizer in {folder} cannot be loaded ({error}); the output folder has none", stacklevel=3)
-        return None
-
-
-def _generation_config(folder: Path | None) -> Any:
-    if folder is None or not (folder / "generation_config.json").is_file():
-        return None
-    from transformers import GenerationConfig
-
-    return GenerationConfig.from_pretrained(folder)
-
 
 def prune_checkpoint(
     source: str | os.PathLike | CheckpointReader | StateDictReader,
@@ -139,7 +94,7 @@ def prune_checkpoint(
     if stats is not None and not isinstance(stats, ImportanceStats):
         raise TypeError(f"stats must be ImportanceStats or None, got {type(stats).__name__}")
     parse_size(max_shard_size, "max_shard_size")
-    cast = _as_dtype(dtype)
+    cast = parse_dtype(dtype)
     output = Path(output)
     own = not isinstance(source, (CheckpointReader, StateDictReader))
     if own and base_model is None and not Path(source).exists():
@@ -150,7 +105,7 @@ def prune_checkpoint(
             raise ValueError(f"output={str(output)!r} is the source folder; write the pruned model elsewhere.")
         with atomic_directory(output, overwrite=overwrite) as tmp:
             extras = {
-                "tokenizer": tokenizer if tokenizer is not None else _auto_tokenizer(reader.folder),
+                "tokenizer": tokenizer,
                 "base_model": base_model,
                 "calibration": calibration,
                 "stats": stats if save_stats else None,
@@ -175,10 +130,11 @@ def _prune_into(
 ) -> None:
     from tqdm.auto import tqdm
 
-    from ..hub import write_hub_files
+    from ..hub import read_hub_files, write_hub_files
 
     spec, source_config = reader.spec, reader.config
-    structure = _structure(source_config)
+    source_tokenizer, source_generation = read_hub_files(reader.folder)
+    structure = meta_model(source_config)
     before = size_summary(structure)
     sel, merges, updates, report = plan_selection(structure, config, stats, tensors=reader)
     del structure
@@ -204,13 +160,13 @@ def _prune_into(
                 tensor = merged[name].apply(reader.read(name))
                 tensor = index_tensor(tensor, idx) if any(i is not None for i in idx) else tensor
             else:
-                tensor = read_indexed(reader, name, idx)
+                tensor = read_bounded(reader, name, idx)  # the result plus one chunk in memory
             if tensor.is_floating_point():
                 if cast is not None:
                     tensor = tensor.to(cast)
                 out_dtype = out_dtype or tensor.dtype
             writer.add(renamed(spec, name, sel), tensor)
-    pruned = _structure(new_config)
+    pruned = meta_model(new_config)
     # what save_pretrained records about the weights it writes
     pruned.config.architectures = [type(pruned).__name__]
     pruned.config.dtype = str(out_dtype or torch.float32).split(".")[1]
@@ -218,8 +174,8 @@ def _prune_into(
     write_hub_files(
         pruned,
         folder,
-        processing_class=extras["tokenizer"],
-        generation_config=_generation_config(reader.folder),
+        processing_class=extras["tokenizer"] if extras["tokenizer"] is not None else source_tokenizer,
+        generation_config=source_generation,
         repo_id=repo_id,
         card_kwargs=pruned_card_kwargs(
             new_config.model_type, config, before, after, extras["base_model"], extras["calibration"]
