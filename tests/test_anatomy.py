@@ -65,6 +65,10 @@ FAMILY_KWARGS: dict[str, dict] = {
         num_experts_per_tok=2, qk_norm="head", num_mtp_heads=1, attention_output_bias=True,
         mlp_layer_types=["sparse", "dense", "sparse", "sparse"],
     ),
+    "glm4_moe": dict(
+        _COMMON, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=3, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True,
+    ),
     "slim_moe_full_qk_norm": dict(
         _COMMON, model_type="slim_moe", moe_intermediate_size=16, shared_expert_intermediate_size=0, num_experts=8,
         num_experts_per_tok=2, qk_norm="full", num_mtp_heads=2, attention_bias=True, tie_word_embeddings=True,

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .layout import IDENTITY_LAYOUT, StoredLayout
+from .mtp_blocks import TrailingMtp, attach_mtp_layers, mtp_blocks, select_mtp_layers
 from .registry import get_spec
 from .vocabulary import (
     AXES,
@@ -127,6 +128,10 @@ class ArchSpec:
             naming a SlimMoe field the family cannot hold.
         stored_layout ([`StoredLayout`], optional): how checkpoints name and split the tensors (per-expert tensors,
             renamed modules); defaults to every name stored unchanged. `moe_spec` supplies the Qwen-style layout.
+        trailing_mtp ([`TrailingMtp`], optional): MTP layers the checkpoints store after the decoder layers
+            (`model.layers.{N + k}`), which the model class does not build (see `hf_slim.anatomy.mtp_blocks`).
+        expert_groups (`str`, optional): config attribute holding the number of routing groups the experts form
+            (DeepSeek-style `n_group`): an expert selection keeps the same number in each kept group.
     """
 
     model_type: str
@@ -145,6 +150,8 @@ class ArchSpec:
     to_slim_moe: Callable[[Any], dict[str, Any]] | None = None
     from_slim_moe: Callable[[Any], dict[str, Any]] | None = None
     stored_layout: StoredLayout = IDENTITY_LAYOUT
+    trailing_mtp: TrailingMtp | None = None
+    expert_groups: str | None = None
     notes: str = ""
     _block_re: re.Pattern = field(init=False, repr=False, compare=False)
 
@@ -560,14 +567,15 @@ def select_config(
                 )
     if "layer" in selection:
         kept = selection["layer"].tolist()
-        n_old = config.num_hidden_layers
-        if not kept or len(set(kept)) != len(kept) or min(kept) < 0 or max(kept) >= n_old:
-            raise ValueError(f"layer: indices must be distinct and in [0, {n_old}), got {kept}")
+        n_old, n_all = config.num_hidden_layers, config.num_hidden_layers + len(mtp_blocks(spec, config))
+        if not kept or len(set(kept)) != len(kept) or min(kept) < 0 or max(kept) >= n_all:
+            raise ValueError(f"layer: indices must be distinct and in [0, {n_all}), got {kept}")
         setattr(new, spec.field("num_hidden_layers"), len(kept))
+        select_mtp_layers(spec, config, new, kept)  # MTP layers stored after the decoder layers
         for f in spec.layer_list_fields:
             val = getattr(config, f, None)
             if isinstance(val, (list, tuple)) and len(val) == n_old:
-                setattr(new, f, [val[i] for i in kept])
+                setattr(new, f, [val[i] for i in kept if i < n_old])
         for canonical in spec.per_layer_fields:
             val = getattr(config, spec.field(canonical), None)
             if canonical not in per_layer_done and isinstance(val, list) and len(val) == n_old:
@@ -616,7 +624,7 @@ def _check_coverage(spec: ArchSpec, config: Any, tensors: Mapping[str, Any], sel
         if _per_layer(spec, axis, canonical, per, config):
             continue  # one size per layer: a block without indices keeps its own size
         size = _uniform_size(spec, axis, per, config)
-        if size == getattr(config, spec.field(canonical), size):
+        if size == getattr(config, spec.field(canonical), None):  # a size the config derives is checked too
             continue
         carriers = set()
         for name in tensors:
@@ -662,6 +670,7 @@ def _rebuild(model: Any, tensors: dict[str, torch.Tensor], config: Any, name_map
     cls = type(model)
     with torch.device("meta"):
         new = cls(config)
+    attach_mtp_layers(new, tensors)  # MTP layers stored after the decoder layers, where the tensors hold them
     missing, unexpected = new.load_state_dict(tensors, strict=False, assign=True)
     tied = {k for k in missing if any(k == t for t in _tied_names(new))}
     missing = [k for k in missing if k not in tied]

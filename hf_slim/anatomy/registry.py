@@ -17,7 +17,9 @@ __all__ = ["get_spec", "register_family", "supported_model_types"]
 
 _FAMILIES: dict[str, str] = {
     model_type: f"{__package__}.{model_type}"
-    for model_type in ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "qwen3_next", "slim_moe")
+    for model_type in (
+        "qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "qwen3_next", "slim_moe", "glm4_moe", "deepseek_v3",
+    )  # fmt: skip
 }
 
 

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from ..anatomy.vocabulary import AXIS_SIZE_FIELDS
 from ..integrations.transformers_experts import grouped_linear_kernel as _grouped_linear_kernel
+from ..integrations.transformers_mtp import mtp_drafter, run_mtp_depth
+from .mtp_layers import attached_mtp_blocks, detach_mtp_layers, load_mtp_layers
 from .stats import ImportanceStats
 
 __all__ = ["pack_calibration_data"]
@@ -162,6 +164,12 @@ class _Collector:
         self.model = model
         self.spec = spec
         self.config = model.config
+        # GLM-4-MoE / DeepSeek-V3: a loaded model gets its checkpoint's MTP layers for the pass (`remove` takes them
+        # off); the layer-by-layer skeleton holds them already. They run after the forward, as the drafter runs them.
+        held = attached_mtp_blocks(model, spec)
+        self.loaded_mtp = [] if held or any(p.is_meta for p in model.parameters()) else load_mtp_layers(model)
+        self.trailing_mtp = held or self.loaded_mtp
+        self._final_hidden: torch.Tensor | None = None
         # decoder layers first, then other blocks (MTP layers): statistics index i is blocks[i]
         self.blocks = spec.blocks(model)
         self.layers = [model.get_submodule(b) for b in self.blocks]
@@ -185,6 +193,22 @@ class _Collector:
         for i in range(self.L):
             self.install_block(i)
         self.install_final()
+        if self.trailing_mtp:
+            drafter = mtp_drafter(self.model, [self.model.get_submodule(b) for b in self.trailing_mtp])
+            self.handles.append(self.model.register_forward_hook(self._run_mtp(drafter), with_kwargs=True))
+
+    def _run_mtp(self, drafter: Any):
+        """After each forward: MTP depth after depth on the batch, from the main model's normed last hidden state."""
+        blocks = [self.model.get_submodule(b) for b in self.trailing_mtp]
+
+        def hook(_m, args, kwargs, _out):
+            ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            previous, self._final_hidden = self._final_hidden, None
+            for k in range(min(len(blocks), ids.shape[1] - 1)):  # depth k + 1 needs a position
+                device = next(blocks[k].buffers()).device  # placed with the last decoder layer
+                previous = run_mtp_depth(drafter, k, ids, previous.to(device))
+
+        return hook
 
     def allocate(self) -> None:
         """The accumulators every model has; the others appear with the first block that feeds them."""
@@ -241,6 +265,9 @@ class _Collector:
             else:
                 module.forward = old
         self.handles, self.patched = [], []
+        if self.loaded_mtp:
+            detach_mtp_layers(self.model, spec=self.spec)
+            self.loaded_mtp = []
 
     # ---- hooks ---------------------------------------------------------------------------------------------
     def _hook_norm(self, module: Any, i: int, j: int) -> None:
@@ -253,6 +280,8 @@ class _Collector:
         self.handles.append(module.register_forward_hook(hook))
 
     def _final_norm(self, _m, _args, out):
+        if self.trailing_mtp:
+            self._final_hidden = out.detach()
         x = out.detach().float()
         self.acc["hidden.final_abs_mean"] += x.abs().sum(dim=(0, 1)).to(self.dev)
         self.acc["hidden.final_minitron"] += x.mean(dim=1).pow(2).sum(dim=0).to(self.dev)

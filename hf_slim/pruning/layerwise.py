@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from ..anatomy.mtp_blocks import attach_mtp_layers
+from ..integrations.transformers_mtp import mtp_drafter, run_mtp_depth
 from .collector import _Collector, _get, pack_calibration_data
 from ..utils import format_bytes
 from .layerwise_state import HiddenStates, WorkDir
@@ -183,10 +185,13 @@ class _Run:
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         self.model.eval()
+        # GLM-4-MoE / DeepSeek-V3: MTP layers stored after the decoder layers, run as the drafter runs them
+        self.trailing = attach_mtp_layers(self.model, self.names, spec=self.spec)
+        self._drafter = None
         self.blocks = self.spec.blocks(self.model)
-        self.n_dec = sum(1 for b in self.blocks if self.spec.is_decoder_block(b))
+        self.n_dec = sum(1 for b in self.blocks if self.spec.is_decoder_block(b)) - len(self.trailing)
         self.mtp = getattr(self.model, "mtp", None)
-        if len(self.blocks) > self.n_dec and self.mtp is None:
+        if len(self.blocks) > self.n_dec and self.mtp is None and not self.trailing:
             raise NotImplementedError(
                 f"{config.model_type}: blocks {self.blocks[self.n_dec:]} run outside the decoder stack in a way "
                 "layer-by-layer calibration does not know; load the model and call collect_statistics(model, ...)"
@@ -345,6 +350,8 @@ class _Run:
             self._block(index, writes)
         elif kind == "final":
             self._final(writes)
+        elif self.trailing:
+            self._trailing_mtp_block(index, index - self.n_dec, writes)
         else:
             self._mtp_block(index, index - self.n_dec + 1, writes)
 
@@ -471,6 +478,30 @@ class _Run:
             handle.remove()
             self.collector.remove()
             self.mtp.layers = layers
+            for module, _ in loaded:
+                self._free(module)
+
+    def _trailing_mtp_block(self, i: int, k: int, writes: bool) -> None:
+        """MTP depth `k + 1` of a family storing MTP layers after its decoder layers, as the in-memory pass runs it
+        (transformers' drafter, `run_mtp_depth`): fed depth `k`'s output (the normed last hidden state for the first
+        depth) and the embeddings of the tokens `k + 1` positions on."""
+        if self._drafter is None:  # after `_rebuild_buffers`: the drafter shares the rebuilt rotary embedding
+            self._drafter = mtp_drafter(self.model, [self.model.get_submodule(b) for b in self.trailing])
+        block = self.model.get_submodule(self.blocks[i])
+        embedding = self.model.get_input_embeddings()
+        loaded = [(embedding, _path_of(self.model, embedding)), (block, self.blocks[i])]
+        try:
+            for module, path in loaded:
+                self._load(module, path)
+            self.collector.install_block(i)
+            self.hidden.begin(writes)
+            for b0, b1 in self._batches():
+                previous = self.hidden.read(b0, b1, self.shape[1] - k - 1, self.dev)
+                out = run_mtp_depth(self._drafter, k, self.ids[b0:b1].to(self.dev), previous)
+                self.hidden.write(b0, b1, out)
+            self.hidden.end()
+        finally:
+            self.collector.remove()
             for module, _ in loaded:
                 self._free(module)
 

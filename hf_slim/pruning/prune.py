@@ -12,6 +12,7 @@ import torch
 from .. import anatomy
 from ..anatomy import SIZES, apply_selection, get_spec
 from ..anatomy.core import source_tensors
+from ..anatomy.mtp_blocks import attach_mtp_layers
 from .config import PruneConfig
 from .experts import (
     ExpertPlan,
@@ -20,6 +21,7 @@ from .experts import (
     merge_expert_rows,
     plan_experts,
 )
+from .mtp_layers import check_stats_blocks, checkpoint_mtp_layers, keep_mtp_layers
 from .scores import (
     choose_expert_neurons,
     choose_heads,
@@ -89,8 +91,38 @@ def _router_weight(model: Any, spec: Any, block: str, tensors: Any) -> torch.Ten
     return weight
 
 
+def _names(tensors: Any) -> list[str]:
+    return list(tensors.names()) if hasattr(tensors, "names") else list(tensors)
+
+
+def _coupled_shared(spec: Any, mc: Any) -> bool:
+    """Whether the shared experts' width is no config field of its own (`n_shared_experts * moe_intermediate_size`)."""
+    return "shared_ffn" in spec.axes() and getattr(mc, spec.field("shared_expert_intermediate_size"), None) is None
+
+
+def _grouped_plan(imp: torch.Tensor, n_keep: int, strategy: str, sim: Any, groups: int, what: str) -> ExpertPlan:
+    """[`plan_experts`] inside each of `groups` routing groups, the same number kept in each (merges stay inside)."""
+    if n_keep % groups:
+        raise ValueError(
+            f"num_experts={n_keep}: {what} routes within n_group={groups} groups of experts; keep a multiple of "
+            f"{groups} (the same number in every group)"
+        )
+    size, kept, merged = imp.numel() // groups, [], {}
+    for g in range(groups):
+        part = slice(g * size, (g + 1) * size)
+        plan = plan_experts(imp[part], n_keep // groups, strategy, None if sim is None else sim[part, part])
+        kept.append(plan.kept + g * size)
+        merged.update({k + g * size: [m + g * size for m in v] for k, v in plan.groups.items()})
+    return ExpertPlan(kept=torch.cat(kept), groups=merged)
+
+
 def plan_selection(
-    model: Any, config: PruneConfig, stats: ImportanceStats | None = None, *, tensors: Any = None
+    model: Any,
+    config: PruneConfig,
+    stats: ImportanceStats | None = None,
+    *,
+    tensors: Any = None,
+    keep_mtp_decodable: bool = True,
 ) -> tuple[dict[str, Any], dict[str, ExpertMerge] | None, dict[str, Any], dict[str, Any]]:
     """Everything [`prune`] decides, without building the new model or touching the expert weights.
 
@@ -100,7 +132,12 @@ def plan_selection(
         config ([`PruneConfig`]): target sizes and methods.
         stats ([`ImportanceStats`], optional): calibration statistics of the source model.
         tensors (optional): where the router weights come from when `merge_similarity="router_weight"`: a
-            `hf_slim.checkpoints` reader, or a mapping of name -> tensor; defaults to the model's own weights.
+            `hf_slim.checkpoints` reader, or a mapping of name -> tensor; defaults to the model's own weights. For a
+            family storing MTP layers after its decoder layers, a structure without them gets them (on the meta
+            device) where `tensors` holds them, and the selection covers them.
+        keep_mtp_decodable (`bool`, defaults to `True`): refuse a depth at which stock transformers no longer
+            finds such MTP layers (they were found at the source's depth); with `False` they are renumbered to
+            follow the kept layers all the same.
 
     Returns:
         `(selection, merges, updates, report)`: the [`hf_slim.anatomy.Selection`]; the expert merges as
@@ -112,7 +149,20 @@ def plan_selection(
         raise TypeError(f"config must be a PruneConfig, got {type(config).__name__}")
     spec = get_spec(model)
     mc = model.config
+    if tensors is not None and spec.trailing_mtp is not None and all(p.is_meta for p in model.parameters()):
+        attach_mtp_layers(model, _names(tensors), spec=spec)  # a structure gets the MTP layers the tensors hold
+    coupled = _coupled_shared(spec, mc)
+    if coupled and config.shared_expert_intermediate_size is not None:
+        raise ValueError(
+            f"shared_expert_intermediate_size={config.shared_expert_intermediate_size}: {mc.model_type} sizes its "
+            "shared experts as n_shared_experts * moe_intermediate_size; prune them with moe_intermediate_size"
+        )
     targets = config.resolve(mc, stats)
+    if coupled and config.has_budget and config.moe_intermediate_size is None and "moe_intermediate_size" in targets:
+        raise ValueError(
+            f"moe_intermediate_size: the budget counted {mc.model_type}'s shared experts kept whole, but prune narrows "
+            "them with the routed experts; set moe_intermediate_size yourself or leave it out of budget_axes"
+        )
     needs_stats = any(k in targets for k in _NEEDS_STATS) or (
         "num_hidden_layers" in targets and config.depth_method == "block_influence"
     )
@@ -120,6 +170,8 @@ def plan_selection(
         if stats is None:
             raise ValueError(f"stats: pruning {sorted(targets)} needs ImportanceStats (run collect_statistics)")
         stats.check_compatible(mc)
+        if spec.trailing_mtp is not None:
+            check_stats_blocks(model, spec, stats)
     sel: dict[str, Any] = {}
     updates: dict[str, Any] = {}
     report: dict[str, Any] = {"targets": targets}
@@ -134,6 +186,7 @@ def plan_selection(
             getattr(mc, "layer_types", None),
         )
         report["layers"] = sel["layer"].tolist()
+        sel["layer"] = keep_mtp_layers(model, spec, sel["layer"], keep_mtp_decodable)
     if "hidden_size" in targets:
         sel["hidden"] = choose_hidden(stats, targets["hidden_size"], config.hidden_method)
     if "num_attention_heads" in targets or "num_key_value_heads" in targets:
@@ -159,7 +212,11 @@ def plan_selection(
                 if config.merge_similarity == "router_weight":
                     router = _router_weight(model, spec, block, tensors)
                 sim = expert_similarity(stats, i, config.merge_similarity, router)
-            plan = plan_experts(imp, n_keep, strategy, sim)
+            groups = (getattr(mc, spec.expert_groups, None) or 1) if spec.expert_groups else 1
+            if groups > 1:
+                plan = _grouped_plan(imp, n_keep, strategy, sim, groups, mc.model_type)
+            else:
+                plan = plan_experts(imp, n_keep, strategy, sim)
             sel["expert"][key] = plan.kept
             if plan.merges:
                 merges[block] = ExpertMerge(block, plan, imp)
@@ -174,6 +231,14 @@ def plan_selection(
             k: choose_expert_neurons(act, targets["moe_intermediate_size"])
             for k, act in anatomy.expert_ffn_activations(model, spec, stats)
         }
+    if "moe_intermediate_size" in targets and coupled:  # the shared experts keep n_shared_experts * the width
+        act = stats["shared_ffn.act"]
+        blocks = spec.blocks(model)
+        sel["shared_ffn"] = {}
+        for i, k in anatomy.layers_with(model, spec, "shared_down"):
+            down = model.get_submodule(f"{blocks[i]}.{spec.modules['shared_down']}")
+            ratio = down.weight.shape[1] // mc.moe_intermediate_size
+            sel["shared_ffn"][k] = choose_neurons(act[i], ratio * targets["moe_intermediate_size"])
     if "shared_expert_intermediate_size" in targets:
         act = stats["shared_ffn.act"]
         layers = anatomy.layers_with(model, spec, "shared_down")
@@ -198,6 +263,7 @@ def prune(
     device_map: str | int | torch.device | dict[str, Any] | None = None,
     max_memory: dict[int | str, int | str] | None = None,
     offload_folder: str | os.PathLike | None = None,
+    keep_mtp_decodable: bool = True,
 ) -> Any:
     """Structurally prune a MoE causal LM; returns a new model of the SAME class (a stock model stays stock).
 
@@ -222,6 +288,9 @@ def prune(
         max_memory (`dict`, optional): with an automatic `device_map`, the most memory per device
             (`{0: "20GiB", "cpu": "60GiB"}`), as in `from_pretrained`.
         offload_folder (`str` or `os.PathLike`, optional): where modules the `device_map` puts on `"disk"` go.
+        keep_mtp_decodable (`bool`, defaults to `True`): for GLM-4-MoE and DeepSeek-V3, whose checkpoints store MTP
+            layers after the decoder layers (attached from `model.name_or_path` for the call, and carried into the
+            pruned model): refuse a depth at which stock transformers no longer finds them (see [`plan_selection`]).
 
     Returns:
         The pruned model. Router rows, biases, norms and config fields follow the kept indices; what was chosen is
@@ -241,6 +310,15 @@ def prune(
     """
     if device_map is None and (max_memory is not None or offload_folder is not None):
         raise ValueError("max_memory and offload_folder place the pruned model; pass device_map= with them")
+    with checkpoint_mtp_layers(model):  # GLM-4-MoE / DeepSeek-V3: the checkpoint's MTP layers come along
+        new, report = _prune(model, config, stats, keep_mtp_decodable)
+    if device_map is not None:
+        new = _place(new, device_map, max_memory, offload_folder)
+    new.hf_slim_pruning_report = report
+    return new
+
+
+def _prune(model: Any, config: PruneConfig, stats: Any, keep_mtp_decodable: bool) -> tuple[Any, dict[str, Any]]:
     tensors = source_tensors(model)  # real tensors, on the CPU when the model is dispatched or offloaded
     missing = [name for name, t in tensors.items() if t.device.type == "meta"]
     if missing:
@@ -249,16 +327,14 @@ def prune(
             "them; load the model with its weights (from_pretrained, with device_map= to offload) or prune the "
             "checkpoint with hf_slim.pruning.prune_checkpoint(path, ...)"
         )
-    sel, merges, updates, report = plan_selection(model, config, stats, tensors=tensors)
+    sel, merges, updates, report = plan_selection(
+        model, config, stats, tensors=tensors, keep_mtp_decodable=keep_mtp_decodable
+    )
     if merges:
         tensors = dict(tensors)
         for name, merge in expert_merge_tensors(get_spec(model), merges).items():
             tensors[name] = merge.apply(tensors[name])
-    new = apply_selection(model, sel, tensors=tensors, updates=updates)
-    if device_map is not None:
-        new = _place(new, device_map, max_memory, offload_folder)
-    new.hf_slim_pruning_report = report
-    return new
+    return apply_selection(model, sel, tensors=tensors, updates=updates), report
 
 
 def _place(model: Any, device_map: Any, max_memory: Any, offload_folder: Any) -> Any:
