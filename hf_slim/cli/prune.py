@@ -38,6 +38,8 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
         help_text = f.metadata.get("help", "")
         if f.name in SIZE_FIELDS:
             parser.add_argument(flag, type=_size, default=None, help=help_text)
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
             parser.add_argument(flag, default=f.default, help=f"{help_text} (default: {f.default})")
     parser.add_argument("--config", help="A pruning_config.json / PruneConfig JSON file; flags override it.")

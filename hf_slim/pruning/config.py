@@ -103,6 +103,12 @@ class PruneConfig:
         default="frequency",
         metadata={"help": "Importance that picks kept experts and weights merges: `frequency`, `soft` or `reap`."},
     )
+    keep_mtp_decodable: bool = field(
+        default=True,
+        metadata={"help": "GLM-4-MoE / DeepSeek-V3: refuse a depth cut after which stock transformers no longer finds "
+                  "the MTP layers (it looks for them at fixed layer numbers), so generate(use_mtp=True) keeps working; "
+                  "off: the MTP layers are renumbered after the kept layers anyway."},
+    )
     target_total_params: int | float | str | None = field(default=None, metadata={"help": _budget_help("total")})
     target_active_params: int | float | str | None = field(
         default=None, metadata={"help": _budget_help("active (per-token)")}
@@ -115,6 +121,8 @@ class PruneConfig:
     )
 
     def __post_init__(self) -> None:
+        if not isinstance(self.keep_mtp_decodable, bool):
+            raise ValueError(f"keep_mtp_decodable={self.keep_mtp_decodable!r}: must be true or false")
         for name in SIZE_FIELDS:
             value = getattr(self, name)
             if value is None:

@@ -122,7 +122,7 @@ def plan_selection(
     stats: ImportanceStats | None = None,
     *,
     tensors: Any = None,
-    keep_mtp_decodable: bool = True,
+    keep_mtp_decodable: bool | None = None,
 ) -> tuple[dict[str, Any], dict[str, ExpertMerge] | None, dict[str, Any], dict[str, Any]]:
     """Everything [`prune`] decides, without building the new model or touching the expert weights.
 
@@ -135,9 +135,9 @@ def plan_selection(
             `hf_slim.checkpoints` reader, or a mapping of name -> tensor; defaults to the model's own weights. For a
             family storing MTP layers after its decoder layers, a structure without them gets them (on the meta
             device) where `tensors` holds them, and the selection covers them.
-        keep_mtp_decodable (`bool`, defaults to `True`): refuse a depth at which stock transformers no longer
-            finds such MTP layers (they were found at the source's depth); with `False` they are renumbered to
-            follow the kept layers all the same.
+        keep_mtp_decodable (`bool`, *optional*): refuse a depth at which stock transformers no longer finds such
+            MTP layers (they were found at the source's depth); with `False` they are renumbered to follow the kept
+            layers all the same. `None` (default): `config.keep_mtp_decodable`.
 
     Returns:
         `(selection, merges, updates, report)`: the [`hf_slim.anatomy.Selection`]; the expert merges as
@@ -186,7 +186,8 @@ def plan_selection(
             getattr(mc, "layer_types", None),
         )
         report["layers"] = sel["layer"].tolist()
-        sel["layer"] = keep_mtp_layers(model, spec, sel["layer"], keep_mtp_decodable)
+        keep = config.keep_mtp_decodable if keep_mtp_decodable is None else keep_mtp_decodable
+        sel["layer"] = keep_mtp_layers(model, spec, sel["layer"], keep)
     if "hidden_size" in targets:
         sel["hidden"] = choose_hidden(stats, targets["hidden_size"], config.hidden_method)
     if "num_attention_heads" in targets or "num_key_value_heads" in targets:
@@ -263,7 +264,7 @@ def prune(
     device_map: str | int | torch.device | dict[str, Any] | None = None,
     max_memory: dict[int | str, int | str] | None = None,
     offload_folder: str | os.PathLike | None = None,
-    keep_mtp_decodable: bool = True,
+    keep_mtp_decodable: bool | None = None,
 ) -> Any:
     """Structurally prune a MoE causal LM; returns a new model of the SAME class (a stock model stays stock).
 
@@ -288,9 +289,10 @@ def prune(
         max_memory (`dict`, optional): with an automatic `device_map`, the most memory per device
             (`{0: "20GiB", "cpu": "60GiB"}`), as in `from_pretrained`.
         offload_folder (`str` or `os.PathLike`, optional): where modules the `device_map` puts on `"disk"` go.
-        keep_mtp_decodable (`bool`, defaults to `True`): for GLM-4-MoE and DeepSeek-V3, whose checkpoints store MTP
+        keep_mtp_decodable (`bool`, *optional*): for GLM-4-MoE and DeepSeek-V3, whose checkpoints store MTP
             layers after the decoder layers (attached from `model.name_or_path` for the call, and carried into the
             pruned model): refuse a depth at which stock transformers no longer finds them (see [`plan_selection`]).
+            `None` (default): `config.keep_mtp_decodable`.
 
     Returns:
         The pruned model. Router rows, biases, norms and config fields follow the kept indices; what was chosen is
@@ -318,7 +320,7 @@ def prune(
     return new
 
 
-def _prune(model: Any, config: PruneConfig, stats: Any, keep_mtp_decodable: bool) -> tuple[Any, dict[str, Any]]:
+def _prune(model: Any, config: PruneConfig, stats: Any, keep_mtp_decodable: bool | None) -> tuple[Any, dict[str, Any]]:
     tensors = source_tensors(model)  # real tensors, on the CPU when the model is dispatched or offloaded
     missing = [name for name, t in tensors.items() if t.device.type == "meta"]
     if missing:
