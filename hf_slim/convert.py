@@ -144,7 +144,10 @@ def _init_mtp_from_last_layer(model: SlimMoeForCausalLM) -> None:
         return
     source = model.model.layers[sparse[-1]].state_dict()
     for layer in model.mtp.layers:
-        layer.load_state_dict(source)
+        # the decoder block of each depth; its own enorm / hnorm / eh_proj / post_norm keep their init
+        _, unexpected = layer.load_state_dict(source, strict=False)
+        if unexpected:
+            raise ValueError(f"MTP depth {layer.depth} has no place for {unexpected} of the last sparse layer.")
 
 
 def from_hf(model: PreTrainedModel, num_mtp_heads: int = 0, mtp_init: str = "last_layer") -> SlimMoeForCausalLM:
@@ -152,7 +155,7 @@ def from_hf(model: PreTrainedModel, num_mtp_heads: int = 0, mtp_init: str = "las
 
     Args:
         model: A `Qwen3MoeForCausalLM`, `Qwen2MoeForCausalLM`, `OlmoeForCausalLM` or `MixtralForCausalLM`.
-        num_mtp_heads: MTP depths to add. They are new weights: `fc` and the norms get the model's standard init
+        num_mtp_heads: MTP depths to add. They are new weights: `eh_proj` and the norms get the model's standard init
             (normal(0, initializer_range) / ones) and, with `mtp_init="last_layer"`, every MTP block starts as a copy
             of the last sparse decoder block (a warm start; `mtp_init="random"` keeps the standard init).
         mtp_init: `"last_layer"` or `"random"`.
@@ -179,7 +182,8 @@ def to_hf(model: SlimMoeForCausalLM, model_type: str) -> PreTrainedModel:
     """Convert a `SlimMoeForCausalLM` into the stock transformers model of `model_type` with identical logits.
 
     MTP heads have no place in stock modules and are dropped here; `hf_slim.hub.save_for_hub(..., model_type=...)`
-    can keep them in the checkpoint under `mtp.*` (hf-slim's own layout), which stock transformers ignores.
+    can keep them in the checkpoint under `mtp.*` (transformers' MTP layout, see `docs/mtp.md`), which stock
+    transformers ignores.
 
     Raises:
         ValueError: if `model_type` is unsupported (the message lists the supported ones) or the SlimMoe config uses

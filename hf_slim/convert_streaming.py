@@ -360,9 +360,14 @@ def _normal(shape: tuple[int, ...], std: float, dtype: torch.dtype) -> torch.Ten
     return torch.empty(shape).normal_(0.0, std).to(dtype)
 
 
+# what an MTP depth holds besides its decoder block (transformers' MTP layout, see docs/mtp.md)
+_MTP_DEPTH_PARTS = ("enorm", "hnorm", "eh_proj", "post_norm")
+
+
 def _new_mtp_tensors(reader: Reader, slim: SlimMoeConfig, structure: Any, dtype: torch.dtype) -> list[StreamedTensor]:
     """The MTP heads `from_hf(..., mtp_init="last_layer")` adds: each depth's block a copy of the last sparse decoder
-    layer (read lazily), `fc` drawn from normal(0, initializer_range) and the norms at one."""
+    layer (read lazily), its `eh_proj` drawn from normal(0, initializer_range) and its norms (`enorm`, `hnorm`,
+    `post_norm`) at one."""
     sparse = [i for i, kind in enumerate(slim.mlp_layer_types) if kind == "sparse"]
     if not sparse:
         raise ValueError(
@@ -374,10 +379,11 @@ def _new_mtp_tensors(reader: Reader, slim: SlimMoeConfig, structure: Any, dtype:
     for name, meta in structure.state_dict().items():
         if not name.startswith("mtp."):
             continue
-        if name.startswith("mtp.layers."):
-            source = last + name.split(".", 3)[3]
+        rest = name.split(".", 3)[3] if name.startswith("mtp.layers.") else ""
+        if rest and rest.split(".")[0] not in _MTP_DEPTH_PARTS:  # the depth's decoder block
+            source = last + rest
             out.append(StreamedTensor(name, functools.partial(reader.read, source), source))
-        elif name == "mtp.fc.weight":
+        elif name.endswith(".eh_proj.weight"):
             draw = functools.partial(_normal, tuple(meta.shape), slim.initializer_range, dtype)
             out.append(StreamedTensor(name, draw, "a new init"))
         else:  # the RMSNorm weights

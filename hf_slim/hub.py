@@ -32,6 +32,7 @@ REMOTE_CODE_FILES = (
     "modeling_slim_moe.py",
     "loading_slim_moe.py",
     "generation_slim_moe.py",
+    "mtp_slim_moe.py",
 )
 AUTO_MAP = {
     "AutoConfig": "configuration_slim_moe.SlimMoeConfig",
@@ -130,7 +131,8 @@ def mtp_card_note(num_mtp_heads: int) -> str:
     """The model card's line about MTP tensors kept beside a stock checkpoint in [`MTP_FILE`]."""
     return (
         f"The checkpoint keeps {num_mtp_heads} multi-token-prediction depth(s) under `mtp.*` in `{MTP_FILE}` "
-        "(hf-slim's own layout); stock transformers skips them."
+        "(transformers' MTP layout: `mtp.layers.{k}.` holds `enorm`, `hnorm`, `eh_proj`, `post_norm` and a decoder "
+        "block); stock transformers skips them."
     )
 
 

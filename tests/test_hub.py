@@ -25,7 +25,7 @@ def test_remote_code_loads_without_hf_slim(tmp_path):
     assert {"config.json", "model.safetensors", "generation_config.json", "README.md",
             *REMOTE_CODE_FILES} <= set(os.listdir(folder))
     assert set(REMOTE_CODE_FILES) == {f"{concern}_slim_moe.py" for concern in
-                                      ("configuration", "variants", "modeling", "loading", "generation")}
+                                      ("configuration", "variants", "modeling", "loading", "generation", "mtp")}
     card = (folder / "README.md").read_text()
     assert all(f"`{name}`" in card for name in REMOTE_CODE_FILES)
     assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"].endswith(
@@ -58,10 +58,13 @@ def test_stock_export_keeps_mtp_tensors_that_stock_loading_skips(tmp_path):
     assert not (folder / "modeling_slim_moe.py").exists()
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     mtp_keys = {k for k, v in index["weight_map"].items() if v == "mtp.safetensors"}
-    assert {"mtp.fc.weight", "mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight",
-            "mtp.norm.weight", "mtp.layers.1.mlp.experts.gate_up_proj"} <= mtp_keys
+    assert {"mtp.layers.1.eh_proj.weight", "mtp.layers.1.enorm.weight", "mtp.layers.1.hnorm.weight",
+            "mtp.layers.1.post_norm.weight", "mtp.layers.1.mlp.experts.gate_up_proj"} <= mtp_keys
+    assert mtp_keys == {f"mtp.{k}" for k in model.mtp.state_dict()}
     with safe_open(str(folder / "mtp.safetensors"), framework="pt") as handle:
-        torch.testing.assert_close(handle.get_tensor("mtp.fc.weight"), model.mtp.fc.weight, atol=0, rtol=0)
+        torch.testing.assert_close(
+            handle.get_tensor("mtp.layers.1.eh_proj.weight"), model.mtp.layers[1].eh_proj.weight, atol=0, rtol=0
+        )
     stock = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert isinstance(stock, Qwen3MoeForCausalLM)
     ids = torch.randint(0, 128, (2, 6))

@@ -89,14 +89,21 @@ def test_to_slim_moe_and_back_equals_the_in_memory_conversion(model_type, tmp_pa
     slim = from_hf(model, num_mtp_heads=2)
     a = save_for_hub(slim, tmp_path / "a" / "slim", processing_class=tokenizer)
     b = convert_checkpoint(src, tmp_path / "b" / "slim", num_mtp_heads=2, show_progress=False)
-    # fc is a fresh normal(0, initializer_range) draw on both sides; the MTP blocks copy the last sparse layer
-    same_folders(a, b, fresh=("mtp.fc.weight",))
+    # each depth's eh_proj is a fresh normal(0, initializer_range) draw on both sides; the MTP blocks copy the last
+    # sparse layer, the depths' norms start at one
+    same_folders(a, b, fresh=("mtp.layers.0.eh_proj.weight", "mtp.layers.1.eh_proj.weight"))
     streamed = weights(b)
-    assert 0.5 * 0.02 < streamed["mtp.fc.weight"].std() < 2 * 0.02
+    assert 0.5 * 0.02 < streamed["mtp.layers.1.eh_proj.weight"].std() < 2 * 0.02
     sparse = [i for i, kind in enumerate(slim.config.mlp_layer_types) if kind == "sparse"]
+    last = slim.model.layers[sparse[-1]].state_dict()
     for key, value in slim.mtp.layers[1].state_dict().items():
+        if key == "eh_proj.weight":
+            continue
         assert torch.equal(streamed[f"mtp.layers.1.{key}"], value), key
-        assert torch.equal(value, slim.model.layers[sparse[-1]].state_dict()[key]), key
+        if key.split(".")[0] in ("enorm", "hnorm", "post_norm"):
+            assert torch.equal(value, torch.ones_like(value)), key
+        else:
+            assert torch.equal(value, last[key]), key
     assert json.loads((b / "generation_config.json").read_text())["temperature"] == 0.6  # the source's defaults
 
     # back to the stock family, MTP tensors kept beside the stock weights
@@ -105,7 +112,7 @@ def test_to_slim_moe_and_back_equals_the_in_memory_conversion(model_type, tmp_pa
     d = convert_checkpoint(a, tmp_path / "d" / "back", to=model_type, show_progress=False)
     same_folders(c, d)
     index = json.loads((d / "model.safetensors.index.json").read_text())
-    assert index["weight_map"]["mtp.fc.weight"] == "mtp.safetensors"
+    assert index["weight_map"]["mtp.layers.0.eh_proj.weight"] == "mtp.safetensors"
     back = AutoModelForCausalLM.from_pretrained(d).eval()
     assert type(back) is type(stock)
     for key, value in stock.state_dict().items():

@@ -88,7 +88,7 @@ def test_read_bounded_reads_chunk_by_chunk_what_read_indexed_reads(full):
     reader = StateDictReader(model.state_dict(), model.config)
     sel = normalize_selection(reader.spec, importance_orders(model, stats))
     for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.2.mlp.experts.down_proj",
-                 "model.embed_tokens.weight", "mtp.fc.weight"):
+                 "model.embed_tokens.weight", "mtp.layers.0.eh_proj.weight"):
         index = tensor_index(reader.spec, name, reader.shape(name), model.config, sel)
         whole = read_indexed(reader, name, index)
         for chunk in (1, 3 * whole[0].numel() * whole.element_size() - 1):

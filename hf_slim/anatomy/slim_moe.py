@@ -2,9 +2,10 @@
 per-layer `mlp_layer_types` ("sparse"/"dense"), q/k norms per head (`qk_norm="head"`), over all heads (`"full"`)
 or absent, and multi-token-prediction heads.
 
-MTP: `mtp.fc.weight [H, 2H]` takes cat[norm(embedding), norm(hidden)], so its input dim holds the hidden axis twice
-(`parts=2`); `mtp.layers.K` are ordinary (sparse) decoder blocks with their own per-layer axes and keep their
-numbering when decoder layers are dropped.
+MTP (transformers' MTP layout, see `docs/mtp.md`): depth K is the block `mtp.layers.K`, a sparse decoder block with its
+own per-layer axes (it keeps its numbering when decoder layers are dropped) plus `enorm`, `hnorm`, `post_norm` (hidden)
+and `eh_proj.weight [H, 2H]`, which takes cat[enorm(embedding), hnorm(hidden)], so its input dim holds the hidden axis
+twice (`parts=2`). `mtp.norm.weight` exists only with `mtp_shared_norm` (the first hf-slim layout's arithmetic).
 """
 
 from typing import Any
@@ -14,11 +15,13 @@ from .core import Dim, TensorRule
 from .layout import IDENTITY_LAYOUT
 from .vocabulary import AXIS_SIZE_FIELDS
 
-_mtp = (
-    rule("mtp.fc.weight", Dim("hidden", 0), Dim("hidden", 1, 1, 2)),
-    rule("mtp.pre_fc_norm_embedding.weight", Dim("hidden", 0)),
-    rule("mtp.pre_fc_norm_hidden.weight", Dim("hidden", 0)),
-    rule("mtp.norm.weight", Dim("hidden", 0)),
+_mtp = (rule("mtp.norm.weight", Dim("hidden", 0)),)
+# per MTP depth, next to its decoder block's tensors (decoder layers have none of these)
+_mtp_block = (
+    rule("enorm.weight", Dim("hidden", 0)),
+    rule("hnorm.weight", Dim("hidden", 0)),
+    rule("eh_proj.weight", Dim("hidden", 0), Dim("hidden", 1, 1, 2)),
+    rule("post_norm.weight", Dim("hidden", 0)),
 )
 
 
@@ -67,6 +70,7 @@ SPEC = moe_spec(
     global_rules=embedding_rules() + _mtp,
     shared_expert=True,
     dense_mlp=True,
+    extra_block_rules=_mtp_block,
     block_containers=("model.layers", "mtp.layers"),
     layer_list_fields=("layer_types", "mlp_layer_types"),
     per_layer_fields=("moe_intermediate_size",),

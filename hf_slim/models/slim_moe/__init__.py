@@ -1,5 +1,6 @@
 from .configuration_slim_moe import SlimMoeConfig
 from .modeling_slim_moe import (
+    MtpAcceptanceStats,
     SlimMoeCausalLMOutputWithPast,
     SlimMoeForCausalLM,
     SlimMoeModel,
@@ -8,6 +9,7 @@ from .modeling_slim_moe import (
 
 
 __all__ = [
+    "MtpAcceptanceStats",
     "SlimMoeCausalLMOutputWithPast",
     "SlimMoeConfig",
     "SlimMoeForCausalLM",

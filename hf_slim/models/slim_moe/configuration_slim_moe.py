@@ -80,8 +80,14 @@ class SlimMoeConfig(PreTrainedConfig):
         router_aux_loss_coef (`float`): Weight of the load-balancing loss added to the loss when router logits are
             returned.
         output_router_logits (`bool`): Return router logits (and the aux loss) by default.
-        num_mtp_heads (`int`): Number D >= 0 of multi-token-prediction depths.
+        num_mtp_heads (`int`): Number D >= 0 of multi-token-prediction depths (also readable and settable as
+            `num_mtp_layers`, the name transformers' MTP decoding reads). Depth k's tensors are `mtp.layers.{k-1}.*`
+            in transformers' MTP layout (`enorm`, `hnorm`, `eh_proj`, `post_norm` and a sparse decoder block); see
+            `docs/mtp.md`.
         mtp_loss_weight (`float`): Weight of the mean MTP loss in `loss` when labels are given.
+        mtp_shared_norm (`bool`): The arithmetic of hf-slim's first MTP layout, kept for its checkpoints (set when one
+            with two or more depths is loaded): the depths have no `post_norm`, one RMSNorm `mtp.norm` shared by all
+            of them comes before the LM head, and each depth passes its un-normed output to the next.
         elastic (`dict` or `ElasticConfig`, *optional*): Nested elastic variants `{"variants": {name: {field: size}}}`
             (or an `hf_slim.elastic.ElasticConfig`, stored as its `to_dict()`); stored as plain JSON and validated on
             load. Every variant is a prefix of the full model along every axis; `variant_config(name)` gives a plain
@@ -89,6 +95,8 @@ class SlimMoeConfig(PreTrainedConfig):
     """
 
     model_type = "slim_moe"
+    # `num_mtp_layers` is what transformers' MTP decoding (`MTPCandidateGenerator`, `get_mtp_config`) reads
+    attribute_map = {"num_mtp_layers": "num_mtp_heads"}
     # Outputs Trainer.prediction_step leaves out of the predictions it gathers, so `predict` / `compute_metrics` see the
     # logits as with a stock model: the KV cache (`cache` since transformers 5.24) and the per-term / MTP outputs.
     keys_to_ignore_at_inference = ["cache", "lm_loss", "mtp_losses", "mtp_hidden_states", "mtp_logits"]
@@ -143,6 +151,7 @@ class SlimMoeConfig(PreTrainedConfig):
     output_router_logits: bool = False
     num_mtp_heads: int = 0
     mtp_loss_weight: float = 0.3
+    mtp_shared_norm: bool = False
     elastic: dict | SupportsToDict | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -251,6 +260,32 @@ class SlimMoeConfig(PreTrainedConfig):
         if layer_idx < self.num_hidden_layers:
             return widths[layer_idx]
         return _mtp_width(widths, self.mlp_layer_types)
+
+    # ---- transformers' MTP config protocol (`get_mtp_config`), see mtp_slim_moe.py --------------------------------
+    @property
+    def mtp_layer_types(self) -> list[str]:
+        """Attention type of each MTP depth's block: full attention."""
+        return ["full_attention"] * self.num_mtp_heads
+
+    @property
+    def mtp_mlp_layer_types(self) -> list[str]:
+        """FFN type of each MTP depth's block: sparse (routed experts)."""
+        return ["sparse"] * self.num_mtp_heads
+
+    def get_mtp_config(self) -> "SlimMoeConfig":
+        """The config of the MTP depths as a stack of `num_mtp_heads` layers (what transformers' `MtpModel` and
+        `MtpCache` are built from): `PreTrainedConfig.get_mtp_config`, with the MTP blocks' expert width as one int
+        and no elastic variants (their layer numbers belong to the decoder stack).
+
+        Raises:
+            `ValueError`: the config has no MTP heads.
+        """
+        if not self.num_mtp_heads:
+            raise ValueError("SlimMoeConfig.get_mtp_config(): this config has no MTP heads (num_mtp_heads=0).")
+        mtp = super().get_mtp_config()
+        mtp.moe_intermediate_size = self.expert_intermediate_size(self.num_hidden_layers)
+        mtp.elastic = None
+        return mtp
 
     # ---- elastic variants (the arithmetic lives in variants_slim_moe.py) ---------------------------------------
     def elastic_variant_names(self) -> list[str]:

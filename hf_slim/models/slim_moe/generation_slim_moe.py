@@ -1,16 +1,31 @@
 # Copyright 2026 The hf-slim developers. Licensed under the Apache License, Version 2.0.
-"""SlimMoe generation beyond `GenerationMixin`: decoding as one elastic variant, and budget-controlled generation
-(a small variant thinks, a large one answers), mixed into `SlimMoeForCausalLM` as `SlimMoeGenerationMixin`.
+"""SlimMoe generation beyond `GenerationMixin`: decoding as one elastic variant, budget-controlled generation (a small
+variant thinks, a large one answers) and self-speculative decoding (a nested variant drafts for transformers' assisted
+generation), mixed into `SlimMoeForCausalLM` as `SlimMoeGenerationMixin`.
 
 This file is copied next to the weights by `hf_slim.hub.save_for_hub`, so it imports nothing from hf_slim.
+
+Transformers touch points of the nested draft (`SlimMoeElasticDraft`), each checked by
+`tests/test_transformers_touchpoints.py` (hf_slim's `integrations` room cannot hold them: this file may not import it):
+- `AssistedCandidateGenerator` duck-types its `assistant_model`: it reads `device`, `generation_config` (deep-copied;
+  `num_assistant_tokens`, `num_assistant_tokens_schedule`, `assistant_confidence_threshold`), `config`
+  (`is_encoder_decoder`, `get_text_config()`), calls the private `_supports_logits_to_keep()` (because the target's
+  model kwargs hold `logits_to_keep`), and calls `generate(input_ids=..., generation_config=..., **target_kwargs)`
+  with `return_dict_in_generate=True`, reading `sequences`, `scores` and `cache` from the result and passing that
+  `cache` back on the next round; the draft's `generate` must ignore the target's `elastic_variant` in those kwargs.
+- `Cache.activate_past_recording()`: what `generate` calls on a cache it builds for an assistant (sliding-window layers
+  keep their past until `crop`); the draft builds its own variant-shaped cache, so it calls it too.
+- Acceptance is counted by a `StoppingCriteria` added to the target's `stopping_criteria`: assisted decoding calls the
+  criteria once per verification step, after the accepted tokens were appended.
 """
 
+import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DynamicCache
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationMixin, StoppingCriteria, StoppingCriteriaList
 from transformers.utils import ModelOutput, logging
 
 from .variants_slim_moe import FULL_VARIANT
@@ -86,8 +101,9 @@ def _wants_static_cache(generation_config, default_config, kwargs: dict) -> bool
 
 
 class SlimMoeGenerationMixin(GenerationMixin):
-    """`GenerationMixin` with SlimMoe's additions to `generate`: decoding as one elastic variant, and budget-controlled
-    generation. Mixed into `SlimMoeForCausalLM` (it uses the model's `active_elastic_variant` and variant plans)."""
+    """`GenerationMixin` with SlimMoe's additions to `generate`: decoding as one elastic variant, budget-controlled
+    generation, and nested variants as drafts of assisted generation (`as_draft`). Mixed into `SlimMoeForCausalLM` (it
+    uses the model's `active_elastic_variant`, variant plans and `slice_variant`)."""
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, *args, elastic_budget=None, **kwargs):
@@ -103,8 +119,18 @@ class SlimMoeGenerationMixin(GenerationMixin):
             (`max_new_tokens` counts answer tokens). Greedy or sampled, any batch size; a streamer sees both phases.
             Returns the sequences, or with `return_dict_in_generate=True` an `ElasticGenerateOutput` with per-phase
             token counts and times (which are also logged at INFO level).
+        assistant_model (`SlimMoeElasticDraft` or `PreTrainedModel`, *optional*):
+            transformers' assisted generation. With `assistant_model=model.as_draft("small")` a nested variant of
+            this model drafts on prefix views of its weights (see `as_draft`); its acceptance counts are then in
+            `assistant_model.stats` (`SpeculationStats`) and logged at INFO level. The draft must nest inside the
+            variant being decoded (`elastic_variant`, default the full model).
         """
         if elastic_budget is not None:
+            if kwargs.get("assistant_model") is not None:
+                raise ValueError(
+                    "generate() takes elastic_budget or assistant_model, not both: budget generation switches "
+                    "variants between phases, while assisted generation verifies one draft against one target."
+                )
             return _generate_with_budget(self, inputs, generation_config, args, elastic_budget, kwargs)
         variant = kwargs.pop("elastic_variant", None) or self.active_elastic_variant
         if variant != FULL_VARIANT:
@@ -116,7 +142,263 @@ class SlimMoeGenerationMixin(GenerationMixin):
                 generation_config, self.generation_config, kwargs
             ):
                 kwargs["cache"] = DynamicCache(config=self._plan_for(variant).config)
-        return super().generate(inputs, generation_config, *args, **kwargs)
+        draft = kwargs.get("assistant_model")
+        if not hasattr(draft, "_begin_speculation"):  # no assistant, or one that is not a nested draft
+            return super().generate(inputs, generation_config, *args, **kwargs)
+        use_mtp = kwargs.get("use_mtp", getattr(generation_config or self.generation_config, "use_mtp", None))
+        if use_mtp:
+            raise ValueError(
+                "generate() takes use_mtp=True or a nested draft as assistant_model, not both: transformers would "
+                "draft with the MTP heads and never call the draft."
+            )
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        prompt_length = prompt.shape[-1] if prompt is not None and not prompt.is_floating_point() else 0
+        steps = draft._begin_speculation(self, variant, prompt_length)
+        if len(args) >= 2:  # stopping_criteria given positionally (after logits_processor)
+            args = (args[0], StoppingCriteriaList([*(args[1] or []), steps]), *args[2:])
+        else:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), steps])
+        try:
+            return super().generate(inputs, generation_config, *args, **kwargs)
+        finally:
+            draft._end_speculation(steps)
+
+    def as_draft(self, variant: str, *, contiguous: bool = False, **generation_config_kwargs) -> "SlimMoeElasticDraft":
+        r"""
+        Nested variant `variant` of this model as the draft of transformers' assisted generation (self-speculative
+        decoding): `model.generate(input_ids, assistant_model=model.as_draft("small"))`.
+
+        The draft owns no weights: it decodes with `elastic_variant=variant` on prefix views of this model's
+        parameters, with its own KV cache laid out for the variant's layers; the full model verifies the drafted
+        tokens in one forward. Greedy output equals plain greedy decoding, and sampling (transformers' speculative
+        sampling) keeps the target's distribution. Batch size 1, as every assistant in transformers.
+
+        Args:
+            variant (`str`):
+                A nested variant of `config.elastic`, smaller than the model (or than the `elastic_variant` it will
+                verify with).
+            contiguous (`bool`, defaults to `False`):
+                Draft with a contiguous copy of the variant (`slice_variant`) instead of prefix views: the variant's
+                weights in memory once more, and a snapshot (later changes to this model's weights do not reach it).
+            generation_config_kwargs:
+                Set on the draft's own `generation_config`, which is where transformers reads assistant settings:
+                `num_assistant_tokens` (tokens drafted per step, default 20), `num_assistant_tokens_schedule`
+                (`"constant"` by default, `"heuristic"`), `assistant_confidence_threshold` (default 0.4: the draft
+                stops early when its top probability falls below it).
+
+        Returns:
+            `SlimMoeElasticDraft`; after each assisted `generate`, `draft.stats` holds its acceptance
+            (`SpeculationStats`).
+
+        Example:
+            ```python
+            >>> draft = model.as_draft("small", num_assistant_tokens=6)
+            >>> out = model.generate(input_ids, assistant_model=draft, max_new_tokens=128)
+            >>> draft.stats.accepted_per_step, draft.stats.acceptance_rate
+            ```
+
+        Raises:
+            `KeyError`: `variant` is not a variant of this model (the message lists the drafts it has).
+            `ValueError`: `variant` is `"full"`, or the model has no elastic variants.
+            `TypeError`: a keyword that is not a `GenerationConfig` field.
+        """
+        return SlimMoeElasticDraft(self, variant, contiguous=contiguous, **generation_config_kwargs)
+
+
+# ---- self-speculative decoding: a nested variant drafts, the model verifies ----------------------------------------
+def nested_drafts(config, target: str = FULL_VARIANT) -> list[str]:
+    """Variants of `config` that can draft for `target` (those nested inside it and smaller), smallest first."""
+    names = config.elastic_variant_names()  # smallest first
+    inside = (config.variant_config(target).elastic or {}).get("variants", {})  # KeyError for an unknown target
+    return [name for name in names if name in inside]
+
+
+@dataclass
+class SpeculationStats:
+    r"""
+    Acceptance of one assisted `generate` call with a nested draft (`SlimMoeElasticDraft.stats`).
+
+    Each verification step is one forward of the target over the drafted tokens: it keeps the longest accepted
+    prefix and adds one token of its own (the correction, or the bonus token when every draft was accepted), so
+    `new tokens = accepted tokens + steps` (less where EOS or the length limit cut the last step).
+
+    Args:
+        draft_variant (`str`): the variant that drafted.
+        target_variant (`str`): the variant that verified (`"full"`: the model).
+        drafted (`list[int]`): tokens drafted before each verification step (0 where the draft was not asked, e.g.
+            when one token was left).
+        accepted (`list[int]`): drafted tokens each step accepted.
+        new_tokens (`list[int]`): tokens each step appended (accepted + 1, or fewer at EOS / the length limit).
+        draft_seconds (`float`): wall time spent drafting.
+        total_seconds (`float`): wall time of the whole `generate` call.
+    """
+
+    draft_variant: str
+    target_variant: str
+    drafted: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    new_tokens: list[int] = field(default_factory=list)
+    draft_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def steps(self) -> int:
+        """Verification steps (target forwards)."""
+        return len(self.accepted)
+
+    @property
+    def accepted_per_step(self) -> float:
+        """Mean drafted tokens accepted per drafting step (steps that drafted nothing left out; 0 with none)."""
+        drafting = [a for a, d in zip(self.accepted, self.drafted) if d]
+        return sum(drafting) / len(drafting) if drafting else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Mean tokens appended per verification step (`accepted_per_step + 1` unless EOS cut a step)."""
+        return sum(self.new_tokens) / self.steps if self.steps else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of drafted tokens the target accepted (0 when nothing was drafted)."""
+        drafted = sum(self.drafted)
+        return sum(self.accepted) / drafted if drafted else 0.0
+
+    def to_dict(self) -> dict:
+        """The recorded lists and every derived statistic, as plain Python values."""
+        return {
+            "draft_variant": self.draft_variant, "target_variant": self.target_variant, "drafted": list(self.drafted),
+            "accepted": list(self.accepted), "new_tokens": list(self.new_tokens), "steps": self.steps,
+            "accepted_per_step": self.accepted_per_step, "tokens_per_step": self.tokens_per_step,
+            "acceptance_rate": self.acceptance_rate, "draft_seconds": self.draft_seconds,
+            "total_seconds": self.total_seconds,
+        }
+
+
+class _VerificationSteps(StoppingCriteria):
+    """Never stops; records the sequence length after each step (assisted decoding: after each verification)."""
+
+    def __init__(self, prompt_length: int):
+        self.lengths = [prompt_length]
+        self.start = time.perf_counter()
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.lengths.append(input_ids.shape[-1])
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class SlimMoeElasticDraft:
+    """A nested variant of a SlimMoe model as transformers' `assistant_model` (built by `model.as_draft(variant)`).
+
+    It owns no weights (unless `contiguous=True`): its `generate` is the model's `generate(..., elastic_variant=
+    variant)`, on prefix views of the shared tensors and with a KV cache of its own laid out for the variant's layers
+    (transformers never shares the target's cache with an assistant). It exposes what transformers' assisted
+    generation reads from an assistant (`device`, `config`, `generation_config`, `generate`); see the touch points at
+    the top of this file.
+
+    Attributes:
+        model (`SlimMoeForCausalLM`): the model whose weights it drafts with.
+        variant (`str`): the drafting variant.
+        config (`SlimMoeConfig`): the variant's config (`model.config.variant_config(variant)`).
+        generation_config (`GenerationConfig`): the draft's own copy of the model's, with the assistant settings.
+        stats (`SpeculationStats` or `None`): acceptance of the last assisted `generate` it drafted for.
+    """
+
+    def __init__(self, model, variant: str, *, contiguous: bool = False, **generation_config_kwargs):
+        config = model.config
+        if not config.elastic:
+            raise ValueError(
+                f"as_draft({variant!r}): this model has no elastic variants (config.elastic is None), so no nested "
+                "variant can draft for it; build them with hf_slim.elastic.make_elastic."
+            )
+        drafts = nested_drafts(config)
+        if variant not in drafts:
+            if variant == FULL_VARIANT:
+                raise ValueError(
+                    f"as_draft('full'): the draft must be a nested variant smaller than the model; drafts: {drafts}"
+                )
+            raise KeyError(f"as_draft({variant!r}): {variant!r} is not a variant of this model; drafts: {drafts}")
+        self.model = model
+        self.variant = variant
+        self.generation_config = copy.deepcopy(model.generation_config)
+        unused = self.generation_config.update(**generation_config_kwargs)
+        if unused:
+            raise TypeError(f"as_draft() got keywords that are not GenerationConfig fields: {sorted(unused)}")
+        self._copy = model.slice_variant(variant) if contiguous else None
+        self.config = self._copy.config if contiguous else config.variant_config(variant)
+        self.stats: SpeculationStats | None = None
+        self._drafted: dict[int, int] | None = None
+
+    def __repr__(self) -> str:
+        kind = "contiguous copy" if self._copy is not None else "prefix views"
+        return f"SlimMoeElasticDraft(variant={self.variant!r}, {kind} of {type(self.model).__name__})"
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device if self._copy is None else self._copy.device
+
+    @property
+    def contiguous(self) -> bool:
+        """Whether it drafts with a contiguous copy of the variant (`as_draft(..., contiguous=True)`)."""
+        return self._copy is not None
+
+    def _supports_logits_to_keep(self) -> bool:
+        # read by transformers' AssistedCandidateGenerator (a touch point, see the top of this file)
+        return True
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+        r"""
+        The variant's `generate` (what assisted generation calls each round): the model's `generate` with
+        `elastic_variant=variant`, or the contiguous copy's. An `elastic_variant` among `kwargs` (the target's,
+        which transformers copies from the target's inputs) is ignored. In assisted generation (a config with
+        `is_assistant`) the first round gets a dynamic cache laid out for the variant, with past recording on so
+        transformers can crop it back to the accepted tokens.
+        """
+        kwargs.pop("elastic_variant", None)
+        if getattr(generation_config, "is_assistant", False) and kwargs.get("cache") is None:
+            kwargs["cache"] = DynamicCache(config=self.config)
+            kwargs["cache"].activate_past_recording()
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        start = time.perf_counter()
+        if self._copy is None:
+            out = self.model.generate(inputs, generation_config, elastic_variant=self.variant, **kwargs)
+        else:
+            out = self._copy.generate(inputs, generation_config, **kwargs)
+        if self._drafted is not None and prompt is not None:
+            sequences = out if isinstance(out, torch.Tensor) else out.sequences
+            self._drafted[prompt.shape[-1]] = sequences.shape[-1] - prompt.shape[-1]
+            self.stats.draft_seconds += time.perf_counter() - start
+        return out
+
+    def _begin_speculation(self, target, target_variant: str, prompt_length: int) -> _VerificationSteps:
+        """Called by the target's `generate`: check that this draft nests inside the target, start counting."""
+        if target is self.model and target_variant != FULL_VARIANT:
+            drafts = nested_drafts(target.config, target_variant)
+            if self.variant not in drafts:
+                raise ValueError(
+                    f"as_draft({self.variant!r}) cannot draft for elastic_variant={target_variant!r}: a draft must be "
+                    f"a smaller variant nested inside it; drafts for {target_variant!r}: {drafts}"
+                )
+        self.stats = SpeculationStats(draft_variant=self.variant, target_variant=target_variant)
+        self._drafted = {}
+        return _VerificationSteps(prompt_length)
+
+    def _end_speculation(self, steps: _VerificationSteps) -> None:
+        stats, drafted = self.stats, self._drafted
+        self._drafted = None
+        for before, after in zip(steps.lengths, steps.lengths[1:]):
+            stats.drafted.append(drafted.get(before, 0))
+            stats.new_tokens.append(after - before)
+            stats.accepted.append(max(after - before - 1, 0))
+        stats.total_seconds = time.perf_counter() - steps.start
+        if not stats.steps:  # generate failed before its first step
+            return
+        logger.info(
+            "elastic speculation: %r drafts for %r: %d steps, %d drafted, %d accepted (%.2f per step, rate %.2f), "
+            "%.3fs drafting of %.3fs",
+            stats.draft_variant, stats.target_variant, stats.steps, sum(stats.drafted), sum(stats.accepted),
+            stats.accepted_per_step, stats.acceptance_rate, stats.draft_seconds, stats.total_seconds,
+        )
 
 
 def _generate_with_budget(model, inputs, generation_config, args, budget, kwargs) -> torch.Tensor | ElasticGenerateOutput:
@@ -192,4 +474,11 @@ def _generate_with_budget(model, inputs, generation_config, args, budget, kwargs
     )
 
 
-__all__ = ["ElasticBudget", "ElasticGenerateOutput", "SlimMoeGenerationMixin"]
+__all__ = [
+    "ElasticBudget",
+    "ElasticGenerateOutput",
+    "SlimMoeElasticDraft",
+    "SlimMoeGenerationMixin",
+    "SpeculationStats",
+    "nested_drafts",
+]

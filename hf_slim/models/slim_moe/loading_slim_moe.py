@@ -16,9 +16,10 @@ import torch
 from safetensors import safe_open
 from transformers import PreTrainedModel
 from transformers.generation import GenerationConfig
-from transformers.utils import cached_file, logging
+from transformers.utils import logging
 
 from .configuration_slim_moe import SlimMoeConfig
+from .mtp_slim_moe import checkpoint_weight_map, old_layout_config, old_layout_name
 
 
 # Under transformers' logger hierarchy, so `transformers.logging.set_verbosity_*` governs these messages as it does
@@ -66,8 +67,9 @@ def check_checkpoint_shapes(model_class: type, config: SlimMoeConfig, folder: st
 
 
 # ---- slicing a variant out of a tensor source (an in-memory state dict or safetensors slices) -----------------------
-# Tensors whose dim 1 holds an axis twice, back to back: experts' gate then up rows, MTP fc's embedding then hidden half.
-_TWO_PART_DIM1 = ("experts.gate_up_proj", "mtp.fc.weight")
+# Tensors whose dim 1 holds an axis twice, back to back: experts' gate then up rows, an MTP depth's eh_proj embedding then
+# hidden half.
+_TWO_PART_DIM1 = ("experts.gate_up_proj", "eh_proj.weight")
 
 
 def elastic_source_name(name: str, layers: list[int]) -> str:
@@ -350,18 +352,6 @@ def copy_variant(model: PreTrainedModel, name: str) -> PreTrainedModel:
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 
-def _weight_map(path: str, hub_kwargs: dict) -> dict[str, str]:
-    """Tensor name -> local safetensors file of a checkpoint (a folder or a Hub repo id)."""
-    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
-    if index is not None:
-        with open(index) as handle:
-            names = json.load(handle)["weight_map"]
-        files = {file: cached_file(path, file, **hub_kwargs) for file in set(names.values())}
-        return {name: files[file] for name, file in names.items()}
-    single = cached_file(path, "model.safetensors", **hub_kwargs)
-    return dict.fromkeys(_safetensors_header(single)[0], single)
-
-
 def load_elastic_variant(model_class: type, path: str | os.PathLike, name: str, **kwargs) -> PreTrainedModel:
     """Load variant `name` of an elastic checkpoint, reading only its slices.
 
@@ -387,18 +377,21 @@ def load_elastic_variant(model_class: type, path: str | os.PathLike, name: str, 
     path = str(path)
     if not isinstance(config, SlimMoeConfig):
         config = SlimMoeConfig.from_pretrained(path, **hub_kwargs)
-    weight_map = _weight_map(path, hub_kwargs)
+    weight_map = checkpoint_weight_map(path, hub_kwargs)
+    config = old_layout_config(config, weight_map)  # the old MTP layout: its tensors are read under their old names
     report = {"variant": name, "bytes_read": 0, "tensors_read": 0, "reads": 0}
     files: dict[str, SafetensorsFile] = {}
 
-    def read(source: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+    def read(name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        # an old-layout checkpoint holds one tensor for what each MTP depth holds now (see mtp_slim_moe.py)
+        source = name if name in weight_map else old_layout_name(name)
         if source not in weight_map:
             return None
         file = weight_map[source]
         if file not in files:
             files[file] = SafetensorsFile(file)
         handle = files[file]
-        tensor = handle.read(source, elastic_ranges(source, shape, handle.shape(source)))
+        tensor = handle.read(source, elastic_ranges(name, shape, handle.shape(source)))
         report["tensors_read"] += 1
         return tensor
 

@@ -52,6 +52,17 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_slim_moe import SlimMoeConfig
 from .generation_slim_moe import ElasticBudget, ElasticGenerateOutput, SlimMoeGenerationMixin
 from .loading_slim_moe import check_pretrained_shapes, copy_variant, load_elastic_variant
+from .mtp_slim_moe import (
+    MTP_KEYS_PATTERN,
+    MtpAcceptanceStats,
+    SlimMoeMtpGenerationMixin,
+    SlimMoeMtpLayerMixin,
+    SlimMoeMultiTokenPredictor,
+    converted_mtp_keys,
+    converting_mtp_keys,
+    finish_mtp_load,
+    prepare_mtp_load,
+)
 from .variants_slim_moe import FULL_VARIANT, SlimMoeElasticSizes, SlimMoeVariantPlan, build_variant_plan
 
 
@@ -364,7 +375,7 @@ class SlimMoePreTrainedModel(PreTrainedModel):
     config_class = SlimMoeConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["SlimMoeDecoderLayer"]
+    _no_split_modules = ["SlimMoeDecoderLayer", "SlimMoeMtpLayer"]
     _skip_keys_device_placement = ["cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -392,7 +403,12 @@ class SlimMoePreTrainedModel(PreTrainedModel):
         # transformers only reports size mismatches in a log table; check local checkpoints first so the error
         # itself names the tensor and both shapes.
         check_pretrained_shapes(cls, pretrained_model_name_or_path, kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        # MTP tensors the config declares must be there; the old MTP layout is converted (see mtp_slim_moe.py)
+        plan = prepare_mtp_load(cls, pretrained_model_name_or_path, kwargs)
+        with converting_mtp_keys(plan):
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        finish_mtp_load(model, plan)
+        return model
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -501,73 +517,16 @@ def _causal_masks(config, inputs_embeds, attention_mask, cache, position_ids) ->
     return masks
 
 
-class SlimMoeMultiTokenPredictor(nn.Module):
-    """Multi-token-prediction heads, DeepSeek-V3 / Qwen3-Next style.
+class SlimMoeMtpLayer(SlimMoeMtpLayerMixin, SlimMoeDecoderLayer):
+    """MTP depth `depth`: a sparse decoder block plus transformers' per-depth MTP parts (`enorm`, `hnorm`, `eh_proj`,
+    `post_norm`), called as transformers' `MtpLayer` (see `mtp_slim_moe.py`). Its experts take the widest sparse
+    decoder layer's width; its attention is full and keeps its KV cache in slot `depth` of an `MtpCache`."""
 
-    Depth k (1-based) combines the previous depth's hidden state at position i with the embedding of token i+k:
-    `h^k_i = layers[k-1](fc(cat[pre_fc_norm_embedding(emb(t_{i+k})), pre_fc_norm_hidden(h^{k-1}_i)]))`, and predicts
-    token i+k+1 through `norm` and the model's shared `lm_head`. `h^0` is the main model's final hidden state.
-    `fc`, the two input norms and `norm` are shared by all depths; each depth has its own block. The names (`mtp.fc`,
-    `mtp.layers.N`, ...) are hf-slim's own: no inference engine is known to load this layout as it is.
-    """
+    _prefix_norm = staticmethod(_rms_norm)
 
-    def __init__(self, config: SlimMoeConfig):
-        super().__init__()
-        self.num_heads = config.num_mtp_heads
-        self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
-        self.pre_fc_norm_embedding = SlimMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.pre_fc_norm_hidden = SlimMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.layers = nn.ModuleList(
-            SlimMoeDecoderLayer(config, config.num_hidden_layers + k, mlp_type="sparse") for k in range(self.num_heads)
-        )
-        self.norm = SlimMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def _fuse(self, embedding: torch.Tensor, hidden: torch.Tensor, width: int | None) -> torch.Tensor:
-        if width is None:
-            return self.fc(torch.cat([self.pre_fc_norm_embedding(embedding), self.pre_fc_norm_hidden(hidden)], dim=-1))
-        # fc's input holds the embedding half then the hidden half: two prefix views instead of one concatenation
-        half = self.fc.in_features // 2
-        embedding = _rms_norm(self.pre_fc_norm_embedding, embedding, width)
-        hidden = _rms_norm(self.pre_fc_norm_hidden, hidden, width)
-        return F.linear(embedding, self.fc.weight[:width, :width]) + F.linear(
-            hidden, self.fc.weight[:width, half : half + width]
-        )
-
-    def forward(
-        self,
-        config: SlimMoeConfig,
-        rotary_emb: SlimMoeRotaryEmbedding,
-        hidden_states: torch.Tensor,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.LongTensor,
-        variant_plan: SlimMoeVariantPlan | None = None,
-    ) -> list[torch.Tensor]:
-        """Returns one normed hidden-state tensor per depth; depth k has sequence length `T - k`. `variant_plan`:
-        the active elastic variant (`None`: the full model)."""
-        outputs = []
-        seq_len = hidden_states.shape[1]
-        previous = hidden_states
-        width = None if variant_plan is None else variant_plan.hidden
-        for k, layer in enumerate(self.layers, start=1):
-            length = seq_len - k
-            if length <= 0:
-                break
-            fused = self._fuse(inputs_embeds[:, k:], previous[:, :length], width)
-            positions = position_ids[..., :length]
-            padding = attention_mask[:, :length] if attention_mask is not None and attention_mask.dim() == 2 else None
-            mask = create_causal_mask(
-                config=config, inputs_embeds=fused, attention_mask=padding, cache=None, position_ids=positions
-            )
-            previous = layer(
-                fused,
-                attention_mask=mask,
-                position_ids=positions,
-                position_embeddings=rotary_emb(fused, positions),
-                elastic_sizes=None if variant_plan is None else variant_plan.mtp_blocks[k - 1],
-            )
-            outputs.append(_rms_norm(self.norm, previous, width))
-        return outputs
+    def __init__(self, config: SlimMoeConfig, depth: int):
+        SlimMoeDecoderLayer.__init__(self, config, config.num_hidden_layers + depth, mlp_type="sparse")
+        self._init_mtp_parts(config, depth, SlimMoeRMSNorm)
 
 
 @dataclass
@@ -575,8 +534,10 @@ class SlimMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     r"""
     lm_loss (`torch.FloatTensor`, *optional*): Next-token cross-entropy of the main head (given `labels`).
     mtp_losses (`tuple[torch.FloatTensor]`, *optional*): Cross-entropy of each MTP depth k against token i+k+1.
-    mtp_hidden_states (`tuple[torch.FloatTensor]`, *optional*): Normed hidden states of each MTP depth,
-        `[batch, seq_len - k, hidden]`; feed them to `lm_head` (or a chunked loss) for depth-k predictions.
+    mtp_hidden_states (`tuple[torch.FloatTensor]`, *optional*): What the LM head reads of each MTP depth k (its
+        `post_norm` output, which is also what depth k+1 takes; `mtp.norm` of its output with `mtp_shared_norm`),
+        `[batch, seq_len - k, hidden]`; feed them to `lm_head` (or a chunked loss) for depth-k predictions. The same
+        modules draft in `generate(use_mtp=True)`.
     mtp_logits (`tuple[torch.FloatTensor]`, *optional*): `lm_head` of `mtp_hidden_states` (given labels or
         `return_mtp_logits=True`).
     """
@@ -587,14 +548,17 @@ class SlimMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     mtp_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
-class SlimMoeForCausalLM(SlimMoePreTrainedModel, SlimMoeGenerationMixin):
-    """SlimMoe decoder with a language-model head and `config.num_mtp_heads` multi-token-prediction depths.
+class SlimMoeForCausalLM(SlimMoePreTrainedModel, SlimMoeMtpGenerationMixin, SlimMoeGenerationMixin):
+    """SlimMoe decoder with a language-model head and `config.num_mtp_heads` multi-token-prediction depths, which
+    `generate(..., use_mtp=True)` drafts with (transformers' MTP speculative decoding; acceptance in `mtp_stats`).
 
     With `labels`, `loss = lm_loss + mtp_loss_weight * mean(mtp_losses) + router_aux_loss_coef * aux_loss` (the aux
     term only when router logits are requested); each term is also returned on its own.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # where transformers' MtpModel.get_mtp_weights_regex looks for MTP tensors (they load with the model here)
+    _keys_to_ignore_on_load_unexpected = [MTP_KEYS_PATTERN]
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
@@ -603,8 +567,10 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, SlimMoeGenerationMixin):
         self.model = SlimMoeModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.mtp = SlimMoeMultiTokenPredictor(config) if config.num_mtp_heads > 0 else None
+        self.mtp = SlimMoeMultiTokenPredictor(config, SlimMoeMtpLayer, SlimMoeRMSNorm) if config.num_mtp_heads else None
         self.post_init()
+        # tensors an old-layout checkpoint being loaded lacks by name, filled by finish_mtp_load
+        self._keys_to_ignore_on_load_missing = {*(self._keys_to_ignore_on_load_missing or ()), *converted_mtp_keys()}
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
@@ -789,9 +755,11 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, SlimMoeGenerationMixin):
 __all__ = [
     "ElasticBudget",
     "ElasticGenerateOutput",
+    "MtpAcceptanceStats",
     "SlimMoeElasticSizes",
     "SlimMoeForCausalLM",
     "SlimMoeModel",
+    "SlimMoeMtpLayer",
     "SlimMoePreTrainedModel",
     "SlimMoeVariantPlan",
 ]

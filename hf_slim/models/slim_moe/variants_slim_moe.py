@@ -72,7 +72,8 @@ class SlimMoeVariantPlan:
         hidden (`int`): its residual-stream width (a prefix of the full model's).
         config (`SlimMoeConfig`): its own config (`variant_config(name)`): the KV-cache layout and router sizes.
         blocks (`tuple[SlimMoeElasticSizes, ...]`): the sizes of each kept decoder layer, aligned with `layers`.
-        mtp_blocks (`tuple[SlimMoeElasticSizes, ...]`): the sizes of each MTP depth's block.
+        mtp_blocks (`tuple[SlimMoeElasticSizes, ...]`): the sizes of each MTP depth's block (its KV slot in an
+            `MtpCache` is its depth, 0-based).
     """
 
     name: str
@@ -104,7 +105,7 @@ def build_variant_plan(config: "SlimMoeConfig", name: str) -> SlimMoeVariantPlan
         )
 
     layers = tuple(sizes["layers"])
-    n_full, n_kept = config.num_hidden_layers, len(layers)
+    n_kept = len(layers)
     return SlimMoeVariantPlan(
         name=name,
         layers=layers,
@@ -112,7 +113,7 @@ def build_variant_plan(config: "SlimMoeConfig", name: str) -> SlimMoeVariantPlan
         config=variant,
         # a variant numbers its cache layers 0..n-1 over the layers it keeps
         blocks=tuple(block(position, position) for position in range(n_kept)),
-        mtp_blocks=tuple(block(n_kept + k, n_full + k) for k in range(config.num_mtp_heads)),
+        mtp_blocks=tuple(block(n_kept + k, k) for k in range(config.num_mtp_heads)),
     )
 
 
