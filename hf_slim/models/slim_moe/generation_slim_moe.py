@@ -213,8 +213,49 @@ def nested_drafts(config, target: str = FULL_VARIANT) -> list[str]:
     return [name for name in names if name in inside]
 
 
+class SpeculationCounts:
+    """What follows from the per-step counts of one speculative `generate` call; shared by the nested-variant draft's
+    [`SpeculationStats`] and the MTP heads' `MtpAcceptanceStats`, which hold the lists `drafted` (tokens drafted
+    before each verification step), `accepted` (drafted tokens each step accepted) and `new_tokens` (tokens each
+    step appended)."""
+
+    drafted: list[int]
+    accepted: list[int]
+    new_tokens: list[int]
+
+    @property
+    def steps(self) -> int:
+        """Verification steps (forwards of the verifying model)."""
+        return len(self.accepted)
+
+    @property
+    def accepted_per_step(self) -> float:
+        """Mean drafted tokens accepted per drafting step (steps that drafted nothing left out; 0 with none)."""
+        drafting = [a for a, d in zip(self.accepted, self.drafted) if d]
+        return sum(drafting) / len(drafting) if drafting else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Mean tokens appended per verification step (`accepted_per_step + 1` unless EOS cut a step)."""
+        return sum(self.new_tokens) / self.steps if self.steps else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of drafted tokens the verifying model accepted (0 when nothing was drafted)."""
+        drafted = sum(self.drafted)
+        return sum(self.accepted) / drafted if drafted else 0.0
+
+    def counts_dict(self) -> dict:
+        """The recorded lists and the statistics above, as plain Python values."""
+        return {
+            "drafted": list(self.drafted), "accepted": list(self.accepted), "new_tokens": list(self.new_tokens),
+            "steps": self.steps, "accepted_per_step": self.accepted_per_step, "tokens_per_step": self.tokens_per_step,
+            "acceptance_rate": self.acceptance_rate,
+        }  # fmt: skip
+
+
 @dataclass
-class SpeculationStats:
+class SpeculationStats(SpeculationCounts):
     r"""
     Acceptance of one assisted `generate` call with a nested draft (`SlimMoeElasticDraft.stats`).
 
@@ -241,36 +282,11 @@ class SpeculationStats:
     draft_seconds: float = 0.0
     total_seconds: float = 0.0
 
-    @property
-    def steps(self) -> int:
-        """Verification steps (target forwards)."""
-        return len(self.accepted)
-
-    @property
-    def accepted_per_step(self) -> float:
-        """Mean drafted tokens accepted per drafting step (steps that drafted nothing left out; 0 with none)."""
-        drafting = [a for a, d in zip(self.accepted, self.drafted) if d]
-        return sum(drafting) / len(drafting) if drafting else 0.0
-
-    @property
-    def tokens_per_step(self) -> float:
-        """Mean tokens appended per verification step (`accepted_per_step + 1` unless EOS cut a step)."""
-        return sum(self.new_tokens) / self.steps if self.steps else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Share of drafted tokens the target accepted (0 when nothing was drafted)."""
-        drafted = sum(self.drafted)
-        return sum(self.accepted) / drafted if drafted else 0.0
-
     def to_dict(self) -> dict:
         """The recorded lists and every derived statistic, as plain Python values."""
         return {
-            "draft_variant": self.draft_variant, "target_variant": self.target_variant, "drafted": list(self.drafted),
-            "accepted": list(self.accepted), "new_tokens": list(self.new_tokens), "steps": self.steps,
-            "accepted_per_step": self.accepted_per_step, "tokens_per_step": self.tokens_per_step,
-            "acceptance_rate": self.acceptance_rate, "draft_seconds": self.draft_seconds,
-            "total_seconds": self.total_seconds,
+            "draft_variant": self.draft_variant, "target_variant": self.target_variant, **self.counts_dict(),
+            "draft_seconds": self.draft_seconds, "total_seconds": self.total_seconds,
         }
 
 

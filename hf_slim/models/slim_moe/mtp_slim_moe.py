@@ -67,6 +67,7 @@ from transformers.modeling_layers import MtpModel
 from transformers.utils import cached_file, logging
 
 from .configuration_slim_moe import SlimMoeConfig
+from .generation_slim_moe import SpeculationCounts
 from .variants_slim_moe import FULL_VARIANT, SlimMoeVariantPlan
 
 
@@ -258,7 +259,7 @@ def check_mtp_heads(model: nn.Module) -> None:
 
 # ---- decoding ----------------------------------------------------------------------------------------------------
 @dataclass
-class MtpAcceptanceStats:
+class MtpAcceptanceStats(SpeculationCounts):
     r"""
     Acceptance of one `generate(..., use_mtp=True)` call (`model.mtp_stats` after it).
 
@@ -282,28 +283,6 @@ class MtpAcceptanceStats:
     new_tokens: list[int] = field(default_factory=list)
 
     @property
-    def steps(self) -> int:
-        """Verification steps (forwards of the model), the prompt's included."""
-        return len(self.accepted)
-
-    @property
-    def accepted_per_step(self) -> float:
-        """Mean drafted tokens accepted per drafting step (steps that drafted nothing left out; 0 with none)."""
-        drafting = [a for a, d in zip(self.accepted, self.drafted) if d]
-        return sum(drafting) / len(drafting) if drafting else 0.0
-
-    @property
-    def tokens_per_step(self) -> float:
-        """Mean tokens appended per forward of the model (1.0 without speculation)."""
-        return sum(self.new_tokens) / self.steps if self.steps else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Share of drafted tokens the model accepted (0 when nothing was drafted)."""
-        drafted = sum(self.drafted)
-        return sum(self.accepted) / drafted if drafted else 0.0
-
-    @property
     def depth_acceptance(self) -> list[float]:
         """Per depth k = 1..D: share of the steps that drafted it in which its token was accepted (a depth's token
         counts only if every shallower one was accepted too)."""
@@ -316,10 +295,8 @@ class MtpAcceptanceStats:
     def to_dict(self) -> dict:
         """The recorded lists and every derived statistic, as plain Python values."""
         return {
-            "num_depths": self.num_depths, "variant": self.variant, "drafted": list(self.drafted),
-            "accepted": list(self.accepted), "new_tokens": list(self.new_tokens), "steps": self.steps,
-            "accepted_per_step": self.accepted_per_step, "tokens_per_step": self.tokens_per_step,
-            "acceptance_rate": self.acceptance_rate, "depth_acceptance": self.depth_acceptance,
+            "num_depths": self.num_depths, "variant": self.variant, **self.counts_dict(),
+            "depth_acceptance": self.depth_acceptance,
         }
 
 
