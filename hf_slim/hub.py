@@ -132,7 +132,9 @@ def mtp_card_note(num_mtp_heads: int) -> str:
     return (
         f"The checkpoint keeps {num_mtp_heads} multi-token-prediction depth(s) under `mtp.*` in `{MTP_FILE}` "
         "(transformers' MTP layout: `mtp.layers.{k}.` holds `enorm`, `hnorm`, `eh_proj`, `post_norm` and a decoder "
-        "block); stock transformers skips them."
+        "block). Stock transformers skips them, and no engine drafts with MTP heads for this architecture: "
+        "`generate(use_mtp=True)` on this checkpoint does not use them. They are the MTP heads of the SlimMoe model "
+        "this was exported from; that SlimMoe checkpoint drafts with them (`generate(use_mtp=True)`)."
     )
 
 
