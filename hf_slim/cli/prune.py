@@ -178,10 +178,6 @@ def _sizes_of(config: Any) -> dict[str, Any]:
     return size_summary(model)
 
 
-def _human_bytes(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
 def run_prune(args: argparse.Namespace) -> int:
     """Handler of `hf-slim prune`: open the checkpoint lazily, calibrate block by block, prune tensor by tensor into
     a Hub-ready folder, print the before/after table. Memory stays bounded by one block, not the model."""
@@ -194,6 +190,7 @@ def run_prune(args: argparse.Namespace) -> int:
     from ..pruning.layerwise import collect_statistics_layerwise
     from ..pruning.stats import ImportanceStats
     from ..pruning.streaming import prune_checkpoint
+    from ..utils import format_bytes
 
     config = _prune_config(args)
     check_output(args.output, args.overwrite)
@@ -236,6 +233,6 @@ def run_prune(args: argparse.Namespace) -> int:
     console.print(before_after_table(before, after, title=f"hf-slim prune: {args.model}"))
     if config.has_budget:
         console.print(f"sizes chosen for the budget: {chosen}")
-    console.print(f"read {_human_bytes(read)} of tensors from {args.model}")
+    console.print(f"read {format_bytes(read)} of tensors from {args.model}")
     console.print(f"wrote {folder}")
     return 0
