@@ -135,13 +135,14 @@ def _human(n: int) -> str:
     return f"{n}B"
 
 
-def held_tensors(reader: Reader, structure: Any) -> list[str]:
-    """The reader's tensor names that the model `structure` (of the source's config) holds, in checkpoint order.
+def held_tensors(reader: Reader, structure: Any, also: Iterable[str] = ()) -> list[str]:
+    """The reader's tensor names that the model `structure` (of the source's config) holds, or that `also` names, in
+    checkpoint order.
 
     Other tensors (extra weights some checkpoints carry for other engines, such as `mtp.*` next to a stock model) are
     left out with a warning naming them, as `from_pretrained` leaves them out.
     """
-    held = set(structure.state_dict())
+    held = set(structure.state_dict()) | set(also)
     names = reader.names()
     unknown = [name for name in names if name not in held]
     if unknown:
@@ -391,6 +392,34 @@ def _new_mtp_tensors(reader: Reader, slim: SlimMoeConfig, structure: Any, dtype:
     return out
 
 
+def _mtp_depths_in(reader: Reader) -> int:
+    """How many MTP depths (`mtp.layers.{k}.*`, transformers' MTP layout) the checkpoint holds; 0 when none."""
+    depths = set()
+    for name in reader.names():
+        parts = name.split(".", 3)
+        if len(parts) == 4 and parts[:2] == ["mtp", "layers"] and parts[2].isdigit():
+            depths.add(int(parts[2]))
+    return len(depths)
+
+
+def _kept_mtp_heads(reader: Reader, to: str, num_mtp_heads: int) -> int:
+    """The MTP depths a stock source brings back to SlimMoe (as `save_for_hub(..., model_type=...)` keeps them in
+    `mtp.safetensors`), or 0 when there is nothing to bring back.
+
+    Raises:
+        `ValueError`: `num_mtp_heads` is neither 0 nor the number of depths the checkpoint holds.
+    """
+    if to != "slim_moe" or reader.config.model_type == "slim_moe":
+        return 0
+    found = _mtp_depths_in(reader)
+    if found and num_mtp_heads and num_mtp_heads != found:
+        raise ValueError(
+            f"num_mtp_heads={num_mtp_heads}, but {reader.folder or 'the source'} holds {found} MTP depth(s) under "
+            f"`mtp.layers.*`, which the conversion keeps; pass num_mtp_heads=0 (or {found}) to keep them."
+        )
+    return found
+
+
 def convert_checkpoint(
     source: str | os.PathLike | Reader,
     output: str | os.PathLike,
@@ -421,7 +450,10 @@ def convert_checkpoint(
         to (`str`, defaults to `"slim_moe"`): `"slim_moe"` or a stock family of `hf_slim.convert.SUPPORTED_MODEL_TYPES`.
         num_mtp_heads (`int`, defaults to 0): MTP depths to add when converting a stock checkpoint to SlimMoe; each
             starts as `from_hf(..., mtp_init="last_layer")` starts it: its block a copy of the last sparse decoder
-            layer, `fc` freshly drawn from normal(0, `initializer_range`), the norms at one.
+            layer, `eh_proj` freshly drawn from normal(0, `initializer_range`), the norms at one. A stock source that
+            holds MTP depths (`mtp.layers.{k}.*`, as `save_for_hub(slim, model_type=...)` and this function keep
+            them in `mtp.safetensors`) converts back to SlimMoe with those depths: `num_mtp_heads` becomes their
+            number and their tensors are copied (their shapes must be what the SlimMoe config builds).
         keep_mtp (`bool`, defaults to `True`): converting SlimMoe to a stock family, keep the MTP tensors as `mtp.*`
             in `mtp.safetensors` (listed in the index), which stock transformers skips.
         dtype (`torch.dtype` or `str`, optional): cast floating-point tensors to it (e.g. `"bfloat16"`).
@@ -436,8 +468,9 @@ def convert_checkpoint(
 
     Raises:
         `ValueError`: an unknown `to` or source family, a bad `num_mtp_heads` (see
-            `hf_slim.convert.conversion_configs`), a SlimMoe field the target family cannot hold (naming it), a bogus
-            `dtype` or `max_shard_size`; `hf_slim.checkpoints.CheckpointError` for a checkpoint that cannot be read;
+            `hf_slim.convert.conversion_configs`; a non-zero one other than the number of MTP depths a stock source
+            holds), an MTP tensor whose shape is not the SlimMoe config's (naming both), a SlimMoe field the target
+            family cannot hold (naming it), a bogus `dtype` or `max_shard_size`; `hf_slim.checkpoints.CheckpointError` for a checkpoint that cannot be read;
             `FileExistsError` when `output` exists and `overwrite` is not set. Nothing is left at `output` on failure.
 
     Example:
@@ -451,16 +484,23 @@ def convert_checkpoint(
     cast = parse_dtype(dtype)
     parse_size(max_shard_size, "max_shard_size")
     with open_source(source, lambda config: conversion_configs(config, to, num_mtp_heads)) as (reader, configs):
-        slim, target = configs
+        kept_mtp = _kept_mtp_heads(reader, to, num_mtp_heads)
+        if kept_mtp and kept_mtp != num_mtp_heads:
+            slim, target = conversion_configs(reader.config, to, kept_mtp)
+        else:
+            slim, target = configs
         structure = meta_model(target, _target_class(to))
         source_structure = meta_model(reader.config, _target_class(reader.config.model_type))
+        # a stock source's `mtp.layers.*` (a stock export of SlimMoe) are copied into the SlimMoe heads, whose shapes
+        # `stream_export` checks against the SlimMoe config
+        also = {name for name in reader.names() if name.startswith("mtp.layers.")} if kept_mtp else set()
         tensors = [
             StreamedTensor(name, functools.partial(reader.read, name), name)
-            for name in held_tensors(reader, source_structure)
+            for name in held_tensors(reader, source_structure, also=also)
             if to == "slim_moe" or keep_mtp or not name.startswith("mtp.")
         ]
         mtp_structure = None
-        if to == "slim_moe" and reader.config.model_type != "slim_moe" and slim.num_mtp_heads:
+        if to == "slim_moe" and reader.config.model_type != "slim_moe" and slim.num_mtp_heads and not kept_mtp:
             floating = next(reader.dtype(t.source) for t in tensors if reader.dtype(t.source).is_floating_point)
             tensors += _new_mtp_tensors(reader, slim, structure, cast or floating)
         elif to != "slim_moe" and keep_mtp and getattr(slim, "num_mtp_heads", 0):

@@ -134,7 +134,10 @@ def mtp_card_note(num_mtp_heads: int) -> str:
         "(transformers' MTP layout: `mtp.layers.{k}.` holds `enorm`, `hnorm`, `eh_proj`, `post_norm` and a decoder "
         "block). Stock transformers skips them, and no engine drafts with MTP heads for this architecture: "
         "`generate(use_mtp=True)` on this checkpoint does not use them. They are the MTP heads of the SlimMoe model "
-        "this was exported from; that SlimMoe checkpoint drafts with them (`generate(use_mtp=True)`)."
+        "this was exported from; `hf-slim convert THIS_FOLDER OUT --to slim_moe` (or `hf_slim.convert_checkpoint`, "
+        "one tensor at a time) converts this folder back to SlimMoe with them, and that checkpoint drafts with them "
+        "(`generate(use_mtp=True)`). Loading this folder with `from_pretrained` and converting in memory "
+        "(`hf_slim.convert.from_hf`) drops them."
     )
 
 

@@ -239,3 +239,64 @@ def test_cli_convert_reports_bytes_and_refuses_before_reading(tmp_path, tmp_path
     assert main(argv) == 2
     assert "this SlimMoe source keeps its own 1" in capsys.readouterr().err
     assert not (tmp_path / "back").exists()
+
+
+# ---- MTP heads of a stock export come back ---------------------------------------------------------------------------
+def _slim_with_mtp(num_mtp_heads: int = 2) -> SlimMoeForCausalLM:
+    torch.manual_seed(11)
+    config = SlimMoeConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                           moe_intermediate_size=16, num_mtp_heads=num_mtp_heads)
+    model = SlimMoeForCausalLM(config).eval()
+    with torch.no_grad():  # norms and eh_proj off their init, so copying them is what the test sees
+        for name, param in model.mtp.named_parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def test_stock_export_mtp_heads_round_trip_to_slim_moe(tmp_path):
+    """SlimMoe with 2 MTP heads -> save_for_hub(model_type="qwen3_moe") (MTP in mtp.safetensors) -> convert_checkpoint
+    back to SlimMoe: the heads are copied, not drawn anew; logits, MTP outputs and MTP decoding are the original's."""
+    slim = _slim_with_mtp(2)
+    stock = save_for_hub(slim, tmp_path / "stock", model_type="qwen3_moe")
+    assert (stock / "mtp.safetensors").is_file()
+    back = convert_checkpoint(stock, tmp_path / "back", show_progress=False)  # num_mtp_heads=0: the source's count
+    assert json.loads((back / "config.json").read_text())["num_mtp_heads"] == 2
+    assert "hf-slim convert" in (stock / "README.md").read_text()
+    streamed = weights(back)
+    for key, value in slim.mtp.state_dict().items():
+        assert torch.equal(streamed[f"mtp.{key}"], value), key
+    loaded = SlimMoeForCausalLM.from_pretrained(back).eval()
+    assert loaded.config.num_mtp_heads == 2
+    with torch.no_grad():
+        want = slim(IDS, return_mtp=True, return_mtp_logits=True)
+        got = loaded(IDS, return_mtp=True, return_mtp_logits=True)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-6, rtol=0)
+    assert len(got.mtp_hidden_states) == len(want.mtp_hidden_states) == 2
+    for a, b in zip(got.mtp_hidden_states, want.mtp_hidden_states):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    for a, b in zip(got.mtp_logits, want.mtp_logits):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    prompt = IDS[:1]
+    plain = loaded.generate(prompt, do_sample=False, max_new_tokens=12)
+    drafted = loaded.generate(prompt, do_sample=False, max_new_tokens=12, use_mtp=True)
+    assert torch.equal(drafted, plain)
+    assert torch.equal(plain, slim.generate(prompt, do_sample=False, max_new_tokens=12))
+    # the same number passed explicitly is fine; the command line round-trips too
+    again = convert_checkpoint(stock, tmp_path / "again" / "back", num_mtp_heads=2, show_progress=False)
+    same_folders(back, again)
+    assert main(["convert", str(stock), str(tmp_path / "cli" / "back"), "--to", "slim_moe"]) == 0
+    same_folders(back, tmp_path / "cli" / "back")
+
+
+def test_stock_export_mtp_heads_refuse_another_count_or_shape(tmp_path):
+    stock = save_for_hub(_slim_with_mtp(2), tmp_path / "stock", model_type="qwen3_moe")
+    call = functools.partial(convert_checkpoint, stock, tmp_path / "out", num_mtp_heads=3, show_progress=False)
+    _refused(call, ValueError, r"num_mtp_heads=3, but .* holds 2 MTP depth\(s\)", tmp_path)
+    # an MTP tensor of another shape than the SlimMoe config builds: one sentence naming it and both shapes
+    model = AutoModelForCausalLM.from_pretrained(stock)
+    state = {**model.state_dict(), **{k: v for k, v in weights(stock).items() if k.startswith("mtp.")}}
+    state["mtp.layers.1.eh_proj.weight"] = torch.zeros(32, 48)
+    reader = StateDictReader(state, model.config)
+    call = functools.partial(convert_checkpoint, reader, tmp_path / "out", show_progress=False)
+    _refused(call, ValueError, r"'mtp.layers.1.eh_proj.weight'.*shape \[32, 48\].*holds \[32, 64\]", tmp_path)

@@ -18,7 +18,11 @@ def _add_convert_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", help="Output folder (written atomically).")
     parser.add_argument("--to", choices=("slim_moe", *SUPPORTED_MODEL_TYPES), default="slim_moe")
     parser.add_argument(
-        "--num-mtp-heads", type=int, default=0, help="MTP depths to add when converting a stock checkpoint to SlimMoe."
+        "--num-mtp-heads",
+        type=int,
+        default=0,
+        help="MTP depths to add when converting a stock checkpoint to SlimMoe (a stock export's own mtp.layers.* "
+        "come back without it).",
     )
     parser.add_argument("--drop-mtp", action="store_true", help="Do not keep mtp.* tensors in a stock export.")
     parser.add_argument("--overwrite", action="store_true")
