@@ -12,7 +12,7 @@ from .calibration import collect_statistics, pack_calibration_data
 from .config import SIZE_FIELDS, PruneConfig
 from .experts import expert_importance
 from .export import save_pruned, size_summary
-from .layerwise import collect_statistics_layerwise
+from .layerwise import LayerwiseCalibrationError, collect_statistics_layerwise
 from .progressive import ProgressivePlan, prune_progressively
 from .prune import plan_selection, prune
 from .scores import choose_layers, hidden_importance
@@ -27,6 +27,7 @@ __all__ = [
     "search_budget",
     "choose_layers",
     "collect_statistics",
+    "LayerwiseCalibrationError",
     "collect_statistics_layerwise",
     "expert_importance",
     "hidden_importance",

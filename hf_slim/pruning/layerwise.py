@@ -32,7 +32,7 @@ from ..utils import format_bytes
 from .layerwise_state import HiddenStates, WorkDir
 from .stats import ImportanceStats
 
-__all__ = ["collect_statistics_layerwise"]
+__all__ = ["LayerwiseCalibrationError", "collect_statistics_layerwise"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +98,9 @@ def collect_statistics_layerwise(
         `ValueError`: bad sizes, an unknown dtype or device, an unreadable `max_memory`, a `max_memory` below what
             one block needs, a checkpoint missing a tensor or holding another shape, or a `work_dir` holding a run
             with different inputs (the message names what differs).
-        `NotImplementedError`: a model whose forward or computed buffers this pass cannot reproduce block by block
-            (none of the supported families); load it and call `collect_statistics(model, ...)`.
+        [`LayerwiseCalibrationError`] (a `ValueError`): a model whose forward or computed buffers this pass cannot
+            reproduce block by block (none of the supported families); load it and call
+            `collect_statistics(model, ...)`.
     """
     from tqdm.auto import tqdm
 
@@ -149,6 +150,12 @@ def collect_statistics_layerwise(
 _LOAD_CHUNK_BYTES = 64 * 2**20  # what one read of a block's tensor may hold at once
 
 
+class LayerwiseCalibrationError(ValueError):
+    """The model's structure cannot be replayed block by block (blocks outside the decoder stack that hf-slim does not
+    know, buffers computed inside a block, a forward that does not call each decoder layer once). None of the
+    supported families raises it; the message says to load the model and call `collect_statistics(model, ...)`."""
+
+
 class _Stop(Exception):
     """Raised by the last recorder: the rest of the model's forward (final norm, head) is not needed."""
 
@@ -192,7 +199,7 @@ class _Run:
         self.n_dec = sum(1 for b in self.blocks if self.spec.is_decoder_block(b)) - len(self.trailing)
         self.mtp = getattr(self.model, "mtp", None)
         if len(self.blocks) > self.n_dec and self.mtp is None and not self.trailing:
-            raise NotImplementedError(
+            raise LayerwiseCalibrationError(
                 f"{config.model_type}: blocks {self.blocks[self.n_dec:]} run outside the decoder stack in a way "
                 "layer-by-layer calibration does not know; load the model and call collect_statistics(model, ...)"
             )
@@ -219,7 +226,7 @@ class _Run:
         owners = sorted({name.rpartition(".")[0] for name, _ in self.model.named_buffers() if name not in stored})
         for path in owners:
             if self.spec.split_name(path + ".x")[0] is not None:
-                raise NotImplementedError(
+                raise LayerwiseCalibrationError(
                     f"{path}: a block computes buffers at construction, which layer-by-layer calibration cannot "
                     "rebuild; load the model and call collect_statistics(model, ...)"
                 )
@@ -227,7 +234,7 @@ class _Run:
             try:
                 new = type(old)(config=self.model.config).to(self.dev)
             except TypeError as error:
-                raise NotImplementedError(
+                raise LayerwiseCalibrationError(
                     f"{path}: cannot rebuild {type(old).__name__} from the config ({error}); load the model and call "
                     "collect_statistics(model, ...)"
                 ) from None
@@ -407,9 +414,10 @@ class _Run:
             for layer in layers:
                 del layer.forward
         if len(calls) != len(layers):
-            raise NotImplementedError(
+            raise LayerwiseCalibrationError(
                 f"{type(self.model).__name__}'s forward called {len(calls)} of its {len(layers)} decoder layers; "
-                "layer-by-layer calibration needs each called once"
+                "layer-by-layer calibration needs each called once; load the model and call "
+                "collect_statistics(model, ...)"
             )
         self.calls.setdefault(rows, [calls[i] for i in range(len(layers))])
         return first[0] if first else None
