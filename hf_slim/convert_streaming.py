@@ -266,7 +266,7 @@ def stream_export(
     mtp_expected = {}
     if mtp_structure is not None:
         mtp_expected = {n: tuple(t.shape) for n, t in mtp_structure.state_dict().items() if n.startswith("mtp.")}
-    source_tokenizer, source_generation = read_hub_files(reader.folder)
+    source_tokenizer, source_generation = read_hub_files(reader.folder, load_tokenizer=tokenizer is None)
     tokenizer = tokenizer if tokenizer is not None else source_tokenizer
     generation_config = generation_config if generation_config is not None else source_generation
     config = structure.config

@@ -222,17 +222,21 @@ def write_hub_files(
     card.save(folder / "README.md")
 
 
-def read_hub_files(folder: str | os.PathLike | None) -> tuple[Any | None, GenerationConfig | None]:
+def read_hub_files(
+    folder: str | os.PathLike | None, *, load_tokenizer: bool = True
+) -> tuple[Any | None, GenerationConfig | None]:
     """The tokenizer and generation config a checkpoint folder carries, to pass on to [`write_hub_files`] for a model
     written from it tensor by tensor (`None` for each one the folder lacks, or for `folder=None`).
 
     A tokenizer that cannot be loaded is left out with a warning; the weights do not depend on it.
+    `load_tokenizer=False` skips the tokenizer (the caller has one already).
     """
     if folder is None:
         return None, None
     folder = Path(folder)
     tokenizer = generation_config = None
-    if any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if load_tokenizer and any((folder / name).is_file() for name in tokenizer_files):
         from transformers import AutoTokenizer
 
         try:

@@ -133,7 +133,7 @@ def _prune_into(
     from ..hub import read_hub_files, write_hub_files
 
     spec, source_config = reader.spec, reader.config
-    source_tokenizer, source_generation = read_hub_files(reader.folder)
+    source_tokenizer, source_generation = read_hub_files(reader.folder, load_tokenizer=extras["tokenizer"] is None)
     structure = meta_model(source_config)
     before = size_summary(structure)
     sel, merges, updates, report = plan_selection(structure, config, stats, tensors=reader)
