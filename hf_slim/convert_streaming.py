@@ -43,6 +43,7 @@ __all__ = [
     "open_source",
     "parse_dtype",
     "read_bounded",
+    "stock_export_tensors",
     "stream_export",
 ]
 
@@ -218,6 +219,7 @@ def stream_export(
     tokenizer: Any = None,
     generation_config: Any = None,
     card_kwargs: dict[str, Any] | None = None,
+    mtp_note: str = "",
 ) -> Path:
     """Write `tensors` one at a time into a Hub-ready folder for the model `structure`, atomically.
 
@@ -242,6 +244,8 @@ def stream_export(
         tokenizer, generation_config (optional): default to the source folder's (see `hf_slim.hub.read_hub_files`);
             a missing generation config is derived from the output config.
         card_kwargs (`dict`, optional): for `hf_slim.hub.render_model_card` (description, base_model, ...).
+        mtp_note (`str`): the card's line about MTP layers `structure` holds in its family's own layout (see
+            [`stock_export_tensors`]); the line about `mtp_structure`'s tensors is written without it.
 
     Raises:
         `ValueError`: a tensor whose shape does not fit `structure` (naming both), a tensor `structure` does not hold,
@@ -324,7 +328,6 @@ def stream_export(
             raise
         finally:
             bar.close()
-        mtp_note = ""
         if "mtp" in writers:
             (tmp / ".mtp" / "model.safetensors").rename(tmp / MTP_FILE)
             (tmp / ".mtp").rmdir()
@@ -357,7 +360,7 @@ def _target_class(to: str) -> type:
 
 
 def _normal(shape: tuple[int, ...], std: float, dtype: torch.dtype) -> torch.Tensor:
-    # drawn in float32, then cast, as a model built in float32 and moved to `dtype` (`from_hf`) has it
+    # drawn in float32, then cast (`from_hf` draws in the model's dtype: the same distribution, other numbers)
     return torch.empty(shape).normal_(0.0, std).to(dtype)
 
 
@@ -367,8 +370,10 @@ _MTP_DEPTH_PARTS = ("enorm", "hnorm", "eh_proj", "post_norm")
 
 def _new_mtp_tensors(reader: Reader, slim: SlimMoeConfig, structure: Any, dtype: torch.dtype) -> list[StreamedTensor]:
     """The MTP heads `from_hf(..., mtp_init="last_layer")` adds: each depth's block a copy of the last sparse decoder
-    layer (read lazily), its `eh_proj` drawn from normal(0, initializer_range) and its norms (`enorm`, `hnorm`,
-    `post_norm`) at one."""
+    layer (read lazily, under its name in the source), its `eh_proj` drawn from normal(0, initializer_range) and its
+    norms (`enorm`, `hnorm`, `post_norm`) at one."""
+    from .convert import stock_name
+
     sparse = [i for i, kind in enumerate(slim.mlp_layer_types) if kind == "sparse"]
     if not sparse:
         raise ValueError(
@@ -382,7 +387,7 @@ def _new_mtp_tensors(reader: Reader, slim: SlimMoeConfig, structure: Any, dtype:
             continue
         rest = name.split(".", 3)[3] if name.startswith("mtp.layers.") else ""
         if rest and rest.split(".")[0] not in _MTP_DEPTH_PARTS:  # the depth's decoder block
-            source = last + rest
+            source = stock_name(reader.config, last + rest)
             out.append(StreamedTensor(name, functools.partial(reader.read, source), source))
         elif name.endswith(".eh_proj.weight"):
             draw = functools.partial(_normal, tuple(meta.shape), slim.initializer_range, dtype)
@@ -402,22 +407,65 @@ def _mtp_depths_in(reader: Reader) -> int:
     return len(depths)
 
 
-def _kept_mtp_heads(reader: Reader, to: str, num_mtp_heads: int) -> int:
-    """The MTP depths a stock source brings back to SlimMoe (as `save_for_hub(..., model_type=...)` keeps them in
-    `mtp.safetensors`), or 0 when there is nothing to bring back.
+def _kept_mtp_heads(reader: Reader, to: str, num_mtp_heads: int) -> tuple[int, bool]:
+    """The MTP depths a stock source brings back to SlimMoe, or 0 when there is nothing to bring back, and whether
+    they are in the family's own layout (GLM-4-MoE's `model.layers.{N + k}`) rather than under `mtp.layers.*` (as
+    `save_for_hub(..., model_type=...)` keeps them in `mtp.safetensors` for the other families).
 
     Raises:
         `ValueError`: `num_mtp_heads` is neither 0 nor the number of depths the checkpoint holds.
     """
+    from .convert import mtp_depths
+
     if to != "slim_moe" or reader.config.model_type == "slim_moe":
-        return 0
-    found = _mtp_depths_in(reader)
+        return 0, False
+    native = mtp_depths(reader.config, reader.names())
+    found = native or _mtp_depths_in(reader)
     if found and num_mtp_heads and num_mtp_heads != found:
+        where = f"after its {reader.config.num_hidden_layers} decoder layers" if native else "under `mtp.layers.*`"
         raise ValueError(
-            f"num_mtp_heads={num_mtp_heads}, but {reader.folder or 'the source'} holds {found} MTP depth(s) under "
-            f"`mtp.layers.*`, which the conversion keeps; pass num_mtp_heads=0 (or {found}) to keep them."
+            f"num_mtp_heads={num_mtp_heads}, but {reader.folder or 'the source'} holds {found} MTP depth(s) {where}, "
+            f"which the conversion keeps; pass num_mtp_heads=0 (or {found}) to keep them."
         )
-    return found
+    return found, bool(native)
+
+
+def stock_export_tensors(
+    slim: SlimMoeConfig,
+    model_type: str,
+    tensors: list[StreamedTensor],
+    *,
+    keep_mtp: bool = True,
+    slim_structure: Any = None,
+) -> tuple[Any, Any, list[StreamedTensor], str]:
+    """What [`stream_export`] takes to write SlimMoe `tensors` (SlimMoe naming) as the stock family `model_type`.
+
+    Each tensor takes its name in that family (`hf_slim.convert.stock_name`). MTP tensors (`mtp.*`) go, with
+    `keep_mtp`, into the family's own MTP layers when it has them (GLM-4-MoE: `model.layers.{N + k}`, attached to the
+    structure, plus the copies of the embedding and the head that layout holds, read as the model's own; a warning
+    when transformers' `generate(use_mtp=True)` does not look at that depth), else beside the stock weights in
+    `mtp.safetensors` (`slim_structure`, the SlimMoe model on the meta device, gives their shapes).
+
+    Returns:
+        `(structure, mtp_structure, tensors, mtp_note)` for `stream_export`.
+    """
+    from .anatomy.mtp_blocks import attach_mtp_layers
+    from .convert import FAMILIES, mtp_copies, stock_config_for_export, stock_name, warn_if_mtp_hidden
+    from .hub import native_mtp_card_note
+
+    target = stock_config_for_export(slim, model_type, keep_mtp)
+    structure = meta_model(target, FAMILIES[model_type].model_class)
+    copies = mtp_copies(target)
+    kept = [t for t in tensors if keep_mtp or not t.name.startswith("mtp.")]
+    out = [StreamedTensor(stock_name(target, t.name), t.read, t.source) for t in kept]
+    if not copies:
+        mtp_structure = slim_structure if keep_mtp and slim.num_mtp_heads else None
+        return structure, mtp_structure, out, ""
+    by_name = {t.name: t for t in tensors}
+    out += [StreamedTensor(copy, by_name[name].read, by_name[name].source) for copy, name in copies.items()]
+    attach_mtp_layers(structure, [t.name for t in out])
+    warn_if_mtp_hidden(target)
+    return structure, None, out, native_mtp_card_note(target)
 
 
 def convert_checkpoint(
@@ -440,9 +488,11 @@ def convert_checkpoint(
     model_type=to, keep_mtp=keep_mtp)` (to a stock family) writes for the loaded model: the same weights (bitwise,
     in the stored dtype unless `dtype` is given), config, generation config, tokenizer and model card, written
     atomically. The config is translated through the family's anatomy spec (`to_slim_moe` / `from_slim_moe`); every
-    tensor keeps its model name and is written in the target family's stored layout (Mixtral's `block_sparse_moe`,
-    per-expert tensors for the stock families, fused ones for SlimMoe). A stock checkpoint converts to another stock
-    family through SlimMoe, as the command line does.
+    tensor keeps its model name (but for the renames a spec declares, `hf_slim.convert.tensor_name`) and is written in
+    the target family's stored layout (Mixtral's `block_sparse_moe`, per-expert tensors for the stock families, fused
+    ones for SlimMoe). A stock checkpoint converts to another stock family through SlimMoe, as the command line does
+    (MTP layers are left out of that). GLM-4-MoE's MTP layers (`model.layers.{N + k}`) are SlimMoe's MTP heads
+    (`mtp.layers.{k}`) both ways (see `docs/mtp.md`).
 
     Args:
         source: a checkpoint folder, a Hub model id (see `hf_slim.checkpoints.open_checkpoint`), or an open reader.
@@ -452,10 +502,13 @@ def convert_checkpoint(
             starts as `from_hf(..., mtp_init="last_layer")` starts it: its block a copy of the last sparse decoder
             layer, `eh_proj` freshly drawn from normal(0, `initializer_range`), the norms at one. A stock source that
             holds MTP depths (`mtp.layers.{k}.*`, as `save_for_hub(slim, model_type=...)` and this function keep
-            them in `mtp.safetensors`) converts back to SlimMoe with those depths: `num_mtp_heads` becomes their
-            number and their tensors are copied (their shapes must be what the SlimMoe config builds).
+            them in `mtp.safetensors`), or GLM-4-MoE MTP layers after its decoder layers, converts to SlimMoe with
+            those depths: `num_mtp_heads` becomes their number and their tensors are copied (their shapes must be
+            what the SlimMoe config builds).
         keep_mtp (`bool`, defaults to `True`): converting SlimMoe to a stock family, keep the MTP tensors as `mtp.*`
-            in `mtp.safetensors` (listed in the index), which stock transformers skips.
+            in `mtp.safetensors` (listed in the index), which stock transformers skips; for `glm4_moe`, as its own MTP
+            layers (`model.layers.{N + k}`, with the copies of the embedding and the head), which stock
+            `generate(use_mtp=True)` drafts with when `N` is 46 or 92 (a warning says so otherwise).
         dtype (`torch.dtype` or `str`, optional): cast floating-point tensors to it (e.g. `"bfloat16"`).
         overwrite (`bool`): replace an existing non-empty `output`.
         max_shard_size (`int` or `str`, defaults to `"5GB"`): shard size of the output, as `save_pretrained` reads it.
@@ -479,32 +532,39 @@ def convert_checkpoint(
         >>> convert_checkpoint("qwen3-slim", "qwen3-back", to="qwen3_moe")
         ```
     """
-    from .convert import conversion_configs
+    from .anatomy.mtp_blocks import attach_mtp_layers
+    from .convert import conversion_configs, slim_name
 
     cast = parse_dtype(dtype)
     parse_size(max_shard_size, "max_shard_size")
     with open_source(source, lambda config: conversion_configs(config, to, num_mtp_heads)) as (reader, configs):
-        kept_mtp = _kept_mtp_heads(reader, to, num_mtp_heads)
+        kept_mtp, native = _kept_mtp_heads(reader, to, num_mtp_heads)
         if kept_mtp and kept_mtp != num_mtp_heads:
             slim, target = conversion_configs(reader.config, to, kept_mtp)
         else:
             slim, target = configs
-        structure = meta_model(target, _target_class(to))
         source_structure = meta_model(reader.config, _target_class(reader.config.model_type))
+        if native:  # MTP layers after the decoder layers (GLM-4-MoE): they become the SlimMoe heads
+            attach_mtp_layers(source_structure, reader.names())
         # a stock source's `mtp.layers.*` (a stock export of SlimMoe) are copied into the SlimMoe heads, whose shapes
         # `stream_export` checks against the SlimMoe config
-        also = {name for name in reader.names() if name.startswith("mtp.layers.")} if kept_mtp else set()
+        also = {name for name in reader.names() if name.startswith("mtp.layers.")} if kept_mtp and not native else set()
+        # every tensor under its SlimMoe name (the MTP layers' copies of the embedding and the head have none)
         tensors = [
-            StreamedTensor(name, functools.partial(reader.read, name), name)
+            StreamedTensor(new, functools.partial(reader.read, name), name)
             for name in held_tensors(reader, source_structure, also=also)
-            if to == "slim_moe" or keep_mtp or not name.startswith("mtp.")
+            if (new := slim_name(reader.config, name)) is not None
         ]
-        mtp_structure = None
-        if to == "slim_moe" and reader.config.model_type != "slim_moe" and slim.num_mtp_heads and not kept_mtp:
-            floating = next(reader.dtype(t.source) for t in tensors if reader.dtype(t.source).is_floating_point)
-            tensors += _new_mtp_tensors(reader, slim, structure, cast or floating)
-        elif to != "slim_moe" and keep_mtp and getattr(slim, "num_mtp_heads", 0):
-            mtp_structure = source_structure
+        mtp_structure, mtp_note = None, ""
+        if to == "slim_moe":
+            structure = meta_model(target, SlimMoeForCausalLM)
+            if reader.config.model_type != "slim_moe" and slim.num_mtp_heads and not kept_mtp:
+                floating = next(reader.dtype(t.source) for t in tensors if reader.dtype(t.source).is_floating_point)
+                tensors += _new_mtp_tensors(reader, slim, structure, cast or floating)
+        else:
+            structure, mtp_structure, tensors, mtp_note = stock_export_tensors(
+                slim, to, tensors, keep_mtp=keep_mtp, slim_structure=source_structure
+            )
         what = "SlimMoe" if to == "slim_moe" else to
         return stream_export(
             reader,
@@ -512,6 +572,7 @@ def convert_checkpoint(
             tensors,
             structure=structure,
             mtp_structure=mtp_structure,
+            mtp_note=mtp_note,
             dtype=cast,
             overwrite=overwrite,
             max_shard_size=max_shard_size,

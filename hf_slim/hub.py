@@ -33,6 +33,7 @@ REMOTE_CODE_FILES = (
     "loading_slim_moe.py",
     "generation_slim_moe.py",
     "mtp_slim_moe.py",
+    "routing_slim_moe.py",
 )
 AUTO_MAP = {
     "AutoConfig": "configuration_slim_moe.SlimMoeConfig",
@@ -112,7 +113,8 @@ def render_model_card(
         num_experts=getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None),
         num_experts_per_tok=config.num_experts_per_tok,
         moe_intermediate_size=getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
-        num_mtp_heads=getattr(config, "num_mtp_heads", 0),
+        # SlimMoe's heads, or the MTP layers a stock family holds in its own layout (GLM-4-MoE's num_mtp_layers)
+        num_mtp_heads=getattr(config, "num_mtp_heads", getattr(config, "num_mtp_layers", 0)),
         elastic_variants=", ".join(["full", *variants]) if variants else "",
         recipe=recipe,
         remote_code=remote_code,
@@ -138,6 +140,35 @@ def mtp_card_note(num_mtp_heads: int) -> str:
         "one tensor at a time) converts this folder back to SlimMoe with them, and that checkpoint drafts with them "
         "(`generate(use_mtp=True)`). Loading this folder with `from_pretrained` and converting in memory "
         "(`hf_slim.convert.from_hf`) drops them."
+    )
+
+
+def native_mtp_card_note(config: Any) -> str:
+    """The model card's line about MTP layers a stock export holds in its family's own layout (GLM-4-MoE's
+    `model.layers.{N + k}`), or `""` when it holds none; says whether stock `generate(use_mtp=True)` finds them."""
+    from .anatomy import get_spec
+    from .convert import mtp_found_by_transformers
+
+    spec = get_spec(config.model_type)
+    depths = spec.trailing_mtp.count(config) if spec.trailing_mtp is not None else 0
+    if not depths:
+        return ""
+    n = config.num_hidden_layers
+    where = f"`model.layers.{n}`" if depths == 1 else f"`model.layers.{n}` to `model.layers.{n + depths - 1}`"
+    note = (
+        f"The checkpoint holds {depths} multi-token-prediction layer(s) in {config.model_type}'s own layout, {where} "
+        "(`enorm`, `hnorm`, `eh_proj`, `shared_head.norm`, copies of the embedding and the LM head as `embed_tokens` "
+        "and `shared_head.head`, and a decoder block), exported from the MTP heads of a SlimMoe model."
+    )
+    found, numbers = mtp_found_by_transformers(config)
+    if found:
+        return note + " Stock transformers drafts with them: `generate(use_mtp=True)`."
+    return note + (
+        f" Stock transformers loads {config.model_type}'s MTP layers only from "
+        f"{' or '.join(f'`model.layers.{k}`' for k in numbers)}, so `generate(use_mtp=True)` does not find these "
+        "(a model of that depth would). `hf-slim convert THIS_FOLDER OUT --to slim_moe` (or "
+        "`hf_slim.convert_checkpoint`) converts this folder back to SlimMoe with them, and that checkpoint drafts with "
+        "them."
     )
 
 
@@ -267,7 +298,10 @@ def save_for_hub(
     `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works where hf_slim is not installed.
     With `model_type` (e.g. `"qwen3_moe"`), the model is first converted with `hf_slim.convert.to_hf` and saved as
     that stock architecture (no remote code); with `keep_mtp=True` its MTP heads are kept as `mtp.*` tensors in a
-    separate shard (`mtp.safetensors`, listed in the index), which stock transformers skips.
+    separate shard (`mtp.safetensors`, listed in the index), which stock transformers skips, or, for a family that
+    stores MTP layers after its decoder layers (`glm4_moe`), in that family's own layout (`model.layers.{N + k}`),
+    which stock `generate(use_mtp=True)` drafts with when `N` is a depth transformers looks at (46 or 92 for
+    GLM-4-MoE; a warning and the model card say so otherwise).
 
     Args:
         model: The model to export (SlimMoe or any `PreTrainedModel`).
@@ -287,17 +321,19 @@ def save_for_hub(
     folder = Path(folder)
     mtp_state: dict = {}
     export = model
+    mtp_note = ""
     if model_type is not None and model_type != getattr(model.config, "model_type", None):
-        from .convert import to_hf
+        from .convert import mtp_copies, to_hf
 
         if not isinstance(model, SlimMoeForCausalLM):
             raise TypeError(f"model_type={model_type!r} converts a SlimMoeForCausalLM, got {type(model).__name__}.")
-        export = to_hf(model, model_type)
-        if keep_mtp and model.mtp is not None:
+        export = to_hf(model, model_type, keep_mtp=keep_mtp)
+        if mtp_copies(export.config):  # MTP layers in the family's own layout, written by save_pretrained
+            mtp_note = native_mtp_card_note(export.config)
+        elif keep_mtp and model.mtp is not None:
             mtp_state = {f"mtp.{k}": v.detach().cpu() for k, v in model.mtp.state_dict().items()}
     with atomic_directory(folder, overwrite=overwrite) as tmp:
         export.save_pretrained(tmp, max_shard_size=max_shard_size)
-        mtp_note = ""
         if mtp_state:
             _write_mtp_tensors(tmp, mtp_state)
             mtp_note = mtp_card_note(getattr(model.config, "num_mtp_heads", 0))
@@ -399,6 +435,7 @@ __all__ = [
     "REMOTE_CODE_FILES",
     "add_to_index",
     "mtp_card_note",
+    "native_mtp_card_note",
     "push_to_hub",
     "read_hub_files",
     "render_model_card",

@@ -1,6 +1,13 @@
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+from transformers import (
+    AutoModelForCausalLM,
+    Glm4MoeConfig,
+    MixtralConfig,
+    OlmoeConfig,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
 
 import hf_slim  # noqa: F401  (registers slim_moe)
 from hf_slim.convert import SUPPORTED_MODEL_TYPES, from_hf, to_hf
@@ -23,6 +30,11 @@ CASES = {
         **COMMON, num_experts=5, num_experts_per_tok=2, intermediate_size=16, clip_qkv=3.0, pad_token_id=1,
     ),
     "mixtral": MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2, intermediate_size=24),
+    "glm4_moe": Glm4MoeConfig(
+        **COMMON, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=8, intermediate_size=40,
+        n_shared_experts=2, first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=1.5,
+        attention_bias=True, use_qk_norm=True, num_nextn_predict_layers=0,
+    ),
 }
 
 

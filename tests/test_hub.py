@@ -25,7 +25,8 @@ def test_remote_code_loads_without_hf_slim(tmp_path):
     assert {"config.json", "model.safetensors", "generation_config.json", "README.md",
             *REMOTE_CODE_FILES} <= set(os.listdir(folder))
     assert set(REMOTE_CODE_FILES) == {f"{concern}_slim_moe.py" for concern in
-                                      ("configuration", "variants", "modeling", "loading", "generation", "mtp")}
+                                      ("configuration", "variants", "modeling", "loading", "generation", "mtp",
+                                       "routing")}
     card = (folder / "README.md").read_text()
     assert all(f"`{name}`" in card for name in REMOTE_CODE_FILES)
     assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"].endswith(

@@ -106,13 +106,18 @@ def test_to_slim_moe_and_back_equals_the_in_memory_conversion(model_type, tmp_pa
             assert torch.equal(value, last[key]), key
     assert json.loads((b / "generation_config.json").read_text())["temperature"] == 0.6  # the source's defaults
 
-    # back to the stock family, MTP tensors kept beside the stock weights
+    # back to the stock family, MTP tensors kept beside the stock weights (GLM-4-MoE: in its own MTP layers)
     loaded, tokenizer = _loaded(a)
     c = save_for_hub(loaded, tmp_path / "c" / "back", model_type=model_type, processing_class=tokenizer)
     d = convert_checkpoint(a, tmp_path / "d" / "back", to=model_type, show_progress=False)
     same_folders(c, d)
-    index = json.loads((d / "model.safetensors.index.json").read_text())
-    assert index["weight_map"]["mtp.layers.0.eh_proj.weight"] == "mtp.safetensors"
+    if model_type == "glm4_moe":
+        n = stock.config.num_hidden_layers
+        assert not (d / "mtp.safetensors").exists()
+        assert torch.equal(weights(d)[f"model.layers.{n + 1}.eh_proj.weight"], weights(a)["mtp.layers.1.eh_proj.weight"])
+    else:
+        index = json.loads((d / "model.safetensors.index.json").read_text())
+        assert index["weight_map"]["mtp.layers.0.eh_proj.weight"] == "mtp.safetensors"
     back = AutoModelForCausalLM.from_pretrained(d).eval()
     assert type(back) is type(stock)
     for key, value in stock.state_dict().items():
@@ -193,7 +198,7 @@ def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path):
         tmp_path / "per_layer",
     )
     cases = [
-        (stock, {"to": "llama"}, ValueError, r"to='llama' is not a family.*slim_moe, mixtral, olmoe, qwen2_moe"),
+        (stock, {"to": "llama"}, ValueError, r"to='llama' is not a family.*slim_moe, glm4_moe, mixtral, olmoe, qwen2_moe"),
         (stock, {"to": "mixtral", "num_mtp_heads": 1}, ValueError, r"num_mtp_heads=1 adds MTP depths to a SlimMoe"),
         (stock, {"num_mtp_heads": -1}, ValueError, r"num_mtp_heads=-1 must be an int >= 0"),
         (slim_shared, {"num_mtp_heads": 1}, ValueError, r"this SlimMoe source keeps its own 0"),
@@ -209,7 +214,7 @@ def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path):
                              num_key_value_heads=2),
         tmp_path / "qwen3_next",
     )
-    cases.append((qwen_next, {}, ValueError, r"Unsupported model_type 'qwen3_next'; hf_slim.convert supports mixtral"))
+    cases.append((qwen_next, {}, ValueError, r"Unsupported model_type 'qwen3_next'; hf_slim.convert supports glm4_moe, mixtral"))
     for folder, kwargs, error, pattern in cases:
         call = functools.partial(convert_checkpoint, folder, out, show_progress=False, **kwargs)
         _refused(call, error, pattern, tmp_path)

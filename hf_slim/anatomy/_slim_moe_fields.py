@@ -47,7 +47,8 @@ COMMON_FIELDS = (
 
 
 def _common(config: Any, head_dim: int) -> dict:
-    fields = {name: getattr(config, name) for name in COMMON_FIELDS}
+    # a field a family lacks (GLM-4-MoE has no router_aux_loss_coef) keeps SlimMoe's default
+    fields = {name: getattr(config, name) for name in COMMON_FIELDS if hasattr(config, name)}
     fields["rope_parameters"] = copy.deepcopy(dict(config.rope_parameters))
     fields["head_dim"] = head_dim
     return fields

@@ -123,9 +123,11 @@ class ArchSpec:
         config_rules (`Callable`, optional): `(config) -> block rules` that depend on config switches (e.g. whether
             q/k norms span all heads); checked before `block_rules`.
         to_slim_moe (`Callable`, optional): `(config) -> SlimMoeConfig kwargs` expressing this family exactly (the
-            weights keep their names); families with it are the ones `hf_slim.convert` supports.
-        from_slim_moe (`Callable`, optional): `(slim_config) -> kwargs of this family's config`, raising `ValueError`
-            naming a SlimMoe field the family cannot hold.
+            weights keep their names but for `slim_moe_renames` and trailing MTP layers); families with it are the
+            ones `hf_slim.convert` supports. `from_slim_moe`: `(slim_config) -> this family's config kwargs`, raising
+            `ValueError` naming a SlimMoe field the family cannot hold. `slim_moe_renames`: block-relative
+            `(family prefix, SlimMoe prefix)` pairs (GLM's `mlp.shared_experts.` is SlimMoe's `mlp.shared_expert.`).
+            `no_slim_moe`: for a family without them, the one sentence saying why it does not convert.
         stored_layout ([`StoredLayout`], optional): how checkpoints name and split the tensors (per-expert tensors,
             renamed modules); defaults to every name stored unchanged. `moe_spec` supplies the Qwen-style layout.
         trailing_mtp ([`TrailingMtp`], optional): MTP layers the checkpoints store after the decoder layers
@@ -149,6 +151,8 @@ class ArchSpec:
     config_rules: Callable[[Any], tuple[TensorRule, ...]] | None = None
     to_slim_moe: Callable[[Any], dict[str, Any]] | None = None
     from_slim_moe: Callable[[Any], dict[str, Any]] | None = None
+    slim_moe_renames: tuple[tuple[str, str], ...] = ()
+    no_slim_moe: str = ""
     stored_layout: StoredLayout = IDENTITY_LAYOUT
     trailing_mtp: TrailingMtp | None = None
     expert_groups: str | None = None

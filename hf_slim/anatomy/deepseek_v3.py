@@ -61,4 +61,10 @@ SPEC = moe_spec(
     validate=validate,
     trailing_mtp=TRAILING_MTP,
     expert_groups="n_group",
+    no_slim_moe=(
+        "deepseek_v3 does not convert to or from SlimMoe: SlimMoe has no multi-head latent attention (low-rank "
+        "queries and keys/values: q_lora_rank, kv_lora_rank with q_a_layernorm / kv_a_layernorm, heads of "
+        "qk_nope_head_dim + qk_rope_head_dim with a rotary key shared by all heads, v_head_dim), only grouped-query "
+        "attention; prune it as deepseek_v3 instead (hf_slim.pruning, MTP layers included)."
+    ),
 )

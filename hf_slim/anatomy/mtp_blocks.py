@@ -32,13 +32,16 @@ class TrailingMtp:
     Args:
         count_field (`str`, defaults to `"num_nextn_predict_layers"`): the config attribute holding their number.
         norms (`tuple[str, ...]`): RMSNorms of hidden size each layer holds beside its decoder block.
-        optional (`tuple[str, ...]`): modules some checkpoints ship in each layer (DeepSeek-V3's copies of the
-            embedding and the head); built only where the checkpoint holds them.
+        optional (`tuple[str, ...]`): modules some checkpoints ship in each layer (DeepSeek-V3's and GLM-4.5's
+            copies of the embedding and the head, in that order); built only where the checkpoint holds them.
+        post_norm (`str`): the norm of `norms` applied to the block's output, transformers' `MtpLayer.post_norm`
+            (SlimMoe's `mtp.layers.{k}.post_norm`).
     """
 
     count_field: str = "num_nextn_predict_layers"
     norms: tuple[str, ...] = ("enorm", "hnorm", "shared_head.norm")
     optional: tuple[str, ...] = ("embed_tokens", "shared_head.head")
+    post_norm: str = "shared_head.norm"
 
     def count(self, config: Any) -> int:
         """The number of MTP layers `config` declares."""

@@ -1,6 +1,8 @@
-"""Axes spec for `slim_moe` (this project's family): Qwen3-MoE/Qwen3-Next tensor names, optional shared expert,
-per-layer `mlp_layer_types` ("sparse"/"dense"), q/k norms per head (`qk_norm="head"`), over all heads (`"full"`)
-or absent, and multi-token-prediction heads.
+"""Axes spec for `slim_moe` (this project's family): Qwen3-MoE/Qwen3-Next tensor names, optional shared expert
+(sigmoid-gated or not), per-layer `mlp_layer_types` ("sparse"/"dense"), q/k norms per head (`qk_norm="head"`), over
+all heads (`"full"`) or absent, and multi-token-prediction heads. With `router_scoring="sigmoid"` the router's
+`e_score_correction_bias` follows the expert axis and, with `n_group` > 1, an expert selection keeps the same number of
+experts in every kept group, group by group (as for GLM-4-MoE, `_deepseek_moe.py`).
 
 MTP (transformers' MTP layout, see `docs/mtp.md`): depth K is the block `mtp.layers.K`, a sparse decoder block with its
 own per-layer axes (it keeps its numbering when decoder layers are dropped) plus `enorm`, `hnorm`, `post_norm` (hidden)
@@ -10,6 +12,7 @@ twice (`parts=2`). `mtp.norm.weight` exists only with `mtp_shared_norm` (the fir
 
 from typing import Any
 
+from ._deepseek_moe import group_order
 from ._rules import embedding_rules, moe_spec, rule
 from .core import Dim, TensorRule
 from .layout import IDENTITY_LAYOUT
@@ -57,7 +60,25 @@ def _expert_widths(old: Any, new: Any, selection: dict) -> None:
             )
 
 
+def _routing_groups(old: Any, new: Any, selection: dict) -> None:
+    # sigmoid routing in expert groups (GLM-4-MoE's): an expert selection keeps whole groups' worth, group by group
+    n_group, per = getattr(old, "n_group", 1) or 1, selection.get("expert") or {}
+    if n_group == 1 or not per:
+        return
+    kept = {blk: len(group_order(idx, old.num_experts, n_group, f"expert[{blk}]")) for blk, idx in per.items()}
+    if len(set(kept.values())) > 1:
+        raise ValueError(f"expert: n_group is one number for every layer, but the selection keeps groups {kept}")
+    new.n_group = next(iter(kept.values()))
+
+
+def _validate(config: Any) -> None:
+    from ..models.slim_moe.configuration_slim_moe import check_routing
+
+    check_routing(config)
+
+
 def _hook(old: Any, new: Any, selection: dict) -> None:
+    _routing_groups(old, new, selection)
     _expert_widths(old, new, selection)
     # Elastic variants are prefixes of the source's axes: a permutation keeps them meaningful to whoever re-ranks,
     # a shrink does not, so they are dropped as soon as any size changes.
@@ -75,6 +96,8 @@ SPEC = moe_spec(
     layer_list_fields=("layer_types", "mlp_layer_types"),
     per_layer_fields=("moe_intermediate_size",),
     config_hook=_hook,
+    validate=_validate,
+    expert_groups="n_group",
     config_rules=_qk_norm_rules,
     stored_layout=IDENTITY_LAYOUT,  # SlimMoe stores its own state-dict names unchanged
 )

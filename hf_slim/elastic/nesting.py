@@ -72,7 +72,12 @@ def importance_orders(
         key: _head_order(heads[i], model.config.num_key_value_heads) for i, key in layers_with(model, spec, "attn_out")
     }
     sparse = layers_with(model, spec, "experts")
-    selection["expert"] = {key: _descending(expert_importance(statistics, i, expert_method)) for i, key in sparse}
+    # sigmoid routing in expert groups: whole groups by summed importance, best experts first inside each (a
+    # permutation that keeps every group together keeps the routing)
+    groups = getattr(model.config, "n_group", 1) or 1
+    selection["expert"] = {
+        key: _head_order(expert_importance(statistics, i, expert_method), groups) for i, key in sparse
+    }
     selection["expert_ffn"] = {key: _descending(act) for key, act in expert_ffn_activations(model, spec, statistics)}
     for axis, module, stat in (("shared_ffn", "shared_down", "shared_ffn.act"), ("ffn", "dense_down", "ffn.act")):
         blocks = layers_with(model, spec, module)

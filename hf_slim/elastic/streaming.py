@@ -31,6 +31,7 @@ from ..convert_streaming import (
     open_source,
     parse_dtype,
     read_bounded,
+    stock_export_tensors,
     stream_export,
 )
 from ..models.slim_moe import SlimMoeConfig, SlimMoeForCausalLM
@@ -117,7 +118,8 @@ def slice_checkpoint(
     model_type=model_type, keep_mtp=keep_mtp)` writes: the same weights (bitwise, in the stored dtype unless `dtype`
     is given), config (`config.variant_config(variant)`: still elastic over the variants nested inside), generation
     config, tokenizer and model card; SlimMoe with its modeling code and `auto_map`, or, with `model_type`, that
-    stock family with the MTP tensors kept in `mtp.safetensors`. Only the variant's prefix of each tensor is read.
+    stock family with the MTP tensors kept in `mtp.safetensors` (for `glm4_moe`, in its own MTP layers, see
+    `hf_slim.convert_streaming.stock_export_tensors`). Only the variant's prefix of each tensor is read.
 
     Args:
         source: an elastic SlimMoe checkpoint: a folder, a Hub model id (see `hf_slim.checkpoints.open_checkpoint`),
@@ -150,8 +152,6 @@ def slice_checkpoint(
         >>> slice_checkpoint("my-elastic-moe", "small", "my-moe-small-qwen3", model_type="qwen3_moe")
         ```
     """
-    from ..convert import hf_config_from_slim
-
     target = _stock_target(model_type)
     cast = parse_dtype(dtype)
     parse_size(max_shard_size, "max_shard_size")
@@ -175,12 +175,18 @@ def slice_checkpoint(
         if card_kwargs is None:
             where = reader.folder or "a state dict" if isinstance(source, (CheckpointReader, StateDictReader)) else source
             card_kwargs = {"description": f"Variant `{variant}` sliced out of the elastic checkpoint `{where}`."}
+        structure, mtp_structure, mtp_note = slim_structure, None, ""
+        if target is not None:  # the stock family's names, and its place for the MTP tensors
+            structure, mtp_structure, tensors, mtp_note = stock_export_tensors(
+                sliced, target, tensors, keep_mtp=keep_mtp, slim_structure=slim_structure
+            )
         return stream_export(
             reader,
             output,
             tensors,
-            structure=slim_structure if target is None else meta_model(hf_config_from_slim(sliced, target)),
-            mtp_structure=slim_structure if target is not None and keep_mtp and sliced.num_mtp_heads else None,
+            structure=structure,
+            mtp_structure=mtp_structure,
+            mtp_note=mtp_note,
             dtype=cast,
             overwrite=overwrite,
             max_shard_size=max_shard_size,

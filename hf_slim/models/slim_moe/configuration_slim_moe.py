@@ -27,6 +27,7 @@ from .variants_slim_moe import (  # noqa: F401  (ELASTIC_*, canonical_expert_wid
 QK_NORM_TYPES = ("head", "full")
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 MLP_LAYER_TYPES = ("sparse", "dense")
+ROUTER_SCORING_TYPES = ("softmax", "sigmoid")
 
 
 @runtime_checkable
@@ -39,9 +40,10 @@ class SupportsToDict(Protocol):
 @strict
 class SlimMoeConfig(PreTrainedConfig):
     r"""
-    Configuration of a SlimMoe model: Qwen3-MoE-style decoder blocks (GQA attention with q/k RMSNorm and RoPE, softmax
-    top-k routed experts stored as fused 3D tensors, optional sigmoid-gated shared expert, optional dense layers) plus
-    optional multi-token-prediction (MTP) heads in the DeepSeek-V3 / Qwen3-Next layout.
+    Configuration of a SlimMoe model: Qwen3-MoE-style decoder blocks (GQA attention with q/k RMSNorm and RoPE, partial
+    rotary optional; softmax top-k routed experts stored as fused 3D tensors, or GLM-4-MoE's sigmoid routing with a
+    score-correction bias inside expert groups; an optional shared expert, sigmoid-gated or not; optional dense
+    layers) plus optional multi-token-prediction (MTP) heads in the DeepSeek-V3 / Qwen3-Next layout.
 
     The fields that stock MoE families spell differently are spelled here as in Qwen3-MoE, so that converters and the
     pruning/elastic axes specs can name them the same way for every family.
@@ -60,7 +62,9 @@ class SlimMoeConfig(PreTrainedConfig):
         rms_norm_eps (`float`): RMSNorm epsilon.
         use_cache (`bool`): Whether generation uses a KV cache.
         tie_word_embeddings (`bool`): Share the input embedding and the LM head.
-        rope_parameters (`dict`, *optional*): RoPE settings as in transformers (`rope_type`, `rope_theta`, ...).
+        rope_parameters (`dict`, *optional*): RoPE settings as in transformers (`rope_type`, `rope_theta`, ...);
+            `partial_rotary_factor` (also accepted as a keyword, as transformers does) rotates only the first
+            `int(head_dim * partial_rotary_factor)` channels of each head (GLM-4-MoE: 0.5), the default 1.0 all.
         attention_bias (`bool`): Bias on the q/k/v projections.
         attention_output_bias (`bool`): Bias on the output projection.
         qk_norm (`str`, *optional*): `"head"` (per-head RMSNorm, Qwen3), `"full"` (RMSNorm over the whole projected
@@ -75,7 +79,16 @@ class SlimMoeConfig(PreTrainedConfig):
             per decoder layer (as Gemma 3n's `intermediate_size`; entries of dense layers are unused). MTP blocks use
             the widest sparse layer's width (see `expert_intermediate_size`).
         norm_topk_prob (`bool`): Renormalise the top-k routing weights to sum to one.
-        shared_expert_intermediate_size (`int`): FFN width of the sigmoid-gated shared expert; 0 means none.
+        router_scoring (`str`): `"softmax"` (probabilities over all experts, Qwen-MoE) or `"sigmoid"` (independent
+            sigmoid scores, GLM-4-MoE / DeepSeek-V3): the router then holds `e_score_correction_bias` (one per expert,
+            kept in float32), added to the scores only to choose the experts, and weighs them by their plain scores.
+        n_group (`int`): With `"sigmoid"` scoring, the experts form `n_group` consecutive groups; each group is scored
+            by its two best (bias-corrected) scores and a token routes only within its `topk_group` best groups.
+        topk_group (`int`): Groups a token may route to (see `n_group`).
+        routed_scaling_factor (`float`): Multiplies the routed experts' weights (after `norm_topk_prob`).
+        shared_expert_intermediate_size (`int`): FFN width of the shared expert; 0 means none.
+        shared_expert_gated (`bool`): Scale the shared expert's output by `sigmoid(shared_expert_gate(x))`
+            (Qwen2-MoE); `False` adds it as it is (GLM-4-MoE's shared experts, no `shared_expert_gate` tensor).
         mlp_layer_types (`list[str]`, *optional*): Per layer `"sparse"` (MoE) or `"dense"`; defaults to all sparse.
         router_aux_loss_coef (`float`): Weight of the load-balancing loss added to the loss when router logits are
             returned.
@@ -145,7 +158,12 @@ class SlimMoeConfig(PreTrainedConfig):
     num_experts_per_tok: int = 8
     moe_intermediate_size: int | list[int] = 768
     norm_topk_prob: bool = True
+    router_scoring: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float | int = 1.0
     shared_expert_intermediate_size: int = 0
+    shared_expert_gated: bool = True
     mlp_layer_types: list[str] | None = None
     router_aux_loss_coef: float = 0.001
     output_router_logits: bool = False
@@ -177,6 +195,7 @@ class SlimMoeConfig(PreTrainedConfig):
             self.layer_types = [kind] * self.num_hidden_layers
         self._check_fields()
         super().__post_init__(**kwargs)
+        self._check_rotary()  # after transformers moved a `partial_rotary_factor` keyword into rope_parameters
 
     def _check_fields(self) -> None:
         # Raised as plain ValueError (not a strict-dataclass validator) so users see the field name directly.
@@ -227,6 +246,7 @@ class SlimMoeConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"SlimMoeConfig.{name} must be an integer >= 0, got {value!r}.")
+        check_routing(self)
         if self.qk_norm is not None and self.qk_norm not in QK_NORM_TYPES:
             raise ValueError(f"SlimMoeConfig.qk_norm must be one of {QK_NORM_TYPES} or None, got {self.qk_norm!r}.")
         for name, allowed in (("mlp_layer_types", MLP_LAYER_TYPES), ("layer_types", ATTENTION_LAYER_TYPES)):
@@ -250,6 +270,18 @@ class SlimMoeConfig(PreTrainedConfig):
             raise ValueError(f"SlimMoeConfig.mtp_loss_weight must be >= 0, got {self.mtp_loss_weight}.")
         if self.elastic is not None:
             resolve_elastic_variants(self.elastic, self)
+
+    def _check_rotary(self) -> None:
+        factor = (self.rope_parameters or {}).get("partial_rotary_factor", 1.0)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+            raise ValueError(
+                f"SlimMoeConfig.rope_parameters['partial_rotary_factor'] must be in (0, 1], got {factor!r}."
+            )
+        if int(self.head_dim * factor) % 2:
+            raise ValueError(
+                f"SlimMoeConfig.rope_parameters['partial_rotary_factor']={factor} rotates int(head_dim * factor) = "
+                f"{int(self.head_dim * factor)} channels of head_dim={self.head_dim}; RoPE needs an even number."
+            )
 
     def expert_intermediate_size(self, layer_idx: int) -> int:
         """FFN width of the routed experts of block `layer_idx`; MTP block `k` is `num_hidden_layers + k` and uses
@@ -313,6 +345,42 @@ class SlimMoeConfig(PreTrainedConfig):
         own layer numbering), so a model sliced to `name` is itself elastic over what it contains.
         """
         return build_variant_config(self, name)
+
+
+def check_routing(config: Any) -> None:
+    """Raise `ValueError` (one sentence naming the field) when `config`'s router settings cannot route: an unknown
+    `router_scoring`, groups without sigmoid scoring, or group counts the experts do not fill."""
+    scoring = getattr(config, "router_scoring", "softmax")
+    if scoring not in ROUTER_SCORING_TYPES:
+        raise ValueError(f"SlimMoeConfig.router_scoring must be one of {ROUTER_SCORING_TYPES}, got {scoring!r}.")
+    n_group, topk_group = getattr(config, "n_group", 1), getattr(config, "topk_group", 1)
+    for name, value in (("n_group", n_group), ("topk_group", topk_group)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"SlimMoeConfig.{name} must be a positive integer, got {value!r}.")
+    factor = getattr(config, "routed_scaling_factor", 1.0)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
+        raise ValueError(f"SlimMoeConfig.routed_scaling_factor must be a number > 0, got {factor!r}.")
+    if scoring == "softmax":
+        if n_group != 1 or topk_group != 1:
+            raise ValueError(
+                f"SlimMoeConfig.n_group={n_group}, topk_group={topk_group}: group-limited routing is part of "
+                "router_scoring='sigmoid'; the softmax router has no groups (use n_group=1, topk_group=1)."
+            )
+        return
+    experts, top_k = config.num_experts, config.num_experts_per_tok
+    size = experts // n_group
+    if experts % n_group or size < 2:
+        raise ValueError(
+            f"SlimMoeConfig.n_group={n_group}: the sigmoid router scores each group by its two best experts, so "
+            f"num_experts={experts} must split into n_group groups of at least two."
+        )
+    if topk_group > n_group:
+        raise ValueError(f"SlimMoeConfig.topk_group={topk_group} is larger than n_group={n_group}.")
+    if top_k > topk_group * size:
+        raise ValueError(
+            f"SlimMoeConfig.num_experts_per_tok={top_k}: a token reaches only topk_group * experts per group = "
+            f"{topk_group} * {size} experts."
+        )
 
 
 def _mtp_width(widths: list[int], mlp_layer_types: list[str] | None) -> int:

@@ -52,6 +52,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_slim_moe import SlimMoeConfig
 from .generation_slim_moe import ElasticBudget, ElasticGenerateOutput, SlimMoeGenerationMixin
 from .loading_slim_moe import check_pretrained_shapes, copy_variant, load_elastic_variant
+from .routing_slim_moe import SlimMoeTopKRouter
 from .mtp_slim_moe import (
     MTP_KEYS_PATTERN,
     MtpAcceptanceStats,
@@ -133,7 +134,24 @@ def _elastic_experts(
 
 
 class SlimMoeRotaryEmbedding(Qwen3MoeRotaryEmbedding):
-    """RoPE tables built from `config.rope_parameters` (identical to Qwen3-MoE's)."""
+    """RoPE tables built from `config.rope_parameters` (Qwen3-MoE's; with `partial_rotary_factor` < 1, GLM-4-MoE's
+    tables over the first `int(head_dim * partial_rotary_factor)` channels)."""
+
+    @staticmethod
+    def compute_default_rope_parameters(config: SlimMoeConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = int(config.head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq.to(device), 1.0
+
+
+def _apply_rotary(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """RoPE on the first `cos.shape[-1]` channels of each head (all of them unless the rotary is partial)."""
+    rotary = cos.shape[-1]
+    if rotary == query.shape[-1]:
+        return apply_rotary_pos_emb(query, key, cos, sin)
+    q_rot, k_rot = apply_rotary_pos_emb(query[..., :rotary], key[..., :rotary], cos, sin)
+    return torch.cat([q_rot, query[..., rotary:]], dim=-1), torch.cat([k_rot, key[..., rotary:]], dim=-1)
 
 
 class SlimMoeAttention(nn.Module):
@@ -191,7 +209,7 @@ class SlimMoeAttention(nn.Module):
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
         cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        query, key = _apply_rotary(query, key, cos, sin)
         if cache is not None:
             cache_index = self.layer_idx if sizes is None else sizes.cache_index
             key, value = cache.update(key, value, cache_index, kwargs=kwargs)
@@ -262,45 +280,19 @@ class SlimMoeExperts(nn.Module):
         return F.linear(self.act_fn(gate) * up, self.down_proj[index])
 
 
-class SlimMoeTopKRouter(nn.Module):
-    """Softmax router: probabilities over all experts, keep the top-k, optionally renormalise them."""
-
-    def __init__(self, config: SlimMoeConfig):
-        super().__init__()
-        self.top_k = config.num_experts_per_tok
-        self.num_experts = config.num_experts
-        self.norm_topk_prob = config.norm_topk_prob
-        self.hidden_dim = config.hidden_size
-        self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
-
-    def forward(
-        self, hidden_states: torch.Tensor, elastic_sizes: SlimMoeElasticSizes | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        weight, top_k, hidden_dim = self.weight, self.top_k, self.hidden_dim
-        if elastic_sizes is not None:
-            top_k, hidden_dim = elastic_sizes.top_k, elastic_sizes.hidden
-            weight = weight[: elastic_sizes.num_experts, :hidden_dim]
-        hidden_states = hidden_states.reshape(-1, hidden_dim)
-        router_logits = F.linear(hidden_states, weight)
-        router_probs = F.softmax(router_logits, dtype=torch.float, dim=-1)
-        top_value, top_index = torch.topk(router_probs, top_k, dim=-1)
-        if self.norm_topk_prob:
-            top_value = top_value / top_value.sum(dim=-1, keepdim=True)
-        return router_logits, top_value.to(router_logits.dtype), top_index
-
-
 class SlimMoeSparseMoeBlock(nn.Module):
-    """Routed experts plus an optional shared expert scaled by `sigmoid(shared_expert_gate(x))` (Qwen2-MoE)."""
+    """Routed experts plus an optional shared expert, scaled by `sigmoid(shared_expert_gate(x))` (Qwen2-MoE) or, with
+    `config.shared_expert_gated=False`, added as it is (GLM-4-MoE)."""
 
     def __init__(self, config: SlimMoeConfig, layer_idx: int = 0):
         super().__init__()
         self.gate = SlimMoeTopKRouter(config)
         self.experts = SlimMoeExperts(config, config.expert_intermediate_size(layer_idx))
+        self.shared_expert = self.shared_expert_gate = None
         if config.shared_expert_intermediate_size > 0:
             self.shared_expert = SlimMoeMLP(config, config.shared_expert_intermediate_size, elastic_axis="shared_ffn")
-            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
-        else:
-            self.shared_expert = None
+            if config.shared_expert_gated:
+                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def forward(self, hidden_states: torch.Tensor, elastic_sizes: SlimMoeElasticSizes | None = None) -> torch.Tensor:
         batch_size, sequence_length, hidden_dim = hidden_states.shape
@@ -309,13 +301,18 @@ class SlimMoeSparseMoeBlock(nn.Module):
         sizes = elastic_sizes
         if sizes is None:
             output = self.experts(flat, selected_experts, routing_weights)
-            if self.shared_expert is not None:
+            if self.shared_expert_gate is not None:  # (this order of operations keeps the gradients bitwise)
                 output = output + F.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+            elif self.shared_expert is not None:
+                output = output + self.shared_expert(flat)
             return output.reshape(batch_size, sequence_length, hidden_dim)
         output = _elastic_experts(self.experts, flat, selected_experts, routing_weights, sizes)
         if self.shared_expert is not None and sizes.shared_ffn > 0:
-            gate = F.linear(flat, self.shared_expert_gate.weight[:, :hidden_dim])
-            output = output + F.sigmoid(gate) * self.shared_expert(flat, elastic_sizes=sizes)
+            if self.shared_expert_gate is not None:
+                gate = F.linear(flat, self.shared_expert_gate.weight[:, :hidden_dim])
+                output = output + F.sigmoid(gate) * self.shared_expert(flat, elastic_sizes=sizes)
+            else:
+                output = output + self.shared_expert(flat, elastic_sizes=sizes)
         return output.reshape(batch_size, sequence_length, hidden_dim)
 
 
@@ -388,6 +385,12 @@ class SlimMoePreTrainedModel(PreTrainedModel):
         "attentions": SlimMoeAttention,
     }
 
+    def post_init(self):
+        # sigmoid routers compute in float32 (GLM-4-MoE's): a half-precision load keeps their weight and bias there
+        if self.config.router_scoring == "sigmoid":
+            self._keep_in_fp32_modules_strict = ["mlp.gate.weight", "e_score_correction_bias"]
+        super().post_init()
+
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         # torch's grouped_mm (transformers' default experts kernel) needs every row stride to be a multiple of 16
         # bytes; pruned or sliced widths need not be. Default to batched_mm then instead of failing at run time.
@@ -419,6 +422,8 @@ class SlimMoePreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, SlimMoeTopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "e_score_correction_bias", None) is not None:
+                init.zeros_(module.e_score_correction_bias)
 
 
 class SlimMoeModel(SlimMoePreTrainedModel):

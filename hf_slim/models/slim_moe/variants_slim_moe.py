@@ -307,6 +307,13 @@ def resolve_elastic_variants(elastic: Any, base: Any = None) -> dict[str, dict[s
         for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_experts"):
             if sizes[key] is not None:
                 _int_field(name, key, sizes[key], 1, full[key])
+        groups = getattr(base, "n_group", 1) if base is not None else 1
+        if groups > 1 and sizes["num_experts"] != full["num_experts"]:
+            raise ValueError(
+                f"elastic variant {name!r}: num_experts={sizes['num_experts']} cannot be a variant of a model that "
+                f"routes within n_group={groups} expert groups (router_scoring='sigmoid'): a prefix of the experts "
+                "does not keep the groups; leave num_experts at the full model's."
+            )
         sizes["moe_intermediate_size"] = _resolve_expert_widths(
             name, sizes, full, "moe_intermediate_size" in fields, base
         )
