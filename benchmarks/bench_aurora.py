@@ -3,8 +3,8 @@
 Writes docs/aurora_bench.md (tables) and PNG plots into docs/. Every ratio is measured side by side in
 one run. Sizes are chosen so that the whole script runs in under ~10 minutes on a 2-core CPU.
 
-    HF_HUB_OFFLINE=1 python benchmarks/bench_aurora.py            # cost,e2e,batched,balance,lm,lora
-    HF_HUB_OFFLINE=1 python benchmarks/bench_aurora.py --parts cost,balance
+    HF_HUB_OFFLINE=1 python benchmarks/bench_aurora.py            # cost,e2e,precision,batched,balance,lm,lora
+    HF_HUB_OFFLINE=1 python benchmarks/bench_aurora.py --parts cost,e2e,precision,batched,balance
     HF_HUB_OFFLINE=1 python benchmarks/bench_aurora.py --parts router --output docs/aurora_bench_router.md
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 import platform
 import statistics
 import sys
@@ -25,7 +26,15 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hf_slim.optim import AURORA_PRESETS, Aurora, AuroraLoRA, aurora_direction, aurora_lora_param_groups, aurora_param_groups  # noqa: E402
+from hf_slim.optim import (  # noqa: E402
+    AURORA_PRESETS,
+    Aurora,
+    AuroraLoRA,
+    aurora_direction,
+    aurora_lora_param_groups,
+    aurora_param_groups,
+    aurora_update,
+)
 from hf_slim.optim.health import neuron_update_norms  # noqa: E402
 
 
@@ -57,21 +66,48 @@ def qwen3_30b_a3b_layer_shapes(div: int = 8, experts: int = 8) -> dict[str, tupl
     }
 
 
-def _time_step(make_opt, params, grads, reps: int) -> float:
+def _time_step(make_opt, params, grads, reps: int) -> tuple[float, float]:
+    """Median (CPU time, wall time) of `reps` optimizer steps after one warm-up step (state allocation).
+
+    CPU time of this (one-thread) process is the primary figure: on an oversubscribed machine the wall time
+    also counts the time other processes held the core.
+    """
     opt = make_opt(params)
     for p, g in zip(params, grads):
         p.grad = g
-    opt.step()  # warm-up (state allocation)
-    times = []
+    opt.step()
+    cpu, wall = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        c0, w0 = time.process_time(), time.perf_counter()
         opt.step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return statistics.median(cpu), statistics.median(wall)
 
 
-def bench_cost(reps: int) -> dict[str, float]:
-    out("## 1. Optimizer step cost (Qwen3-30B-A3B layer matrices, widths / 8, 8 experts, fp32)")
+def _alternated(configs: dict, run, rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """`run(config)` for every config, `rounds` times, in forward then reversed order (so drift hits all alike)."""
+    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in configs}
+    names = list(configs)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            samples[name].append(run(configs[name]))
+    return samples
+
+
+def _med_spread(xs: list[float], scale: float = 1e3) -> str:
+    return f"{statistics.median(xs) * scale:.1f} ({min(xs) * scale:.1f}–{max(xs) * scale:.1f})"
+
+
+MUON_FP32 = "Muon (Keller Jordan 5-step, ours, batched), fp32"
+AURORA_DEFAULT = "**Aurora default** (Polar Express 6, 1 polar call, carried C; `ns_dtype=\"auto\"`)"
+
+
+def bench_cost(reps: int, rounds: int = 7) -> dict[str, float]:
+    from hf_slim.optim.polar import resolve_ns_dtype
+
+    auto = str(resolve_ns_dtype("auto", torch.device("cpu"))).replace("torch.", "")
+    out("## 1. Optimizer step cost (Qwen3-30B-A3B layer matrices, widths / 8, 8 experts, fp32 weights)")
     out()
     shapes = qwen3_30b_a3b_layer_shapes()
     out("Matrices of one decoder layer: " + ", ".join(f"`{k}` {list(v)}" for k, v in shapes.items()))
@@ -84,38 +120,41 @@ def bench_cost(reps: int) -> dict[str, float]:
     flat_grads = [h for gr in grads for h in (gr if gr.ndim == 3 else [gr])]
 
     def ours(**kw):
-        return lambda ps: Aurora(ps, lr=0.02, ns_dtype="float32", **kw)
+        return lambda ps: Aurora(ps, lr=0.02, **kw), params, grads
 
     configs = {
-        "AdamW (torch, foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
-        "Muon (Keller Jordan 5-step, ours, batched)": ours(**AURORA_PRESETS["muon"]),
-        "Aurora default (Polar Express 6, 1 polar call, carried D)": ours(),
-        "Aurora reference (simple quintic 12, 2 polar calls), fp32": ours(
-            **{k: v for k, v in AURORA_PRESETS["reference"].items() if k not in ("ns_dtype", "lr")}
+        "AdamW (torch, foreach)": (lambda ps: torch.optim.AdamW(ps, lr=1e-3), params, grads),
+        MUON_FP32: ours(**{**AURORA_PRESETS["muon"], "ns_dtype": "float32"}),
+        "Muon (Keller Jordan 5-step, ours, batched), bf16": ours(**{**AURORA_PRESETS["muon"], "ns_dtype": "bfloat16"}),
+        AURORA_DEFAULT: ours(),
+        "Aurora default, fp32 iterations": ours(ns_dtype="float32"),
+        "Aurora `fast` preset (Polar Express 5; `auto`)": ours(**AURORA_PRESETS["fast"]),
+        "Aurora reference preset (simple quintic 12 in bf16, 2 polar calls)": ours(
+            **{k: v for k, v in AURORA_PRESETS["reference"].items() if k != "lr"}
         ),
     }
-    results = {}
-    # Interleave the configurations so machine noise hits them alike.
-    samples: dict[str, list[float]] = {k: [] for k in configs}
-    for _ in range(3):
-        for name, make in configs.items():
-            samples[name].append(_time_step(make, params, grads, reps))
-    for name in configs:
-        results[name] = statistics.median(samples[name])
-    torch_muon = None
     if hasattr(torch.optim, "Muon"):
-        torch_muon = _time_step(lambda ps: torch.optim.Muon(ps, lr=0.02), flat_params, flat_grads, max(1, reps // 2))
-    base = results["Muon (Keller Jordan 5-step, ours, batched)"]
-    out("| optimizer | step time (ms) | / Muon 5-step |")
-    out("|---|---:|---:|")
-    for name, t in results.items():
-        out(f"| {name} | {t * 1e3:.1f} | {t / base:.2f} |")
-    if torch_muon is not None:
-        out(f"| torch.optim.Muon (bf16 Newton–Schulz, per-matrix loop; experts as {len(flat_params) - 4} 2D params) | "
-            f"{torch_muon * 1e3:.1f} | {torch_muon / base:.2f} |")
+        configs[f"torch.optim.Muon (bf16 Newton–Schulz, per-matrix loop; experts as {len(flat_params) - 4} 2D params)"] = (
+            lambda ps: torch.optim.Muon(ps, lr=0.02), flat_params, flat_grads
+        )
+    samples = _alternated(configs, lambda c: _time_step(c[0], c[1], c[2], reps), rounds)
+    cpu = {k: [c for c, _ in v] for k, v in samples.items()}
+    wall = {k: [w for _, w in v] for k, v in samples.items()}
+    med = {k: statistics.median(v) for k, v in cpu.items()}
+    muons = [k for k in med if "Muon" in k]
+    fastest = min(muons, key=med.get)
+    out(f"`ns_dtype=\"auto\"` resolves to **{auto}** on this CPU (native bf16: {auto == 'bfloat16'}). Each figure: median over "
+        f"{rounds} rounds (run in alternating order) of the median of {reps} steps; spread = min–max of the rounds. "
+        "CPU time of the one-thread process is the primary figure (the machine was shared); wall time for reference. "
+        f"Fastest Muon here: {fastest}.")
     out()
-    results["torch.optim.Muon"] = torch_muon or float("nan")
-    return results
+    out("| optimizer | CPU ms / step (spread) | wall ms / step (spread) | / fastest Muon | / our fp32 Muon |")
+    out("|---|---:|---:|---:|---:|")
+    for name in configs:
+        out(f"| {name} | {_med_spread(cpu[name])} | {_med_spread(wall[name])} | {med[name] / med[fastest]:.2f} | "
+            f"{med[name] / med[MUON_FP32]:.2f} |")
+    out()
+    return med
 
 
 def bench_e2e(cost: dict[str, float] | None, reps: int) -> None:
@@ -136,22 +175,22 @@ def bench_e2e(cost: dict[str, float] | None, reps: int) -> None:
     x = torch.randint(0, 256, (4, 256))
     times = []
     for i in range(reps + 1):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         layer_model(input_ids=x, labels=x).loss.backward()
         if i:
-            times.append(time.perf_counter() - t0)
+            times.append(time.process_time() - t0)
     per_token = statistics.median(times) / x.numel()
     if cost is None:
         cost = bench_cost(reps)
-    muon = cost["Muon (Keller Jordan 5-step, ours, batched)"]
-    aurora = cost["Aurora default (Polar Express 6, 1 polar call, carried D)"]
+    muon = min(v for k, v in cost.items() if "Muon" in k)
+    aurora = cost[AURORA_DEFAULT]
     adam = cost["AdamW (torch, foreach)"]
     out(f"Forward+backward of one such decoder layer (Qwen3-MoE, top-2 of {E} experts; embedding and head of a 256-token "
-        f"vocab included, so this overstates the layer cost slightly): {per_token * 1e6:.1f} µs/token measured on 4 x 256 tokens.")
-    out("The optimizer step is paid once per step, the forward/backward once per token, so the overhead of Aurora over "
-        "Muon is `(t_aurora - t_muon) / (t_muon + tokens * t_token)` (and likewise vs AdamW):")
+        f"vocab included, so this overstates the layer cost slightly): {per_token * 1e6:.1f} µs/token (CPU time) measured on 4 x 256 tokens.")
+    out("The optimizer step is paid once per step, the forward/backward once per token, so the overhead of Aurora (default) over "
+        "the fastest Muon is `(t_aurora - t_muon) / (t_muon + tokens * t_token)` (and likewise vs AdamW):")
     out()
-    out("| tokens per optimizer step | Aurora vs Muon | Aurora vs AdamW | Muon vs AdamW |")
+    out("| tokens per optimizer step | Aurora vs fastest Muon | Aurora vs AdamW | Muon vs AdamW |")
     out("|---:|---:|---:|---:|")
     for tokens in (16_384, 131_072, 1_048_576):
         fb = tokens * per_token
@@ -160,19 +199,59 @@ def bench_e2e(cost: dict[str, float] | None, reps: int) -> None:
     out()
 
 
-def bench_batched(reps: int) -> None:
-    out("## 2. Fused 3D experts: one batched update vs a per-expert loop")
+def bench_precision() -> None:
+    from hf_slim.optim import polar_factor
+
+    out("## 1c. Precision: relative error of the polar factor (Frobenius, vs an exact SVD)")
     out()
     g = torch.Generator().manual_seed(1)
-    out("| tensor | batched (ms) | per-expert loop (ms) | loop / batched |")
-    out("|---|---:|---:|---:|")
+    U, _ = torch.linalg.qr(torch.randn(96, 48, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(48, 48, generator=g))
+    cond100 = U @ torch.diag(torch.logspace(0, -2, 48)) @ V.T
+    g = torch.Generator().manual_seed(2)
+    skewed = torch.randn(512, 256, generator=g) * torch.exp(torch.randn(512, 1, generator=g))
+    cases = [("cond-100 96x48 (the matrix of tests/test_aurora.py)", cond100), ("skewed rows 512x256", skewed)]
+    cols = [(steps, dt) for dt in ("float32", "bfloat16") for steps in (5, 6, 7)]
+    out("| matrix | " + " | ".join(f"PE {s}, {dt}" for s, dt in cols) + " |")
+    out("|---|" + "---:|" * len(cols))
+    for name, X in cases:
+        Ud, _, Vd = torch.linalg.svd(X.double(), full_matrices=False)
+        exact = (Ud @ Vd).float()
+        errs = [float((polar_factor(X, "polar_express", s, dt).float() - exact).norm() / exact.norm()) for s, dt in cols]
+        out(f"| {name} | " + " | ".join(f"{e:.1e}" for e in errs) + " |")
+    out()
+
+
+def bench_batched(reps: int, rounds: int = 5) -> None:
+    from hf_slim.optim.polar import resolve_ns_dtype
+
+    out("## 2. Fused 3D experts: one batched update vs a per-expert loop")
+    out()
+    out("`aurora_update` (momentum, balanced polar, shape scale) on the whole `[E, m, n]` tensor vs called once per expert, "
+        f"CPU ms; median ({rounds} alternated rounds of {reps} steps) and min–max.")
+    out()
+    g = torch.Generator().manual_seed(1)
+    out("| tensor | Newton–Schulz dtype | batched (ms) | per-expert loop (ms) | loop / batched |")
+    out("|---|---|---:|---:|---:|")
+    dtypes = [str(resolve_ns_dtype("auto", torch.device("cpu"))).replace("torch.", ""), "float32"]
     for name, shape in list(qwen3_30b_a3b_layer_shapes().items())[-2:]:
         grad = torch.randn(shape, generator=g)
-        p3 = [nn.Parameter(torch.zeros(shape))]
-        p2 = [nn.Parameter(torch.zeros(shape[1:])) for _ in range(shape[0])]
-        tb = _time_step(lambda ps: Aurora(ps, ns_dtype="float32"), p3, [grad], reps)
-        tl = _time_step(lambda ps: Aurora(ps, ns_dtype="float32"), p2, list(grad), reps)
-        out(f"| `{name}` {list(shape)} | {tb * 1e3:.1f} | {tl * 1e3:.1f} | {tl / tb:.2f} |")
+        buf = torch.zeros(shape)
+        for dt in dict.fromkeys(dtypes):
+            def one(batched, dt=dt, grad=grad, buf=buf, experts=shape[0]):
+                fn = (lambda: aurora_update(grad, buf, ns_dtype=dt)) if batched else (
+                    lambda: [aurora_update(grad[e], buf[e], ns_dtype=dt) for e in range(experts)])
+                fn()
+                ts = []
+                for _ in range(reps):
+                    c0 = time.process_time()
+                    fn()
+                    ts.append(time.process_time() - c0)
+                return statistics.median(ts)
+
+            s = _alternated({"batched": True, "loop": False}, one, rounds)
+            tb, tl = statistics.median(s["batched"]), statistics.median(s["loop"])
+            out(f"| `{name}` {list(shape)} | {dt} | {_med_spread(s['batched'])} | {_med_spread(s['loop'])} | {tl / tb:.2f} |")
     out()
 
 
@@ -194,7 +273,9 @@ def bench_balance(steps: int = 10) -> None:
     cfgs = {
         "Muon (converged polar, 12-step quintic)": dict(pp_iterations=0, ns_schedule="tilde_quintic12"),
         "Aurora reference (K=2, no carry)": dict(pp_iterations=2, ns_schedule="tilde_quintic12", carry=False),
-        "Aurora default (K=1, carried D)": dict(pp_iterations=1, ns_schedule="polar_express", carry=True),
+        "Aurora default (K=1, carried C), fp32 iterations": dict(pp_iterations=1, ns_schedule="polar_express", carry=True),
+        "Aurora default (K=1, carried C), bf16 iterations": dict(pp_iterations=1, ns_schedule="polar_express", carry=True, ns_dtype="bfloat16"),
+        "Aurora `fast` (Polar Express 5, carried C), bf16": dict(pp_iterations=1, ns_schedule="polar_express", ns_steps=5, carry=True, ns_dtype="bfloat16"),
         "Aurora K=1, no carry": dict(pp_iterations=1, ns_schedule="polar_express", carry=False),
     }
     curves = {}
@@ -595,7 +676,7 @@ def _plot(curves: dict[str, list[float]], xlabel: str, ylabel: str, path: Path, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="cost,e2e,batched,balance,lm,lora")
+    parser.add_argument("--parts", default="cost,e2e,precision,batched,balance,lm,lora")
     parser.add_argument("--reps", type=int, default=5, help="timed optimizer steps per measurement")
     parser.add_argument("--lm-steps", type=int, default=150)
     parser.add_argument("--lora-steps", type=int, default=60)
@@ -619,13 +700,16 @@ def main() -> None:
     out()
     out(f"Command: `HF_HUB_OFFLINE=1 python benchmarks/bench_aurora.py {' '.join(sys.argv[1:])}`".rstrip())
     out()
-    out(f"Hardware: {cpu}, {args.threads} threads. Versions: Python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}.")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    out(f"Hardware: {cpu}, {args.threads} threads; shared machine, load average {load:.1f} at the start (2 cores). Versions: "
+        f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}.")
     out()
     t0 = time.time()
     cost = bench_cost(args.reps) if "cost" in parts else None
     if "e2e" in parts:
         bench_e2e(cost, args.reps)
+    if "precision" in parts:
+        bench_precision()
     if "batched" in parts:
         bench_batched(args.reps)
     if "balance" in parts:
@@ -642,7 +726,8 @@ def main() -> None:
             tok = _tokenizer(text, 512)
             ids = _ids(tok, text)
         bench_lora(tok, ids, args.lm_steps, args.lora_steps, args.seeds)
-    out(f"Total wall time: {time.time() - t0:.0f} s.")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    out(f"Total wall time: {time.time() - t0:.0f} s; load average at the end {load:.1f}.")
     Path(args.output).write_text("\n".join(LINES) + "\n")
 
 

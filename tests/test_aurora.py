@@ -73,18 +73,20 @@ def test_reference_preset_balances_rows_where_muon_does_not():
     assert torch.linalg.svdvals(O).max() < 1.5
 
 
-def test_default_balances_rows_after_a_few_steps_with_carried_scale():
+@pytest.mark.parametrize("preset, ns_dtype", [("default", "float32"), ("default", "bfloat16"), ("fast", "bfloat16")])
+def test_default_balances_rows_after_a_few_steps_with_carried_scale(preset, ns_dtype):
+    # bf16 iterations (what ns_dtype="auto" picks on CUDA and bf16-capable CPUs) keep the row balance.
     G = _skewed_tall()
     gen = torch.Generator().manual_seed(3)
     p = nn.Parameter(torch.zeros_like(G))
-    opt = Aurora([p], lr=0.0)  # lr 0: observe the update without moving the weights
+    opt = Aurora.from_preset([p], preset, lr=0.0, ns_dtype=ns_dtype)  # lr 0: observe the update, weights stay
     for step in range(6):
         p.grad = G + 0.3 * G.std() * torch.randn(G.shape, generator=gen)
         opt.step()
     state = opt.state[p]
     X = torch.lerp(p.grad, state["momentum_buffer"], 0.95)
     # The direction the next step would take, from the carried correction: one polar call.
-    O, _ = aurora_direction(X, row_scale=state["row_scale"])
+    O, _ = aurora_direction(X, row_scale=state["row_scale"], ns_steps=opt.param_groups[0]["ns_steps"], ns_dtype=ns_dtype)
     r = _row_ratio(O)
     assert r.max() / r.min() < 1.3, (float(r.min()), float(r.max()))
     muon_ratio = _row_ratio(_exact_polar(X))
@@ -92,6 +94,17 @@ def test_default_balances_rows_after_a_few_steps_with_carried_scale():
     # Without the carried correction a single polar call balances less well than with it.
     first = _row_ratio(aurora_direction(X, pp_iterations=1)[0])
     assert first.max() / first.min() > r.max() / r.min()
+
+
+def test_auto_dtype_is_bf16_only_where_bf16_matmuls_are_native(monkeypatch):
+    from hf_slim.optim import polar
+
+    monkeypatch.setattr(polar, "cpu_has_native_bf16", lambda: True)
+    assert polar.resolve_ns_dtype("auto", torch.device("cpu")) is torch.bfloat16
+    monkeypatch.setattr(polar, "cpu_has_native_bf16", lambda: False)
+    assert polar.resolve_ns_dtype("auto", torch.device("cpu")) is torch.float32
+    assert polar.resolve_ns_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert polar.resolve_ns_dtype("float32", torch.device("cuda")) is torch.float32
 
 
 def test_wide_matrix_is_transposed_to_tall():
@@ -265,8 +278,8 @@ def test_bad_input_names_the_field(kwargs, field):
 
 
 def test_bad_preset_and_1d_in_aurora_group():
-    with pytest.raises(ValueError, match="preset='fast'.*valid"):
-        Aurora.from_preset([nn.Parameter(torch.zeros(4, 4))], "fast")
+    with pytest.raises(ValueError, match="preset='turbo'.*valid"):
+        Aurora.from_preset([nn.Parameter(torch.zeros(4, 4))], "turbo")
     with pytest.raises(ValueError, match="use_aurora=False"):
         Aurora([{"params": [nn.Parameter(torch.zeros(4))], "use_aurora": True}])
     ref = Aurora.from_preset([nn.Parameter(torch.zeros(4, 4))], "reference", lr=0.1)

@@ -106,7 +106,7 @@ def test_trl_parser_accepts_optim_aurora(tmp_path):
     "optim_args, match",
     [
         ("pp_iterations=2,foo=1", r"\['foo'\].*valid keys: \[.*'pp_beta'"),
-        ("preset=fast", "preset='fast'.*valid"),
+        ("preset=turbo", "preset='turbo'.*valid"),
         ("nesterov=maybe", "nesterov"),
         ("momentum=1.5", "momentum"),
     ],

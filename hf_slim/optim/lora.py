@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .aurora import Aurora, _direction_options, _momentum_step, _with_adamw_groups, aurora_direction, shape_scale
+from .aurora import Aurora, _direction_options, _momentum_step, _row_scale_shape, _with_adamw_groups, aurora_direction, shape_scale
+from .sharded import RemoteJob, local_tensor, polar_cost
 
 
 __all__ = ["AuroraLoRA", "aurora_lora_param_groups", "lora_pair_update"]
@@ -164,29 +165,78 @@ class AuroraLoRA(Aurora):
                     f"a LoRA pair group needs params [A1, B1, A2, B2, ...] and one lora_scaling per pair; got "
                     f"{len(params)} params and {len(group['lora_scaling'])} scalings"
                 )
-            for A, B in zip(params[::2], params[1::2]):
+            gi = len(self.param_groups) - 1
+            for i, (A, B) in enumerate(zip(params[::2], params[1::2])):
                 if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
                     raise ValueError(
                         f"LoRA pair shapes A={tuple(A.shape)}, B={tuple(B.shape)} do not form B @ A with a shared rank"
                     )
+                self._check_pair_layouts(gi, 2 * i)
+
+    def _check_pair_layouts(self, gi: int, i: int) -> None:
+        """Both factors of the pair at `param_groups[gi]['params'][i:i+2]` whole on every rank, or both sharded
+        on the same 1-D mesh; otherwise a `ValueError` naming them."""
+        A, B = self.param_groups[gi]["params"][i : i + 2]
+        la, lb = self._layouts.get(A), self._layouts.get(B)
+        whole = [la is None or la.whole_matrices_local, lb is None or lb.whole_matrices_local]
+        if all(whole) or (not any(whole) and la.group is lb.group):
+            return
+        placements = [tuple(x.placements) if hasattr(x, "placements") else "plain tensor" for x in (A, B)]
+        raise ValueError(
+            f"LoRA pair {self._param_name(gi, i)!r} / {self._param_name(gi, i + 1)!r} has layouts {placements[0]} / "
+            f"{placements[1]}, which Aurora-LoRA cannot combine: both factors must be whole on every rank (plain "
+            "tensors or Replicate()) or both sharded on the same 1-D mesh"
+        )
 
     def _step_group(self, group: dict[str, Any]) -> None:
         if "lora_scaling" not in group:
             super()._step_group(group)
             return
+        options = dict(lora_damping=group["lora_damping"], scale=group["scale"], **_direction_options(group))
+        produces_C = group["carry_row_scale"] and group["pp_iterations"] > 0
         params = group["params"]
-        for (A, B), s in zip(zip(params[::2], params[1::2]), group["lora_scaling"]):
+        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+        remote = []
+        for k, ((A, B), s) in enumerate(zip(zip(params[::2], params[1::2]), group["lora_scaling"])):
             if A.grad is None and B.grad is None:
                 continue
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in (A, B)]
+            self._check_pair_layouts(gi, 2 * k)
+            grads = [local_tensor(p.grad) if p.grad is not None else torch.zeros_like(local_tensor(p)) for p in (A, B)]
             X_A, X_B = (
                 _momentum_step(g, self._momentum_buffer(p), group["momentum"], group["nesterov"])
                 for g, p in zip(grads, (A, B))
             )
-            uA, uB, C_A, C_B = lora_pair_update(
-                A, B, X_A, X_B, lora_scaling=s, lora_damping=group["lora_damping"],
-                row_scale_A=self._carried_row_scale(A, group), row_scale_B=self._carried_row_scale(B, group),
-                scale=group["scale"], **_direction_options(group),
-            )  # fmt: skip
-            self._apply_update(A, uA, C_A, group)
-            self._apply_update(B, uB, C_B, group)
+            C_A, C_B = self._carried_row_scale(A, group), self._carried_row_scale(B, group)
+            la, lb = self._layouts.get(A), self._layouts.get(B)
+            if la is None or la.whole_matrices_local:
+                uA, uB, C_A, C_B = lora_pair_update(
+                    local_tensor(A), local_tensor(B), X_A, X_B, lora_scaling=s, row_scale_A=C_A, row_scale_B=C_B, **options
+                )
+                self._apply_update(A, uA, C_A, group)
+                self._apply_update(B, uB, C_B, group)
+                continue
+            # Sharded pair: its owner gathers both factors, their momenta and row corrections, and computes it whole.
+            cA, cB = _row_scale_shape(la.shape), _row_scale_shape(lb.shape)
+            inputs = [(local_tensor(A), la.dim, la.shape), (local_tensor(B), lb.dim, lb.shape), (X_A, la.dim, la.shape), (X_B, lb.dim, lb.shape)]
+            inputs += [(C, 0, shape) for C, shape in ((C_A, cA), (C_B, cB)) if C is not None]
+            outputs = [(la.dim, la.shape, torch.float32), (lb.dim, lb.shape, torch.float32)]
+            outputs += [(0, c, p.dtype) for c, p in ((cA, A), (cB, B)) if produces_C and p.shape[0] != p.shape[1]]
+            cost = polar_cost(la.shape) + polar_cost(lb.shape)
+            remote.append((la, RemoteJob(-1, inputs, outputs, key=(A, B, s, C_A is not None, C_B is not None), cost=cost)))
+        for exchange, bucket in self._remote_exchanges(remote):
+            owned = [job for job in bucket if job.owner == exchange.rank]
+            results = []
+            for job, full in zip(owned, exchange.gather(bucket)):
+                A, B, s, has_CA, has_CB = job.key
+                rest = iter(full[4:])
+                C_A = next(rest) if has_CA else None
+                C_B = next(rest) if has_CB else None
+                uA, uB, C_A, C_B = lora_pair_update(*full[:4], lora_scaling=s, row_scale_A=C_A, row_scale_B=C_B, **options)
+                results.append([uA, uB] + ([C for C in (C_A, C_B) if C is not None] if produces_C else []))
+            for job, pieces in zip(bucket, exchange.scatter(bucket, results)):
+                A, B = job.key[:2]
+                rest = iter(pieces[2:])
+                C_A = next(rest) if produces_C and A.shape[0] != A.shape[1] else None
+                C_B = next(rest) if produces_C and B.shape[0] != B.shape[1] else None
+                self._apply_update(A, pieces[0], C_A, group)
+                self._apply_update(B, pieces[1], C_B, group)

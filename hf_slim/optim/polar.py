@@ -19,10 +19,12 @@ tensor ``[E, out, in]`` is orthogonalized as ``E`` independent matrices in one b
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
-__all__ = ["NS_SCHEDULES", "DEFAULT_NS_STEPS", "ns_coefficients", "polar_factor", "resolve_ns_dtype"]
+__all__ = ["NS_SCHEDULES", "DEFAULT_NS_STEPS", "cpu_has_native_bf16", "ns_coefficients", "polar_factor", "resolve_ns_dtype"]
 
 # Polar Express degree-5 coefficients (arXiv 2505.16932, Algorithm 1), designed for a smallest
 # normalized singular value of 1e-3; later steps converge to the fixed polynomial (1.875, -1.25, 0.375).
@@ -78,8 +80,28 @@ def ns_coefficients(schedule: str, steps: int | None = None) -> list[tuple[float
     return [table[min(i, len(table) - 1)] for i in range(steps)]
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (x86 AVX512-BF16 or AMX-BF16).
+
+    Read from the ``flags`` line of ``/proc/cpuinfo``; `False` where that file does not exist.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool(set(line.split(":", 1)[1].split()) & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def resolve_ns_dtype(ns_dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """Turn an ``ns_dtype`` setting into a dtype: ``"auto"`` is bfloat16 on CUDA and float32 elsewhere.
+    """Turn an ``ns_dtype`` setting into a dtype.
+
+    ``"auto"`` is bfloat16 where bf16 matrix products are fast (CUDA; CPUs with AVX512-BF16 or AMX, see
+    `cpu_has_native_bf16`) and float32 elsewhere. bf16 iterations cost the polar factor some accuracy
+    (docs/aurora.md, "Precision"); pass ``"float32"`` where that matters.
 
     Args:
         ns_dtype (`str` or `torch.dtype`): `"auto"`, `"float32"`, `"bfloat16"`, `"float16"`, `"float64"` or a dtype.
@@ -88,11 +110,39 @@ def resolve_ns_dtype(ns_dtype: str | torch.dtype, device: torch.device) -> torch
     if isinstance(ns_dtype, torch.dtype):
         return ns_dtype
     if ns_dtype == "auto":
-        # bf16 matmuls are the fast path on GPUs; CPUs without AMX run them far slower than fp32.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        # Measured on an AVX512-BF16 EPYC, one thread: bf16 matmuls run about 4x faster than fp32; CPUs
+        # without native bf16 emulate it and run slower than fp32.
+        fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if fast else torch.float32
     if ns_dtype not in _DTYPES:
         raise ValueError(f"ns_dtype={ns_dtype!r} is not supported; valid: {['auto', *_DTYPES]}")
     return _DTYPES[ns_dtype]
+
+
+def input_scale(schedule: str) -> float:
+    """Factor the Frobenius norm is multiplied by before the iteration (Polar Express's safety factor, else 1)."""
+    return _INPUT_SCALE[schedule]
+
+
+def newton_schulz(Y: torch.Tensor, coeffs: list[tuple[float, float, float]]) -> torch.Tensor:
+    """Run the iteration on a normalized batch ``Y`` of shape `[B, m, n]`, in ``Y``'s dtype and layout.
+
+    The polynomial acts on the small Gram matrix: ``p(Y Yᵀ) Y`` for wide matrices, ``Y p(Yᵀ Y)`` (the same
+    matrix) for tall ones. Working in the input's own orientation, not a transposed view of it, keeps the
+    result contiguous in the parameter's layout; adding a transposed update to a parameter costs about 7x a
+    plain add on CPU.
+    """
+    if Y.shape[-2] <= Y.shape[-1]:
+        for a, b, c in coeffs:
+            A = torch.bmm(Y, Y.mT)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            Y = torch.baddbmm(Y, B, Y, beta=a, alpha=1.0)
+    else:
+        for a, b, c in coeffs:
+            A = torch.bmm(Y.mT, Y)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            Y = torch.baddbmm(Y, Y, B, beta=a, alpha=1.0)
+    return Y
 
 
 @torch.no_grad()
@@ -110,7 +160,7 @@ def polar_factor(
         schedule (`str`, *optional*, defaults to `"polar_express"`): Coefficient schedule, see `NS_SCHEDULES`.
         steps (`int`, *optional*): Number of iterations; defaults to `DEFAULT_NS_STEPS[schedule]`.
         dtype (`str` or `torch.dtype`, *optional*, defaults to `"float32"`): Precision of the iteration
-            (`"auto"`: bfloat16 on CUDA, float32 elsewhere).
+            (`"auto"`: see `resolve_ns_dtype`).
         eps (`float`, *optional*, defaults to 1e-7): Added to the Frobenius norm before normalizing, so an
             all-zero matrix maps to zero instead of NaN.
 
@@ -123,17 +173,7 @@ def polar_factor(
     work_dtype = resolve_ns_dtype(dtype, X.device)
     lead, (m, n) = X.shape[:-2], X.shape[-2:]
     Y = X.to(work_dtype).reshape(-1, m, n)
-    transposed = m > n
-    if transposed:
-        # Iterate on the wide orientation so the Gram matrix X Xᵀ is the small side.
-        Y = Y.mT
     # Frobenius norm bounds the spectral norm, so after this every singular value is <= 1.
     norm = Y.norm(dim=(-2, -1), keepdim=True)
-    Y = Y / (norm * _INPUT_SCALE[schedule] + eps)
-    for a, b, c in coeffs:
-        A = torch.bmm(Y, Y.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        Y = torch.baddbmm(Y, B, Y, beta=a, alpha=1.0)
-    if transposed:
-        Y = Y.mT
+    Y = newton_schulz(Y / (norm * _INPUT_SCALE[schedule] + eps), coeffs)
     return Y.reshape(*lead, m, n)
