@@ -19,10 +19,12 @@ __all__ = [
     "MTP_KD_TARGETS",
     "NONFINITE_LOSS",
     "SlimDistillationConfig",
+    "TEACHER_PLACEMENTS",
     "TEACHER_QUANTIZATION",
 ]
 
 TEACHER_QUANTIZATION = ("4bit", "8bit")
+TEACHER_PLACEMENTS = ("shard", "replicate")
 ELASTIC_SAMPLING = ("probabilities", "sandwich")
 ELASTIC_TEACHERS = ("teacher", "full")
 MTP_KD_TARGETS = ("teacher_main", "teacher_mtp")
@@ -72,6 +74,11 @@ class SlimDistillationConfig(SFTConfig):
         teacher_model_name_or_path (`str`, *optional*): Teacher to load when the trainer gets none (or a string).
         teacher_model_init_kwargs (`dict` or `str`, *optional*): `from_pretrained` kwargs of the teacher.
         teacher_quantization (`str`, *optional*): Load the teacher in `"4bit"` or `"8bit"` with bitsandbytes.
+        teacher_placement (`str`, *optional*, defaults to `"shard"`): Under FSDP2 (`accelerate launch` with an
+            `fsdp_version: 2` config) only: `"shard"` shards the teacher with `fully_shard` (each block gathered for
+            its forward and freed after it: teacher memory per process ~ its size / processes + one block + head);
+            `"replicate"` keeps a full copy on every process (no all-gathers, teacher memory = its whole size).
+            Ignored otherwise (DDP replicates the teacher, DeepSpeed ZeRO-3 shards it).
 
         > Elastic students
 
@@ -179,6 +186,14 @@ class SlimDistillationConfig(SFTConfig):
         default=None,
         metadata={"help": "Load the teacher quantized with bitsandbytes: 4bit or 8bit.", "choices": [None, "4bit", "8bit"]},
     )
+    teacher_placement: str = field(
+        default="shard",
+        metadata={
+            "help": "Under FSDP2 only: shard the teacher with fully_shard (shard) or keep a full copy on every "
+            "process (replicate).",
+            "choices": list(TEACHER_PLACEMENTS),
+        },
+    )
     elastic_sampling: str | None = field(
         default=None,
         metadata={
@@ -241,6 +256,11 @@ class SlimDistillationConfig(SFTConfig):
         if self.teacher_quantization is not None and self.teacher_quantization not in TEACHER_QUANTIZATION:
             raise ValueError(
                 f"teacher_quantization must be None or one of {TEACHER_QUANTIZATION}, got {self.teacher_quantization!r}."
+            )
+        if self.teacher_placement not in TEACHER_PLACEMENTS:
+            raise ValueError(
+                f"teacher_placement must be one of {TEACHER_PLACEMENTS} ('shard': fully_shard the teacher under FSDP2, "
+                f"'replicate': a full copy on every process), got {self.teacher_placement!r}."
             )
         if self.teacher_model_init_kwargs is not None and not isinstance(self.teacher_model_init_kwargs, dict):
             raise ValueError(

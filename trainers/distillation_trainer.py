@@ -28,6 +28,7 @@ from hf_slim.losses.options import check_same_vocabulary
 from hf_slim.models.slim_moe.configuration_slim_moe import FULL_VARIANT
 
 from .distillation_config import SlimDistillationConfig
+from .fsdp import fsdp2_plugin, fsdp_requested, is_fsdp2_model, shard_student
 from .nonfinite import NonFiniteGuard, NonFiniteLossError
 from .teacher import load_teacher, prepare_teacher
 
@@ -155,6 +156,34 @@ def check_dataset_columns(
         f"text), {dataset_text_field!r} (plain text, set by dataset_text_field), 'messages'/'conversations' (chat) "
         "or 'prompt' + 'completion'. Rename the column, set dataset_text_field, or pass formatting_func."
     )
+
+
+def check_batch_split(args: SlimDistillationConfig, has_eval: bool = False) -> None:
+    """Raise a `ValueError` naming the batch size when `accelerator_config.split_batches=True` splits a batch that
+    the world size does not divide.
+
+    With `split_batches=True`, `per_device_train_batch_size` (and `per_device_eval_batch_size`) is the global batch,
+    cut into one equal part per process; otherwise it is per process and any world size works.
+
+    Args:
+        args ([`SlimDistillationConfig`]): The run's settings.
+        has_eval (`bool`, *optional*, defaults to `False`): Whether an eval dataset is given (its batch is checked too).
+    """
+    config = args.accelerator_config
+    split = config.get("split_batches", False) if isinstance(config, dict) else getattr(config, "split_batches", False)
+    world = int(args.world_size)
+    if not split or world <= 1:
+        return
+    names = ["per_device_train_batch_size"] + (["per_device_eval_batch_size"] if has_eval else [])
+    for name in names:
+        size = int(getattr(args, name))
+        if size % world:
+            up = -(-size // world) * world
+            raise ValueError(
+                f"{name}={size} cannot be split over {world} processes: with accelerator_config.split_batches=True "
+                f"it is the global batch, cut into {world} equal parts. Use a multiple of {world} (e.g. {name}={up}), "
+                f"or split_batches=False (then {name} is the batch of each process)."
+            )
 
 
 def _head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -320,6 +349,7 @@ class SlimDistillationTrainer(SFTTrainer):
                 "pass the teacher as a path (or teacher_model_name_or_path) to have it loaded with them."
             )
 
+        check_batch_split(args, has_eval=eval_dataset is not None)
         self._fit_ddp_find_unused_parameters(model, args)
         super().__init__(
             model=model,
@@ -341,7 +371,13 @@ class SlimDistillationTrainer(SFTTrainer):
         self.model_accepts_loss_kwargs = True
 
         self._check_pair(self.model, teacher_model, args)
-        self.teacher_model = prepare_teacher(teacher_model, self.accelerator, self.is_deepspeed_enabled)
+        if fsdp2_plugin(self.accelerator) is not None:
+            # before the Trainer builds the optimizer on the sharded parameters; accelerate leaves a sharded model as
+            # it is (trainers/fsdp.py says why the trainer shards it itself)
+            shard_student(self.model, self.accelerator)
+        self.teacher_model = prepare_teacher(
+            teacher_model, self.accelerator, self.is_deepspeed_enabled, placement=args.teacher_placement
+        )
 
         self.loss_weights = args.loss_weight_schedule()
         self.num_mtp_depths = _num_mtp_depths(self.model)
@@ -410,14 +446,15 @@ class SlimDistillationTrainer(SFTTrainer):
         when β = 0 leaves a student's MTP heads out of every step. `SFTConfig` enables gradient checkpointing by
         default, and then the Trainer's default is `find_unused_parameters=False`, with which DDP stops at the next
         step ("Expected to have finished reduction in the prior iteration ..."). `None` is set to `True`; an
-        explicit `False` on more than one process is an error.
+        explicit `False` on more than one process is an error, except under FSDP, which has no such setting (a unit
+        that does not run in a step simply neither gathers nor reduces).
         """
         reasons = unused_parameter_reasons(model, args)
         if not reasons:
             return
         if args.ddp_find_unused_parameters is None:
             args.ddp_find_unused_parameters = True
-        elif not args.ddp_find_unused_parameters and args.world_size > 1:
+        elif not args.ddp_find_unused_parameters and args.world_size > 1 and not fsdp_requested(args):
             raise ValueError(
                 f"ddp_find_unused_parameters=False, but {'; '.join(reasons)}: those parameters get no gradient in "
                 "such a step and DistributedDataParallel then fails. Set ddp_find_unused_parameters=True (or leave "
@@ -475,9 +512,30 @@ class SlimDistillationTrainer(SFTTrainer):
         step, total = self._schedule_steps()
         return self.loss_weights.at_step(min(step, total), total)
 
+    # ---- FSDP2: the optimizer's parameters ---------------------------------------------------------------------
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        if is_fsdp2_model(self.model):
+            # The student is sharded already, so accelerate's FSDP2 prepare maps the optimizer's parameters to the
+            # model's by the data pointer of each local shard, and all empty shards (a tensor with fewer rows than
+            # processes, e.g. a [1, hidden] shared-expert gate) share one: they would collapse into one parameter,
+            # stepped several times, with a wrong state in checkpoints. Kept here, put back after prepare.
+            self._fsdp2_optimizer_params = [list(group["params"]) for group in optimizer.param_groups]
+        return optimizer
+
+    def _restore_fsdp2_optimizer_params(self) -> None:
+        saved = self.__dict__.pop("_fsdp2_optimizer_params", None)
+        if saved is None or self.optimizer is None:
+            return
+        for group, params in zip(self.optimizer.param_groups, saved):
+            group["params"] = params
+
     def create_scheduler(
         self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
     ) -> torch.optim.lr_scheduler.LRScheduler:
+        # the Trainer creates the scheduler right after accelerator.prepare and before it loads a checkpoint's
+        # optimizer state: the moment to undo prepare's parameter mapping (see create_optimizer)
+        self._restore_fsdp2_optimizer_params()
         offset, total = self.args.schedule_step_offset, self.args.schedule_total_steps
         if self.lr_scheduler is not None or (offset == 0 and total is None):
             return super().create_scheduler(num_training_steps, optimizer)
@@ -541,8 +599,9 @@ class SlimDistillationTrainer(SFTTrainer):
     @torch.no_grad()
     def _teacher_hidden(self, inputs: dict[str, torch.Tensor], want_mtp: bool) -> tuple[torch.Tensor, tuple]:
         teacher = self.teacher_model
-        if want_mtp:
-            hidden, mtp, _ = self._forward_hidden(teacher, inputs, want_mtp=True, want_aux=False)
+        # a teacher sharded with fully_shard runs through its root module, whose forward gathers the root unit
+        if want_mtp or is_fsdp2_model(teacher):
+            hidden, mtp, _ = self._forward_hidden(teacher, inputs, want_mtp=want_mtp, want_aux=False)
             return hidden, mtp
         decoder = _unwrap(teacher).get_decoder()
         return decoder(**inputs, use_cache=False).last_hidden_state, ()
@@ -586,7 +645,6 @@ class SlimDistillationTrainer(SFTTrainer):
 
         teacher_hidden, teacher_mtp_hidden = self._teacher_hidden(forward_inputs, teacher_mtp)
         t_weight, t_bias = _head(self.teacher_model)
-        s_weight, s_bias = _head(model)
         # per depth, the labels without targets in another packed document (padding-free packing)
         labels_at = [depth_labels(labels, inputs.get("position_ids"), k) for k in range(depths + 1)]
         options = dict(
@@ -600,6 +658,8 @@ class SlimDistillationTrainer(SFTTrainer):
             hidden, mtp_hidden, aux = self._forward_hidden(
                 model, forward_inputs, want_mtp=depths > 0, want_aux=self.aux_loss_enabled, variant=variant
             )
+            # read after the forward: under FSDP2 it is the forward that gathers lm_head.weight (trainers/fsdp.py)
+            s_weight, s_bias = _head(model)
             if variant == FULL_VARIANT:
                 full_hidden = hidden.detach()
             kd_source = (teacher_hidden, t_weight, t_bias, teacher_mtp_hidden)
@@ -682,7 +742,7 @@ class SlimDistillationTrainer(SFTTrainer):
         super().log(logs, start_time)
 
 
-__all__ += ["check_dataset_columns", "depth_labels", "unused_parameter_reasons"]
+__all__ += ["check_batch_split", "check_dataset_columns", "depth_labels", "unused_parameter_reasons"]
 
 # Public names that moved to `trainers.teacher` (issue 10): importing them from here still works, with a warning.
 _MOVED_TO_TEACHER = ("fit_bnb_4bit_cpu_layers", "teacher_quantization_config")

@@ -102,9 +102,11 @@ class NonFiniteGuard(TrainerCallback):
         itself; nor under DeepSpeed, whose gradients are not in `param.grad`."""
         if trainer.is_deepspeed_enabled or getattr(trainer.accelerator, "scaler", None) is not None:
             return None
-        # a DTensor (FSDP2) gradient is checked by its local shard; the flag is reduced over processes afterwards
+        # a DTensor (FSDP2) gradient is checked by its local shard; the flag is reduced over processes afterwards.
+        # A shard can be empty (a tensor with fewer rows than processes), and an empty tensor has no inf-norm.
         grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
         grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        grads = [g for g in grads if g.numel()]
         if not grads:
             return None
         return torch.nn.utils.get_total_norm(grads, norm_type=float("inf"), error_if_nonfinite=False)

@@ -37,6 +37,7 @@ from hf_slim.utils import atomic_directory
 
 from .distillation_config import SlimDistillationConfig
 from .distillation_trainer import SlimDistillationTrainer
+from .fsdp import fsdp_requested
 from .teacher import is_quantized, load_teacher, load_teacher_config
 
 
@@ -216,8 +217,16 @@ def run_progressive(
 
     Raises:
         `ValueError`: bad settings, e.g. a stage size not strictly smaller than the model's size when that stage
-            starts (checked from the configs before the teacher's weights or any data are loaded).
+            starts (checked from the configs before the teacher's weights or any data are loaded), or a launch
+            under FSDP.
     """
+    if fsdp_requested(args):
+        raise ValueError(
+            "hf-slim distill (progressive prune -> distill stages) does not run under FSDP: each stage prunes and "
+            "calibrates the full tensors of the previous stage's student, which FSDP holds sharded. Launch it with "
+            "DDP (accelerate launch --multi_gpu) or one process, or run SlimDistillationTrainer under FSDP2 on a "
+            "pruned student stage by stage (docs/distillation.md, FSDP2)."
+        )
     final_dir = Path(script_args.final_dir or Path(args.output_dir) / "final")
     if final_dir.exists() and any(final_dir.iterdir()) and not script_args.overwrite:
         raise FileExistsError(f"final_dir {final_dir} exists and is not empty; set overwrite: true to replace it.")

@@ -82,27 +82,52 @@ def is_quantized(model: nn.Module) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
-def prepare_teacher(teacher: nn.Module, accelerator: Any, deepspeed: bool = False) -> nn.Module:
+def prepare_teacher(
+    teacher: nn.Module, accelerator: Any, deepspeed: bool = False, placement: str = "shard"
+) -> nn.Module:
     """Freeze `teacher` (eval mode, no gradients) and place it for training: wrapped by DeepSpeed, left where
-    bitsandbytes put it, or prepared by `accelerator` for evaluation.
+    bitsandbytes put it, placed as `placement` says under FSDP2, or prepared by `accelerator` for evaluation.
 
     Args:
         teacher (`nn.Module`): The loaded teacher.
         accelerator (`accelerate.Accelerator`): The trainer's accelerator.
         deepspeed (`bool`, *optional*, defaults to `False`): Whether the run uses DeepSpeed.
+        placement (`str`, *optional*, defaults to `"shard"`): Under FSDP2 only: `"shard"` (`fully_shard`, each block
+            gathered for its forward and freed after it) or `"replicate"` (a full copy on every process's device).
 
     Returns:
         `nn.Module`: the teacher to run.
+
+    Raises:
+        `ValueError`: an unknown `placement`, or `"shard"` with a bitsandbytes-quantized teacher.
     """
+    from .fsdp import TEACHER_PLACEMENTS, fsdp2_plugin, shard_teacher
+
+    if placement not in TEACHER_PLACEMENTS:
+        raise ValueError(f"teacher_placement must be one of {TEACHER_PLACEMENTS}, got {placement!r}.")
     teacher.eval()
     teacher.requires_grad_(False)
     if deepspeed:
         from trl.models.utils import prepare_deepspeed
 
         return prepare_deepspeed(teacher, accelerator)
+    fsdp2 = fsdp2_plugin(accelerator) is not None
     if is_quantized(teacher):
+        if fsdp2 and placement == "shard":
+            raise ValueError(
+                "teacher_placement='shard' cannot shard a bitsandbytes-quantized teacher (teacher_quantization): its "
+                "packed weights do not survive fully_shard. Set teacher_placement='replicate' (every process holds "
+                "the quantized teacher)."
+            )
         fit_bnb_4bit_cpu_layers(teacher)
         return teacher  # bitsandbytes models are already placed and cannot be moved
+    if fsdp2:
+        # accelerate places no model under FSDP (prepare_model leaves the device alone), so the teacher is placed here
+        if placement == "shard":
+            shard_teacher(teacher, accelerator)
+        else:
+            teacher.to(accelerator.device)
+        return accelerator.prepare_model(teacher, device_placement=False, evaluation_mode=True)
     return accelerator.prepare_model(teacher, evaluation_mode=True)
 
 
