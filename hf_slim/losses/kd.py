@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from .chunked import _ChunkedHeadLoss, _ChunkLossFn, _loss_dtype, _project, _scale
+from .chunked import _add_coef, _ChunkLossFn, _head_loss, _loss_dtype, _project, _scale, _Segment
 from .options import (
     DEFAULT_CHUNK_SIZE,
     _check_bias,
@@ -27,19 +27,51 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
+def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
+    """`log_softmax(x, -1)` written over `x` (no second `[rows, vocab]` buffer; also faster on CPU, where a fresh
+    buffer of that size is page-faulted in). tests/test_kd_memory.py checks that torch computes it exactly."""
+    return torch.log_softmax(x, dim=-1, out=x)
+
+
+def _neg_entropy_(p: torch.Tensor) -> torch.Tensor:
+    """Rows of `Σ p log p`, overwriting `p` (with `-p log p`)."""
+    return torch.special.entr(p, out=p).sum(-1).neg_()
+
+
 def _jsd_rows(
-    log_ps: torch.Tensor, log_m: torch.Tensor, kl_t: torch.Tensor, jsd_beta: float, want_grad: bool
+    log_ps: torch.Tensor,
+    log_m: torch.Tensor,
+    kl_t: torch.Tensor,
+    jsd_beta: float,
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows of the generalized JSD `jsd_beta · kl_t + (1 - jsd_beta) · KL(student || m)` and, when wanted, its
-    gradient wrt the student logits, from the student's and the mixture's log-probabilities and the teacher's part
-    `kl_t`. Overwrites `log_ps` (the gradient is computed in its buffer; nothing `[rows, vocab]` is allocated after
-    `ps`, so the caller's `log_m` costs no extra peak)."""
-    ps = log_ps.exp()
-    diff = log_ps.sub_(log_m)
+    """Rows of the generalized JSD `jsd_beta · kl_t + (1 - jsd_beta) · KL(student || m)` and, when a coefficient is
+    given, `b ·` its gradient wrt the student logits `+ a · p_student`, from the student's and the mixture's
+    log-probabilities and the teacher's part `kl_t`. Overwrites both buffers (the gradient is computed in `log_m`'s,
+    `p_student` in `log_ps`'s): nothing `[rows, vocab]` is allocated."""
+    diff = torch.sub(log_ps, log_m, out=log_m)
+    ps = log_ps.exp_()
     kl_s = _row_dot(ps, diff)
     loss_rows = jsd_beta * kl_t + (1.0 - jsd_beta) * kl_s
-    grad = diff.sub_(kl_s.unsqueeze(1)).mul_(ps).mul_(1.0 - jsd_beta) if want_grad else None
+    grad = diff.sub_(kl_s.unsqueeze(1)).mul_(ps).mul_(b * (1.0 - jsd_beta)) if b is not None else None
+    if a is not None:
+        grad = ps.mul_(a) if grad is None else grad.addcmul_(ps, a)
     return loss_rows, grad
+
+
+def _ce_rows(
+    logits: torch.Tensor, targets: torch.Tensor, a: torch.Tensor | None, *, inplace: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed cross-entropy of `logits` `[rows, vocab]` against `targets` `[rows, 1]`, and, when `a` is given, `a ·`
+    its gradient wrt the logits (`a · (softmax - onehot)`), computed over `logits` when `inplace`."""
+    log_p = _log_softmax_(logits) if inplace else torch.log_softmax(logits, dim=-1)
+    loss = -log_p.gather(1, targets).sum()
+    if a is None:
+        return loss, None
+    grad = log_p.exp_().mul_(a)
+    grad.scatter_add_(1, targets, (-a).expand(targets.shape))
+    return loss, grad
 
 
 def _kd_chunk_loss(
@@ -50,27 +82,53 @@ def _kd_chunk_loss(
     temperature: float,
     jsd_beta: float,
     teacher_top_k: int | None,
+    targets: torch.Tensor | None = None,
+    grad_terms: tuple[bool, ...] | None = None,
 ) -> _ChunkLossFn:
-    """Chunk loss of a divergence between the student chunk and the teacher's distribution at the same rows."""
+    """Chunk loss of a divergence between the student chunk and the teacher's distribution at the same rows, terms
+    `[kd]`; with `targets` (one token id per row) also the cross-entropy of the same rows, terms `[lm, kd]`.
+
+    Computing both terms of a row block in one function projects the student once for both and builds one combined
+    gradient `a · ∂lm + b · ∂kd` (no second `[rows, vocab]` gradient). At temperature 1 the cross-entropy reuses
+    the divergence's student log-softmax. `grad_terms` (default: all) says which terms the gradient includes; the
+    others are computed for the logs only.
+
+    Softmaxes and gradients are computed in place in the two projections' buffers: forward / reverse KL and the
+    top-k forward KL hold at most the two `[chunk, vocab]` projections, the JSD one more (the mixture), and a
+    cross-entropy at a temperature other than 1 one more (its own softmax).
+    """
     # TRL's convention: the generalized JSD at beta 0 / 1 is the forward / reverse KL.
     if divergence == "jsd" and jsd_beta == 0.0:
         divergence = "forward_kl"
     elif divergence == "jsd" and jsd_beta == 1.0:
         divergence = "reverse_kl"
     inv_t = 1.0 / temperature
-    # The T² factor is in the caller's scale; here only the chain rule through logits / T.
-    grad_factor = inv_t
+    with_lm = targets is not None
+    if grad_terms is None:
+        grad_terms = (True, True) if with_lm else (True,)
+    lm_grad, kd_grad = (grad_terms[0], grad_terms[1]) if with_lm else (False, grad_terms[0])
+    shared = with_lm and inv_t == 1.0  # the cross-entropy's log-softmax is the divergence's
 
-    def chunk_loss(start: int, end: int, student_logits: Callable[[], torch.Tensor], want_grad: bool):
+    def chunk_loss(start: int, end: int, student_logits: Callable[[], torch.Tensor], coefs: torch.Tensor | None):
         with torch.no_grad():
+            a = coefs[0] if coefs is not None and lm_grad else None
+            # The T² factor is in the caller's coefficient; here only the chain rule through logits / T.
+            b = coefs[-1] * inv_t if coefs is not None and kd_grad else None
             s_logits = student_logits()
+            tgt = targets[start:end].unsqueeze(1) if with_lm else None
+            lm_value, lm_grad_buf = (None, None)
+            if with_lm and not shared:
+                lm_value, lm_grad_buf = _ce_rows(s_logits, tgt, a, inplace=False)
+            a_ps = a if shared else None  # the cross-entropy's p_s part, folded into the divergence's gradient
             t_logits = _project(teacher_hidden[start:end], teacher_weight, teacher_bias)
             if inv_t != 1.0:
                 t_logits.mul_(inv_t)
                 s_logits.mul_(inv_t)
-            # log_softmax is faster than logsumexp + in-place subtraction on CPU and peaks at the same memory
-            log_ps = torch.log_softmax(s_logits, dim=-1)
+            log_ps = _log_softmax_(s_logits)
             del s_logits
+            if shared:
+                lm_value = -log_ps.gather(1, tgt).sum()
+            want = a_ps is not None or b is not None
             if teacher_top_k is not None:
                 top_vals, top_idx = t_logits.topk(min(teacher_top_k, t_logits.shape[-1]), dim=-1, sorted=False)
                 del t_logits
@@ -78,35 +136,46 @@ def _kd_chunk_loss(
                 qk = log_qk.exp()
                 if divergence == "forward_kl":
                     loss_rows = (qk * (log_qk - log_ps.gather(1, top_idx))).sum(-1)
-                    grad = log_ps.exp_().scatter_add_(1, top_idx, -qk) if want_grad else None
+                    grad = log_ps.exp_().mul_(_add_coef(a_ps, b)) if want else None
+                    if b is not None:
+                        grad.scatter_add_(1, top_idx, qk.mul_(-b))
                 else:  # jsd with 0 < beta < 1; the teacher is zero outside its top k, so log m = log((1 - b) p_s) there
                     log_m = log_ps + math.log1p(-jsd_beta)
                     log_m.scatter_(1, top_idx, torch.logaddexp(log_m.gather(1, top_idx), log_qk + math.log(jsd_beta)))
                     kl_t = (qk * (log_qk - log_m.gather(1, top_idx))).sum(-1)
-                    loss_rows, grad = _jsd_rows(log_ps, log_m, kl_t, jsd_beta, want_grad)
+                    loss_rows, grad = _jsd_rows(log_ps, log_m, kl_t, jsd_beta, a_ps, b)
             else:
-                log_pt = torch.log_softmax(t_logits, dim=-1)
+                log_pt = _log_softmax_(t_logits)
                 del t_logits
                 if divergence == "forward_kl":
-                    pt = log_pt.exp()
-                    loss_rows = _row_dot(pt, log_pt) - _row_dot(pt, log_ps)
-                    del log_pt
-                    grad = log_ps.exp_().sub_(pt) if want_grad else None
+                    pt = log_pt.exp_()
+                    cross = _row_dot(pt, log_ps)
+                    grad = log_ps.exp_().mul_(_add_coef(a_ps, b)) if want else None
+                    if b is not None:
+                        grad.addcmul_(pt, -b)
+                    loss_rows = _neg_entropy_(pt) - cross
                 elif divergence == "reverse_kl":
-                    ps = log_ps.exp()
-                    diff = log_pt.neg_().add_(log_ps)
+                    diff = torch.sub(log_ps, log_pt, out=log_pt)
+                    ps = log_ps.exp_()
                     loss_rows = _row_dot(ps, diff)
-                    grad = diff.sub_(loss_rows.unsqueeze(1)).mul_(ps) if want_grad else None
-                else:  # jsd, 0 < beta < 1
-                    log_m = log_ps + math.log1p(-jsd_beta)
-                    torch.logaddexp(log_m, log_pt + math.log(jsd_beta), out=log_m)
-                    pt = log_pt.exp()
-                    kl_t = _row_dot(pt, log_pt.sub_(log_m))
+                    grad = diff.sub_(loss_rows.unsqueeze(1)).mul_(ps).mul_(b) if b is not None else None
+                    if a_ps is not None:
+                        grad = ps.mul_(a_ps) if grad is None else grad.addcmul_(ps, a_ps)
+                else:  # jsd, 0 < beta < 1: log m = log(b) + logaddexp(log p_s + log((1 - b) / b), log p_t)
+                    log_m = log_ps + (math.log1p(-jsd_beta) - math.log(jsd_beta))
+                    torch.logaddexp(log_m, log_pt, out=log_m).add_(math.log(jsd_beta))
+                    pt = log_pt.exp_()
+                    cross_t = _row_dot(pt, log_m)
+                    kl_t = _neg_entropy_(pt) - cross_t
                     del pt, log_pt
-                    loss_rows, grad = _jsd_rows(log_ps, log_m, kl_t, jsd_beta, want_grad)
-            if grad is not None and grad_factor != 1.0:
-                grad.mul_(grad_factor)
-            return loss_rows.sum(), grad
+                    loss_rows, grad = _jsd_rows(log_ps, log_m, kl_t, jsd_beta, a_ps, b)
+            if a_ps is not None:
+                grad.scatter_add_(1, tgt, (-a_ps).expand(tgt.shape))
+            if lm_grad_buf is not None:
+                grad = lm_grad_buf if grad is None else grad.add_(lm_grad_buf)
+            kd_value = loss_rows.sum()
+            values = torch.stack([lm_value, kd_value]) if with_lm else kd_value.reshape(1)
+            return values, grad
 
     return chunk_loss
 
@@ -243,6 +312,7 @@ def chunked_kd_loss(
         float(jsd_beta),
         teacher_top_k,
     )
-    return _ChunkedHeadLoss.apply(
-        h_s, student_head_weight, student_head_bias, chunk_loss, chunk_size, scale, recompute
+    total, _ = _head_loss(
+        student_head_weight, student_head_bias, [_Segment(chunk_loss, scale.reshape(1))], [h_s], chunk_size, recompute
     )
+    return total

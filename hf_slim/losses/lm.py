@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import torch
 
-from .chunked import _ChunkedHeadLoss, _ChunkLossFn, _loss_dtype, _scale
+from .chunked import _ChunkLossFn, _head_loss, _loss_dtype, _scale, _Segment
+from .kd import _ce_rows
 from .options import (
     DEFAULT_CHUNK_SIZE,
     _check_bias,
@@ -21,20 +22,25 @@ __all__ = ["lm_loss"]
 
 
 def _ce_chunk_loss(targets: torch.Tensor) -> _ChunkLossFn:
-    """Chunk loss of the cross-entropy of the student chunk against hard targets (one per row, all counted)."""
+    """Chunk loss of the cross-entropy of the student chunk against hard targets (one per row, all counted), terms
+    `[lm]`."""
 
-    def chunk_loss(start: int, end: int, student_logits: Callable[[], torch.Tensor], want_grad: bool):
+    def chunk_loss(start: int, end: int, student_logits: Callable[[], torch.Tensor], coefs: torch.Tensor | None):
         with torch.no_grad():
             tgt = targets[start:end].unsqueeze(1)
-            log_p = torch.log_softmax(student_logits(), dim=-1)
-            loss = -log_p.gather(1, tgt).sum()
-            if not want_grad:
-                return loss, None
-            grad = log_p.exp_()
-            grad.scatter_add_(1, tgt, torch.full_like(tgt, -1.0, dtype=grad.dtype))
-            return loss, grad
+            loss, grad = _ce_rows(student_logits(), tgt, None if coefs is None else coefs[0], inplace=True)
+            return loss.reshape(1), grad
 
     return chunk_loss
+
+
+def _check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Counted targets must be token ids of the head's vocabulary."""
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        raise ValueError(
+            f"labels must be token ids in [0, {vocab}) or ignore_index={ignore_index}, "
+            f"got values in [{int(targets.min())}, {int(targets.max())}]."
+        )
 
 
 def lm_loss(
@@ -89,11 +95,9 @@ def lm_loss(
     targets = labels[:, 1 + depth : 1 + depth + n].reshape(-1).to(rows.device)
     counted = targets != ignore_index
     rows, targets = rows[counted], targets[counted]
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= head_weight.shape[0]):
-        raise ValueError(
-            f"labels must be token ids in [0, {head_weight.shape[0]}) or ignore_index={ignore_index}, "
-            f"got values in [{int(targets.min())}, {int(targets.max())}]."
-        )
+    _check_targets(targets, head_weight.shape[0], ignore_index)
     n_counted = torch.tensor(rows.shape[0], device=rows.device)
     scale = _scale(n_counted, 1.0, reduction, num_items_in_batch, rows.device, _loss_dtype(head_weight))
-    return _ChunkedHeadLoss.apply(rows, head_weight, head_bias, _ce_chunk_loss(targets), chunk_size, scale, recompute)
+    segment = _Segment(_ce_chunk_loss(targets), scale.reshape(1))
+    total, _ = _head_loss(head_weight, head_bias, [segment], [rows], chunk_size, recompute)
+    return total

@@ -3,18 +3,33 @@ forward ([`distillation_objective`])."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .lm import lm_loss
-from .mtp import mtp_kd_loss
-from .options import DEFAULT_CHUNK_SIZE
+from .chunked import _head_loss, _loss_dtype, _Segment
+from .kd import _kd_chunk_loss
+from .lm import _ce_chunk_loss, _check_targets
+from .mtp import align_mtp_positions
+from .options import (
+    DEFAULT_CHUNK_SIZE,
+    _check_bias,
+    _check_head,
+    _check_num_items,
+    _check_vocab,
+    check_kd_options,
+)
 
 
 __all__ = ["distillation_objective", "slimqwen_objective"]
+
+
+def _check_weights(lam: float, beta: float) -> None:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam (λ, the KD weight) must be a number in [0, 1], got {lam!r}.")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0.0:
+        raise ValueError(f"beta (β, the MTP weight) must be a number >= 0, got {beta!r}.")
 
 
 def slimqwen_objective(
@@ -43,10 +58,7 @@ def slimqwen_objective(
         `tuple[torch.Tensor, dict[str, torch.Tensor]]`: the total loss, and detached terms for logging: `lm`, `kd`,
         `mtp_lm`, `mtp_kd` (depth means), `mtp_lm_{k}` / `mtp_kd_{k}` per depth `k` (1-based), and `total`.
     """
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam (λ, the KD weight) must be a number in [0, 1], got {lam!r}.")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0.0:
-        raise ValueError(f"beta (β, the MTP weight) must be a number >= 0, got {beta!r}.")
+    _check_weights(lam, beta)
     mtp_lm, mtp_kd = list(mtp_lm), list(mtp_kd)
     if mtp_lm and mtp_kd and len(mtp_lm) != len(mtp_kd):
         raise ValueError(
@@ -129,7 +141,12 @@ def distillation_objective(
     from the teacher's own depth-`k` head when `teacher_mtp_hidden` is given, else from its main head at position
     `i + k`). A term's summed loss is divided by `num_items_in_batch` (depth 0) or `mtp_num_items[k]` when given (the
     targets of the whole accumulation window, so accumulation matches one large batch), else by its counted targets
-    in this batch. A term whose weight is 0 is still computed for the logs, without a graph.
+    in this batch. A term whose weight is 0 is still computed for the logs, without a gradient.
+
+    All terms are computed in one pass over the shared head: each depth's student chunk is projected once for its LM
+    and KD terms, and the weighted gradient of the whole objective wrt the head is accumulated in ONE float32
+    `[V, H]` buffer (the per-term functions hold one each until backward). Values and gradients are those of the
+    per-term functions weighed by [`slimqwen_objective`].
 
     Args:
         hidden (`torch.Tensor`): Student final hidden states `[B, T, H]`.
@@ -163,52 +180,91 @@ def distillation_objective(
             f"labels must hold the labels of every depth 0..{len(mtp_hidden)} (one per MTP depth besides the main "
             f"head), got {len(labels)}."
         )
-    options = dict(chunk_size=chunk_size, recompute=recompute, reduction="sum")
-    kd_options = dict(
-        options, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta, teacher_top_k=teacher_top_k
-    )
-    counts = [_counted_targets(labels[k], attention_mask, k) for k in range(len(mtp_hidden) + 1)]
-    logs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    _check_weights(lam, beta)
+    check_kd_options(divergence, temperature, jsd_beta, teacher_top_k, chunk_size)
+    _check_num_items(num_items_in_batch)
+    student_weight = _head_at(head_weight, hidden)
+    _check_head("hidden", hidden, "head_weight", student_weight)
+    _check_vocab(head_weight, teacher_head_weight)
+    _check_bias("head_bias", head_bias, head_weight)
+    _check_bias("teacher_head_bias", teacher_head_bias, teacher_head_weight)
+    if teacher_top_k is not None and teacher_top_k > teacher_head_weight.shape[0]:
+        raise ValueError(
+            f"teacher_top_k must be <= the vocabulary size {teacher_head_weight.shape[0]}, got {teacher_top_k}."
+        )
+    depths = len(mtp_hidden)
+    acc = _loss_dtype(student_weight)
+    device = hidden.device
+    counts = [_counted_targets(labels[k], attention_mask, k) for k in range(depths + 1)]
+    t2 = float(temperature) ** 2
+    teacher_bias = None if teacher_head_bias is None else teacher_head_bias.detach()
 
     def denominator(depth: int) -> torch.Tensor:
         if num_items_in_batch is None:
             return counts[depth].clamp_min(1).float()
         if depth == 0:
-            return torch.as_tensor(num_items_in_batch, device=hidden.device).float()
+            return torch.as_tensor(num_items_in_batch, device=device).float()
         return (mtp_num_items or {}).get(depth, counts[depth]).clamp_min(1).float()
 
-    def term(name: str, depth: int, value: torch.Tensor) -> torch.Tensor:
-        logs[name] = (value.detach().float(), counts[depth].float())
-        return value / denominator(depth)
-
-    def graph_if(weight: float) -> contextlib.AbstractContextManager:
-        # a term with weight 0 is still computed for the logs, but without a graph
-        return contextlib.nullcontext() if weight != 0.0 else torch.no_grad()
-
-    student_weight = _head_at(head_weight, hidden)
-    lm_terms, kd_terms = [], []
-    for k in range(len(mtp_hidden) + 1):
+    # The objective's weight of each depth's terms: the MTP groups are means over depths.
+    weights = [(1.0 - lam, lam)] + [(beta * (1.0 - lam) / depths, beta * lam / depths) for _ in range(depths)]
+    segments, rows, slots = [], [], []  # slots: per depth, (index of its LM+KD terms, of its LM-only term or None)
+    n_terms = 0
+    for k in range(depths + 1):
         # depth k has T - k positions; the pad rows are never read
         h = hidden if k == 0 else F.pad(mtp_hidden[k - 1], (0, 0, 0, k))
         if k and teacher_mtp_hidden:
             target, teacher_depth = F.pad(teacher_mtp_hidden[k - 1], (0, 0, 0, k)), k
         else:
             target, teacher_depth = teacher_hidden, 0
-        depth_weight = 1.0 if k == 0 else beta
+        t_weight = _head_at(teacher_head_weight, target).detach()
+        _check_head("teacher_hidden", target, "teacher_head_weight", t_weight)
+        if k:
+            _check_head(f"mtp_hidden[{k - 1}]", h, "head_weight", student_weight)
+        s_rows, t_rows, kd_counted = align_mtp_positions(
+            h, target, k, labels=labels[k], attention_mask=attention_mask, teacher_depth=teacher_depth
+        )
+        n = s_rows.shape[1]
+        targets = labels[k][:, 1 + k : 1 + k + n].reshape(-1).to(device)
+        lm_counted = targets != -100
+        _check_targets(targets[lm_counted], student_weight.shape[0], -100)
+        # KD counts a subset of the LM's rows (the same labels, plus the padding mask): rows counted by both share one
+        # projection and one combined gradient; the LM-only rest (padding with a label) is a segment of its own.
+        both = kd_counted.reshape(-1).to(device)
+        lm_only = lm_counted & ~both
+        w_lm, w_kd = weights[k]
+        grad_lm, grad_kd = w_lm != 0.0, w_kd != 0.0
+        flat = s_rows.reshape(-1, s_rows.shape[-1])
+        if not (grad_lm or grad_kd):
+            flat = flat.detach()  # no term of this depth is weighed: no gradient reaches its hidden states
+        t_flat = t_rows.detach().reshape(-1, t_rows.shape[-1])
+        denom = denominator(k).to(device=device, dtype=acc)
+        c_lm, c_kd = w_lm / denom, w_kd * t2 / denom
+        every_row = bool(both.all())  # the common case: no copy of the rows
+        chunk = _kd_chunk_loss(
+            t_flat if every_row else t_flat[both.to(t_flat.device)], t_weight, teacher_bias, divergence,
+            float(temperature), float(jsd_beta), teacher_top_k, targets=targets if every_row else targets[both],
+            grad_terms=(grad_lm, grad_kd),
+        )  # fmt: skip
+        segments.append(_Segment(chunk, torch.stack([c_lm, c_kd]), grad=grad_lm or grad_kd))
+        rows.append(flat if every_row else flat[both])
+        slot = (n_terms, None)
+        n_terms += 2
+        if bool(lm_only.any()):
+            segments.append(_Segment(_ce_chunk_loss(targets[lm_only]), c_lm.reshape(1), grad=grad_lm))
+            rows.append(flat[lm_only])
+            slot = (slot[0], n_terms)
+            n_terms += 1
+        slots.append(slot)
+    loss, terms = _head_loss(student_weight, head_bias, segments, rows, chunk_size, recompute)
+    logs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for k, (i, j) in enumerate(slots):
         lm_name, kd_name = ("lm", "kd") if k == 0 else (f"mtp_lm_{k}", f"mtp_kd_{k}")
-        with graph_if(depth_weight * (1.0 - lam)):
-            lm = lm_loss(h, student_weight, labels[k], depth=k, head_bias=head_bias, **options)
-        lm_terms.append(term(lm_name, k, lm))
-        with graph_if(depth_weight * lam):
-            kd = mtp_kd_loss(
-                h, student_weight, target, _head_at(teacher_head_weight, target), k, labels=labels[k],
-                attention_mask=attention_mask, teacher_depth=teacher_depth, student_head_bias=head_bias,
-                teacher_head_bias=teacher_head_bias, **kd_options,
-            )  # fmt: skip
-        kd_terms.append(term(kd_name, k, kd))
-    loss, _ = slimqwen_objective(lm_terms[0], kd_terms[0], lm_terms[1:], kd_terms[1:], lam, beta)
+        lm_sum = terms[i] if j is None else terms[i] + terms[j]
+        logs[lm_name] = (lm_sum.float(), counts[k].float())
+        logs[kd_name] = ((terms[i + 1] * t2).float(), counts[k].float())
     for group in ("mtp_lm", "mtp_kd"):
-        per_depth = [logs[f"{group}_{k}"] for k in range(1, len(mtp_hidden) + 1)]
+        per_depth = [logs[f"{group}_{k}"] for k in range(1, depths + 1)]
         if per_depth:
             mean = torch.stack([value / count.to(value.device).clamp_min(1) for value, count in per_depth]).mean()
             logs[group] = (mean, torch.ones((), device=mean.device))
