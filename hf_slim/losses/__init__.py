@@ -11,9 +11,11 @@ hidden states and returns the loss with the per-term logs (what `SlimDistillatio
 Every term that needs vocabulary-sized logits ([`chunked_kd_loss`], [`mtp_kd_loss`], [`lm_loss`],
 [`mtp_lm_loss`]) takes hidden states and the `lm_head` weight instead of logits and projects a chunk of tokens at
 a time, so `[tokens, vocab]` logits never exist in full for the student or the teacher. The gradient with respect to
-the student's hidden states, head weight and head bias is computed chunk by chunk inside the forward pass (one
-`[chunk, vocab]` buffer alive at a time) and only scaled in the backward pass; see `docs/kd_memory.md` for the
-measured memory and time against the naive full-logit loss.
+the student's hidden states, head weight and head bias is computed chunk by chunk inside the forward pass (the
+student's and the teacher's `[chunk, vocab]` logits are the only vocabulary-sized buffers; softmaxes and gradients
+are computed in place in them) and only scaled in the backward pass. [`distillation_objective`] computes every term
+of every depth in one such pass over the shared head, with one float32 head-gradient buffer for the whole objective;
+see `docs/kd_memory.md` for the measured memory and time against the naive full-logit loss.
 
 Conventions shared by every term:
 
