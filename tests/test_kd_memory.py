@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_slim.losses import distillation_objective, lm_loss, mtp_kd_loss, slimqwen_objective
+from test_losses import kd_per_token  # the one full-logit reference divergence
 
 
 B, T, H_S, H_T, V, DEPTHS = 3, 10, 8, 12, 61, 2
@@ -42,25 +43,6 @@ def make_objective_inputs(dtype=torch.float64, seed=0, bias=True, pad=True, dept
     return inputs
 
 
-def _kd_per_token(s_logits, t_logits, temperature, divergence, jsd_beta, top_k):
-    """Full-logit divergence per token with F.kl_div (kl_div(input=log q, target=p) is KL(p || q))."""
-    log_ps = F.log_softmax(s_logits / temperature, dim=-1)
-    log_pt = F.log_softmax(t_logits / temperature, dim=-1)
-    if top_k is not None:
-        values, index = (t_logits / temperature).topk(top_k, dim=-1)
-        pt = torch.zeros_like(log_pt).scatter(-1, index, F.softmax(values, dim=-1))
-    else:
-        pt = log_pt.exp()
-    if divergence == "forward_kl" or (divergence == "jsd" and jsd_beta == 0):
-        return F.kl_div(log_ps, pt, reduction="none").sum(-1)
-    if divergence == "reverse_kl" or (divergence == "jsd" and jsd_beta == 1):
-        return F.kl_div(log_pt, log_ps, reduction="none", log_target=True).sum(-1)
-    log_m = ((1 - jsd_beta) * log_ps.exp() + jsd_beta * pt).log()
-    return jsd_beta * F.kl_div(log_m, pt, reduction="none").sum(-1) + (1 - jsd_beta) * F.kl_div(
-        log_m, log_ps, reduction="none", log_target=True
-    ).sum(-1)
-
-
 def full_logit_objective(
     inputs, lam, beta, *, temperature=1.0, divergence="forward_kl", jsd_beta=0.5, top_k=None,
     use_teacher_mtp=False, num_items=None, mtp_num_items=None,
@@ -81,7 +63,7 @@ def full_logit_objective(
         else:
             source, offset = inputs["teacher"][:, k : k + n], k
         t_logits = source @ inputs["t_weight"].T + (0 if inputs["t_bias"] is None else inputs["t_bias"])
-        per_token = _kd_per_token(s_logits, t_logits, temperature, divergence, jsd_beta, top_k)
+        per_token = kd_per_token(s_logits, t_logits, temperature, divergence, jsd_beta, top_k)
         kd_mask = (target != -100) & am[:, :n] & am[:, offset : offset + n] & am[:, 1 + k : 1 + k + n]
         kd_sum = per_token[kd_mask].sum() * temperature**2
         count = ((labels[:, 1 + k :] != -100) & am[:, 1 + k :]).sum().clamp_min(1)

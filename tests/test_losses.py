@@ -37,10 +37,8 @@ def make_inputs(dtype=torch.float64, seed=0, n=N, bias=True):
     return student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, mask
 
 
-def naive_kd(hs, ws, bs, ht, wt, bt, mask, *, temperature=1.0, divergence="forward_kl", jsd_beta=0.5, top_k=None):
-    """Full-logit reference written with F.kl_div (kl_div(input=log q, target=p) is KL(p || q))."""
-    s_logits = hs @ ws.T + (0 if bs is None else bs)
-    t_logits = ht @ wt.T + (0 if bt is None else bt)
+def kd_per_token(s_logits, t_logits, temperature=1.0, divergence="forward_kl", jsd_beta=0.5, top_k=None):
+    """Full-logit divergence per token with F.kl_div (kl_div(input=log q, target=p) is KL(p || q))."""
     log_ps = F.log_softmax(s_logits / temperature, dim=-1)
     log_pt = F.log_softmax(t_logits / temperature, dim=-1)
     if top_k is not None:
@@ -49,14 +47,20 @@ def naive_kd(hs, ws, bs, ht, wt, bt, mask, *, temperature=1.0, divergence="forwa
     else:
         pt = log_pt.exp()
     if divergence == "forward_kl" or (divergence == "jsd" and jsd_beta == 0):
-        per_token = F.kl_div(log_ps, pt, reduction="none").sum(-1)
-    elif divergence == "reverse_kl" or (divergence == "jsd" and jsd_beta == 1):
-        per_token = F.kl_div(log_pt, log_ps, reduction="none", log_target=True).sum(-1)
-    else:
-        log_m = ((1 - jsd_beta) * log_ps.exp() + jsd_beta * pt).log()
-        per_token = jsd_beta * F.kl_div(log_m, pt, reduction="none").sum(-1) + (1 - jsd_beta) * F.kl_div(
-            log_m, log_ps, reduction="none", log_target=True
-        ).sum(-1)
+        return F.kl_div(log_ps, pt, reduction="none").sum(-1)
+    if divergence == "reverse_kl" or (divergence == "jsd" and jsd_beta == 1):
+        return F.kl_div(log_pt, log_ps, reduction="none", log_target=True).sum(-1)
+    log_m = ((1 - jsd_beta) * log_ps.exp() + jsd_beta * pt).log()
+    return jsd_beta * F.kl_div(log_m, pt, reduction="none").sum(-1) + (1 - jsd_beta) * F.kl_div(
+        log_m, log_ps, reduction="none", log_target=True
+    ).sum(-1)
+
+
+def naive_kd(hs, ws, bs, ht, wt, bt, mask, *, temperature=1.0, divergence="forward_kl", jsd_beta=0.5, top_k=None):
+    """Full-logit reference (`kd_per_token` on the projected logits), masked mean times T²."""
+    s_logits = hs @ ws.T + (0 if bs is None else bs)
+    t_logits = ht @ wt.T + (0 if bt is None else bt)
+    per_token = kd_per_token(s_logits, t_logits, temperature, divergence, jsd_beta, top_k)
     return per_token[mask].sum() / mask.sum() * temperature**2
 
 
