@@ -91,3 +91,48 @@ def packed_lm_dataset(texts: list[str], tokenizer: PreTrainedTokenizerFast, bloc
 
 
 __all__ = ["SPECIAL_TOKENS", "STDLIB_MODULES", "packed_lm_dataset", "stdlib_corpus", "train_tokenizer"]
+
+
+STDLIB_DATASET = "hf_slim:stdlib"  # the offline corpus above, as a dataset name
+LOCAL_DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def load_training_dataset(
+    name: str,
+    tokenizer: PreTrainedTokenizerFast,
+    max_length: int,
+    config: str | None = None,
+    split: str = "train",
+    field: str = "dataset_name",
+) -> tuple[Dataset, list[str] | Dataset]:
+    """The dataset a distillation run (or its offline teacher) reads, by name, and its calibration data.
+
+    Args:
+        name: `"hf_slim:stdlib"` (the offline corpus, packed into `max_length`-token rows), a local `.json` /
+            `.jsonl` / `.csv` / `.parquet` / `.txt` file, or a Hub dataset.
+        tokenizer: Tokenizer of the packed offline corpus.
+        max_length: Row length of the packed offline corpus.
+        config: Hub dataset configuration.
+        split: Hub dataset split.
+        field: The option's name, for the error message.
+
+    Returns:
+        `(dataset, calibration)`: the dataset, and the texts (offline corpus) or the dataset itself.
+    """
+    from pathlib import Path
+
+    from datasets import load_dataset
+
+    if name == STDLIB_DATASET:
+        texts = stdlib_corpus()
+        return packed_lm_dataset(texts, tokenizer, max_length), texts
+    suffix = Path(name).suffix.lower()
+    if Path(name).is_file():
+        if suffix not in LOCAL_DATA_BUILDERS:
+            raise ValueError(
+                f"{field}={name!r}: local files must be one of {sorted(LOCAL_DATA_BUILDERS)}, got {suffix!r}."
+            )
+        dataset = load_dataset(LOCAL_DATA_BUILDERS[suffix], data_files=name, split="train")
+    else:
+        dataset = load_dataset(name, config, split=split)
+    return dataset, dataset

@@ -26,6 +26,7 @@ COMMANDS = {  # command -> a flag its help must show
     "prune": "--num-experts",
     "slice": "--drop-mtp",
     "distill": "--overwrite",
+    "teacher-logits": "--top-k",
 }
 
 

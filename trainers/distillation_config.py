@@ -72,6 +72,12 @@ class SlimDistillationConfig(SFTConfig):
         > Teacher
 
         teacher_model_name_or_path (`str`, *optional*): Teacher to load when the trainer gets none (or a string).
+        teacher_logits_dir (`str`, *optional*): An offline teacher: a folder written by `hf-slim teacher-logits`
+            ([`hf_slim.teacher_logits.write_teacher_logits`]). Its rows are the training data (leave `train_dataset`
+            None), its stored top-k the KD target (the online `teacher_top_k` KD; `teacher_top_k` may keep fewer)
+            and, read at position i + k, the MTP-KD target of depth k. No teacher model is loaded. Needs
+            `packing=False`, `padding_free=False`, a forward KL or JSD, `mtp_kd_target="teacher_main"`.
+        eval_teacher_logits_dir (`str`, *optional*): The same for the evaluation rows (leave `eval_dataset` None).
         teacher_model_init_kwargs (`dict` or `str`, *optional*): `from_pretrained` kwargs of the teacher.
         teacher_quantization (`str`, *optional*): Load the teacher in `"4bit"` or `"8bit"` with bitsandbytes.
         teacher_placement (`str`, *optional*, defaults to `"shard"`): Under FSDP2 (`accelerate launch` with an
@@ -178,6 +184,17 @@ class SlimDistillationConfig(SFTConfig):
         default=None,
         metadata={"help": "Teacher model name or path, used when the trainer is given no teacher_model."},
     )
+    teacher_logits_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train from an offline teacher: a folder written by `hf-slim teacher-logits` (its rows are the "
+            "training data, its top-k log-probabilities the KD and MTP-KD targets); no teacher model is loaded."
+        },
+    )
+    eval_teacher_logits_dir: str | None = field(
+        default=None,
+        metadata={"help": "With teacher_logits_dir: a teacher-logits folder of the evaluation rows."},
+    )
     teacher_model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
         metadata={"help": "Keyword arguments for AutoModelForCausalLM.from_pretrained of the teacher (dict or JSON)."},
@@ -277,6 +294,7 @@ class SlimDistillationConfig(SFTConfig):
                 f"skip the step and count it), got {self.nonfinite_loss!r}."
             )
         self._validate_elastic()
+        self._validate_offline_teacher()
         if isinstance(self.schedule_step_offset, bool) or not isinstance(self.schedule_step_offset, int) or (
             self.schedule_step_offset < 0
         ):
@@ -290,6 +308,42 @@ class SlimDistillationConfig(SFTConfig):
                     f"schedule_total_steps={total} must be larger than schedule_step_offset={self.schedule_step_offset} "
                     "(the steps of all stages including this one)."
                 )
+
+    def _validate_offline_teacher(self) -> None:
+        if self.teacher_logits_dir is None:
+            if self.eval_teacher_logits_dir is not None:
+                raise ValueError(
+                    f"eval_teacher_logits_dir={self.eval_teacher_logits_dir!r} is set but teacher_logits_dir is None; "
+                    "set teacher_logits_dir (the training rows' teacher logits) too."
+                )
+            return
+        conflicts = [
+            name for name in ("teacher_model_name_or_path", "teacher_model_init_kwargs", "teacher_quantization")
+            if getattr(self, name)
+        ]  # fmt: skip
+        if conflicts:
+            raise ValueError(
+                f"teacher_logits_dir={self.teacher_logits_dir!r} trains with no teacher model, but {conflicts[0]} is "
+                "set; unset it (the teacher's top-k is read from the folder)."
+            )
+        if self.mtp_kd_target != "teacher_main":
+            raise ValueError(
+                f"mtp_kd_target={self.mtp_kd_target!r} needs the teacher's MTP heads, which a teacher-logits folder "
+                "does not hold; use mtp_kd_target='teacher_main' (MTP-KD reads the stored top-k at position i + k)."
+            )
+        for name in ("packing", "padding_free"):
+            if getattr(self, name):
+                raise ValueError(
+                    f"{name}=True cannot be used with teacher_logits_dir: the folder's rows are trained as stored, one "
+                    f"per sequence, so the teacher's positions line up. Set {name}=False."
+                )
+        if self.divergence == "reverse_kl" or (self.divergence == "jsd" and self.jsd_beta == 1.0):
+            raise ValueError(
+                f"divergence={self.divergence!r}" + (" with jsd_beta=1" if self.divergence == "jsd" else "")
+                + " cannot be used with teacher_logits_dir: the stored teacher is a top-k distribution, zero outside "
+                "its k tokens, so KL(student || teacher) is infinite. Use divergence='forward_kl', or 'jsd' with "
+                "jsd_beta < 1."
+            )
 
     def _validate_elastic(self) -> None:
         if self.elastic_sampling is not None and self.elastic_sampling not in ELASTIC_SAMPLING:

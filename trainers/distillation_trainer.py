@@ -30,6 +30,7 @@ from hf_slim.models.slim_moe.configuration_slim_moe import FULL_VARIANT
 from .distillation_config import SlimDistillationConfig
 from .fsdp import fsdp2_plugin, fsdp_requested, is_fsdp2_model, shard_student
 from .nonfinite import NonFiniteGuard, NonFiniteLossError
+from .offline_teacher import TEACHER_ROW, OfflineTeacher
 from .teacher import load_teacher, prepare_teacher
 
 
@@ -328,6 +329,15 @@ class SlimDistillationTrainer(SFTTrainer):
                 f"args must be a SlimDistillationConfig, got {type(args).__name__}; build one with "
                 "SlimDistillationConfig(output_dir=..., **fields)."
             )
+        self._offline: OfflineTeacher | None = None
+        if args.teacher_logits_dir is not None:  # no teacher model: the folder's rows and their stored top-k
+            if teacher_model is not None:
+                raise ValueError(
+                    f"teacher_model is given but teacher_logits_dir={args.teacher_logits_dir!r} trains from stored "
+                    "teacher logits; pass one of them."
+                )
+            self._offline = OfflineTeacher(args, processing_class)
+            train_dataset, eval_dataset = self._offline.datasets(train_dataset, eval_dataset)
         check_dataset_columns(train_dataset, args.dataset_text_field, formatting_func, "train_dataset")
         if isinstance(eval_dataset, dict):
             for key, dataset in eval_dataset.items():
@@ -336,14 +346,14 @@ class SlimDistillationTrainer(SFTTrainer):
             check_dataset_columns(eval_dataset, args.dataset_text_field, formatting_func, "eval_dataset")
         if teacher_model is None:
             teacher_model = args.teacher_model_name_or_path
-        if teacher_model is None:
+        if teacher_model is None and self._offline is None:
             raise ValueError(
                 "No teacher: pass teacher_model=... (a model or a path) or set teacher_model_name_or_path in "
                 "SlimDistillationConfig."
             )
         if isinstance(teacher_model, str):
             teacher_model = load_teacher(teacher_model, args, processing_class)
-        elif args.teacher_model_init_kwargs or args.teacher_quantization:
+        elif teacher_model is not None and (args.teacher_model_init_kwargs or args.teacher_quantization):
             raise ValueError(
                 "teacher_model_init_kwargs / teacher_quantization are set but teacher_model is already instantiated; "
                 "pass the teacher as a path (or teacher_model_name_or_path) to have it loaded with them."
@@ -370,12 +380,16 @@ class SlimDistillationTrainer(SFTTrainer):
         # the whole accumulation window and must not divide the loss by the accumulation steps again.
         self.model_accepts_loss_kwargs = True
 
-        self._check_pair(self.model, teacher_model, args)
+        if self._offline is not None:
+            self._offline.check_vocabulary(_head(self.model)[0].shape[0])
+            self.data_collator = self._offline.wrap_collator(self.data_collator)
+        else:
+            self._check_pair(self.model, teacher_model, args)
         if fsdp2_plugin(self.accelerator) is not None:
             # before the Trainer builds the optimizer on the sharded parameters; accelerate leaves a sharded model as
             # it is (trainers/fsdp.py says why the trainer shards it itself)
             shard_student(self.model, self.accelerator)
-        self.teacher_model = prepare_teacher(
+        self.teacher_model = None if teacher_model is None else prepare_teacher(
             teacher_model, self.accelerator, self.is_deepspeed_enabled, placement=args.teacher_placement
         )
 
@@ -512,6 +526,11 @@ class SlimDistillationTrainer(SFTTrainer):
         step, total = self._schedule_steps()
         return self.loss_weights.at_step(min(step, total), total)
 
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self._offline is not None and TEACHER_ROW not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, TEACHER_ROW]  # kept by remove_unused_columns
+
     # ---- FSDP2: the optimizer's parameters ---------------------------------------------------------------------
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
@@ -623,7 +642,7 @@ class SlimDistillationTrainer(SFTTrainer):
     ):
         mode = "train" if self.model.training else "eval"
         labels = inputs["labels"]
-        forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        forward_inputs = {k: v for k, v in inputs.items() if k not in ("labels", TEACHER_ROW)}
         attention_mask = inputs.get("attention_mask")
         args = self.args
         lam, beta = self.current_loss_weights()
@@ -643,8 +662,14 @@ class SlimDistillationTrainer(SFTTrainer):
         else:
             variants = [None]
 
-        teacher_hidden, teacher_mtp_hidden = self._teacher_hidden(forward_inputs, teacher_mtp)
-        t_weight, t_bias = _head(self.teacher_model)
+        if self._offline is not None:  # the stored top-k stands in for the teacher's hidden states and head
+            teacher_hidden, rest = self._offline.top_k(mode, inputs)
+            (t_weight, t_bias), teacher_mtp_hidden = (None, None), ()
+            real = torch.ones_like(rest) if attention_mask is None else attention_mask.to(rest.dtype)
+            self._add(mode, "teacher_top_k_mass", (-torch.expm1(rest) * real).sum(), real.sum())  # logged coverage
+        else:
+            teacher_hidden, teacher_mtp_hidden = self._teacher_hidden(forward_inputs, teacher_mtp)
+            t_weight, t_bias = _head(self.teacher_model)
         # per depth, the labels without targets in another packed document (padding-free packing)
         labels_at = [depth_labels(labels, inputs.get("position_ids"), k) for k in range(depths + 1)]
         options = dict(

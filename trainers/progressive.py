@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel
 
+from hf_slim.data import load_training_dataset
 from hf_slim.hub import save_for_hub
 from hf_slim.pruning import ProgressivePlan, PruneConfig, collect_statistics, prune_progressively
 from hf_slim.utils import atomic_directory
@@ -43,8 +44,6 @@ from .teacher import is_quantized, load_teacher, load_teacher_config
 
 __all__ = ["DistillScriptArguments", "StageResult", "load_distill_config", "render_distilled_card", "run_progressive"]
 
-STDLIB_DATASET = "hf_slim:stdlib"
-_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
 @dataclass
@@ -143,22 +142,9 @@ def load_distill_config(path: str | os.PathLike) -> tuple[DistillScriptArguments
 
 def _load_dataset(script_args: DistillScriptArguments, tokenizer, max_length: int) -> tuple[Dataset, Any]:
     """The training dataset and the calibration data (texts, or the dataset itself)."""
-    name = script_args.dataset_name
-    if name == STDLIB_DATASET:
-        from hf_slim.data import packed_lm_dataset, stdlib_corpus
-
-        texts = stdlib_corpus()
-        return packed_lm_dataset(texts, tokenizer, max_length), texts
-    suffix = Path(name).suffix.lower()
-    if Path(name).is_file():
-        if suffix not in _LOCAL_BUILDERS:
-            raise ValueError(
-                f"dataset_name={name!r}: local files must be one of {sorted(_LOCAL_BUILDERS)}, got {suffix!r}."
-            )
-        dataset = load_dataset(_LOCAL_BUILDERS[suffix], data_files=name, split="train")
-    else:
-        dataset = load_dataset(name, script_args.dataset_config, split=script_args.dataset_split)
-    return dataset, dataset
+    return load_training_dataset(
+        script_args.dataset_name, tokenizer, max_length, script_args.dataset_config, script_args.dataset_split
+    )
 
 
 def _tokens_per_step(args: SlimDistillationConfig) -> int:

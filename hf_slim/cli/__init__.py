@@ -7,6 +7,7 @@
 | `prune`   | `hf_slim.cli.prune`    | calibrate and prune into a smaller checkpoint, same family   |
 | `slice`   | `hf_slim.cli.slice`    | one nested variant of an elastic checkpoint, standalone      |
 | `distill` | `hf_slim.cli.distill`  | progressive prune -> distill stages from a YAML config       |
+| `teacher-logits` | `hf_slim.cli.teacher_logits` | a teacher's top-k per position to disk (offline teacher) |
 
 Building the parser imports no torch, transformers or trl: each command imports what it needs when it runs (and
 options that come from a config dataclass are added when that command is parsed), so `--help` stays quick.
@@ -23,6 +24,7 @@ from .distill import add_distill_parser
 from .errors import run_command
 from .prune import add_prune_parser
 from .slice import add_slice_parser
+from .teacher_logits import add_teacher_logits_parser
 
 __all__ = ["build_parser", "main"]
 
@@ -36,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prune_parser(subparsers)
     add_slice_parser(subparsers)
     add_distill_parser(subparsers)
+    add_teacher_logits_parser(subparsers)
     return parser
 
 

@@ -32,7 +32,7 @@ One concern per module: `options` (validation), `chunked` (the chunked head loss
 `lm` and `mtp` (the terms), `objective` (weighing and composing them) and `schedules` (λ and β).
 """
 
-from .kd import chunked_kd_loss
+from .kd import TeacherTopK, chunked_kd_loss
 from .lm import lm_loss
 from .mtp import align_mtp_positions, mtp_kd_loss, mtp_lm_loss
 from .objective import distillation_objective, slimqwen_objective
@@ -43,7 +43,7 @@ from .schedules import SCHEDULE_KINDS, LossWeightSchedule, cosine_schedule, line
 
 
 __all__ = [
-    "DIVERGENCES", "SCHEDULE_KINDS", "LossWeightSchedule", "align_mtp_positions", "check_kd_options",
+    "DIVERGENCES", "SCHEDULE_KINDS", "LossWeightSchedule", "TeacherTopK", "align_mtp_positions", "check_kd_options",
     "chunked_kd_loss", "cosine_schedule", "distillation_objective", "linear_schedule", "lm_loss", "mtp_kd_loss",
     "mtp_lm_loss", "slimqwen_objective",
 ]  # fmt: skip

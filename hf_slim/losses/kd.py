@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -19,7 +21,60 @@ from .options import (
 )
 
 
-__all__ = ["chunked_kd_loss"]
+__all__ = ["TeacherTopK", "chunked_kd_loss"]
+
+
+@dataclass(frozen=True)
+class TeacherTopK:
+    """The teacher's distribution at each position as its `k` most likely tokens: an offline teacher (see
+    `hf_slim.teacher_logits`), in place of teacher hidden states and a head.
+
+    Args:
+        log_probs (`torch.Tensor`): `[..., k]` log-probabilities over the whole vocabulary at temperature 1, each
+            row sorted from the most likely token down (a prefix of a row is the top-k' for k' < k).
+        token_ids (`torch.Tensor`): `[..., k]` the token ids of those log-probabilities (any integer dtype).
+
+    KD against it equals online KD with `teacher_top_k=k`: the `k` values are renormalised (after dividing by the
+    temperature), so the mass outside the top `k` is dropped exactly as online.
+    """
+
+    log_probs: torch.Tensor
+    token_ids: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.log_probs.shape != self.token_ids.shape or self.log_probs.dim() < 1:
+            raise ValueError(
+                "TeacherTopK needs log_probs and token_ids of the same shape [..., k], got "
+                f"{tuple(self.log_probs.shape)} and {tuple(self.token_ids.shape)}."
+            )
+        if not self.log_probs.is_floating_point() or self.token_ids.is_floating_point():
+            raise ValueError(
+                f"TeacherTopK needs floating log_probs and integer token_ids, got {self.log_probs.dtype} and "
+                f"{self.token_ids.dtype}."
+            )
+
+    @property
+    def k(self) -> int:
+        return int(self.log_probs.shape[-1])
+
+    @property
+    def shape(self) -> torch.Size:
+        """`[..., k]`, so that the leading shape is read like a hidden-state tensor's."""
+        return self.log_probs.shape
+
+    def reshape_rows(self) -> TeacherTopK:
+        """`[rows, k]`."""
+        return TeacherTopK(self.log_probs.reshape(-1, self.k), self.token_ids.reshape(-1, self.k))
+
+    def __getitem__(self, index: Any) -> TeacherTopK:
+        return TeacherTopK(self.log_probs[index], self.token_ids[index])
+
+    def detach(self) -> TeacherTopK:
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.log_probs.device
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -75,8 +130,8 @@ def _ce_rows(
 
 
 def _kd_chunk_loss(
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | TeacherTopK,
+    teacher_weight: torch.Tensor | None,
     teacher_bias: torch.Tensor | None,
     divergence: str,
     temperature: float,
@@ -96,6 +151,9 @@ def _kd_chunk_loss(
     Softmaxes and gradients are computed in place in the two projections' buffers: forward / reverse KL and the
     top-k forward KL hold at most the two `[chunk, vocab]` projections, the JSD one more (the mixture), and a
     cross-entropy at a temperature other than 1 one more (its own softmax).
+
+    `teacher_hidden` may be a [`TeacherTopK`] of rows (an offline teacher): its stored top-k log-probabilities then
+    replace the projected ones (`teacher_weight` is None), with the same arithmetic as `teacher_top_k` online.
     """
     # TRL's convention: the generalized JSD at beta 0 / 1 is the forward / reverse KL.
     if divergence == "jsd" and jsd_beta == 0.0:
@@ -108,6 +166,9 @@ def _kd_chunk_loss(
         grad_terms = (True, True) if with_lm else (True,)
     lm_grad, kd_grad = (grad_terms[0], grad_terms[1]) if with_lm else (False, grad_terms[0])
     shared = with_lm and inv_t == 1.0  # the cross-entropy's log-softmax is the divergence's
+    offline = isinstance(teacher_hidden, TeacherTopK)
+    if offline:
+        teacher_top_k = teacher_hidden.k if teacher_top_k is None else min(teacher_top_k, teacher_hidden.k)
 
     def chunk_loss(start: int, end: int, student_logits: Callable[[], torch.Tensor], coefs: torch.Tensor | None):
         with torch.no_grad():
@@ -120,18 +181,27 @@ def _kd_chunk_loss(
             if with_lm and not shared:
                 lm_value, lm_grad_buf = _ce_rows(s_logits, tgt, a, inplace=False)
             a_ps = a if shared else None  # the cross-entropy's p_s part, folded into the divergence's gradient
-            t_logits = _project(teacher_hidden[start:end], teacher_weight, teacher_bias)
+            if offline:
+                t_logits = None
+            else:
+                t_logits = _project(teacher_hidden[start:end], teacher_weight, teacher_bias)
+                if inv_t != 1.0:
+                    t_logits.mul_(inv_t)
             if inv_t != 1.0:
-                t_logits.mul_(inv_t)
                 s_logits.mul_(inv_t)
             log_ps = _log_softmax_(s_logits)
             del s_logits
             if shared:
                 lm_value = -log_ps.gather(1, tgt).sum()
             want = a_ps is not None or b is not None
-            if teacher_top_k is not None:
+            if offline:
+                # log-probabilities differ from the logits by a per-row constant, which the renormalisation removes
+                top_vals = teacher_hidden.log_probs[start:end, :teacher_top_k].to(log_ps.dtype) * inv_t
+                top_idx = teacher_hidden.token_ids[start:end, :teacher_top_k].to(device=log_ps.device, dtype=torch.long)
+            elif teacher_top_k is not None:
                 top_vals, top_idx = t_logits.topk(min(teacher_top_k, t_logits.shape[-1]), dim=-1, sorted=False)
                 del t_logits
+            if teacher_top_k is not None:
                 log_qk = torch.log_softmax(top_vals, dim=-1)
                 qk = log_qk.exp()
                 if divergence == "forward_kl":

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .chunked import _head_loss, _loss_dtype, _Segment
-from .kd import _kd_chunk_loss
+from .kd import TeacherTopK, _kd_chunk_loss
 from .lm import _ce_chunk_loss, _check_targets
 from .mtp import align_mtp_positions
 from .options import (
@@ -104,6 +104,46 @@ def _head_at(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     return weight if weight.shape[1] == hidden.shape[-1] else weight[:, : hidden.shape[-1]]
 
 
+def _check_offline_teacher(
+    teacher: TeacherTopK,
+    teacher_head_weight: torch.Tensor | None,
+    teacher_mtp_hidden: Sequence[torch.Tensor],
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    divergence: str,
+    temperature: float,
+    jsd_beta: float,
+    teacher_top_k: int | None,
+    chunk_size: int,
+) -> None:
+    """Checks of an offline teacher ([`TeacherTopK`]): no head, no MTP hidden states, the student's [batch, seq],
+    token ids inside the vocabulary, and a divergence defined against a top-k target."""
+    if teacher_head_weight is not None or teacher_mtp_hidden:
+        raise ValueError(
+            "teacher_hidden is a TeacherTopK (an offline teacher's top-k log-probabilities): teacher_head_weight must "
+            "be None and teacher_mtp_hidden empty (MTP-KD reads the same top-k at position i + k)."
+        )
+    if teacher.log_probs.dim() != 3 or teacher.shape[:2] != hidden.shape[:2]:
+        raise ValueError(
+            f"the offline teacher's top-k must be [batch, seq, k] with the student's [batch, seq] = "
+            f"{tuple(hidden.shape[:2])}, got {tuple(teacher.shape)}."
+        )
+    if teacher_top_k is not None and teacher_top_k > teacher.k:
+        raise ValueError(
+            f"teacher_top_k={teacher_top_k} is more than the {teacher.k} tokens per position the offline teacher "
+            f"holds; use teacher_top_k <= {teacher.k} (or None for all of them)."
+        )
+    # a target restricted to k tokens: the same divergences as online top-k
+    check_kd_options(divergence, temperature, jsd_beta, teacher_top_k or teacher.k, chunk_size)
+    vocab = head_weight.shape[0]
+    if teacher.token_ids.numel() and (int(teacher.token_ids.min()) < 0 or int(teacher.token_ids.max()) >= vocab):
+        raise ValueError(
+            f"the offline teacher's token ids must lie in the student's vocabulary [0, {vocab}), got "
+            f"[{int(teacher.token_ids.min())}, {int(teacher.token_ids.max())}]: the logits were written for another "
+            "vocabulary."
+        )
+
+
 def _counted_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None, depth: int) -> torch.Tensor:
     counted = labels[:, 1 + depth :].ne(-100)
     if attention_mask is not None:
@@ -114,8 +154,8 @@ def _counted_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None, 
 def distillation_objective(
     hidden: torch.Tensor,
     head_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_head_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | TeacherTopK,
+    teacher_head_weight: torch.Tensor | None,
     labels: Sequence[torch.Tensor],
     *,
     lam: float,
@@ -152,9 +192,11 @@ def distillation_objective(
         hidden (`torch.Tensor`): Student final hidden states `[B, T, H]`.
         head_weight (`torch.Tensor`): Student `lm_head` weight `[V, H']`, `H' >= H` (an elastic variant of width `H`
             uses the first `H` columns).
-        teacher_hidden (`torch.Tensor`): Teacher final hidden states `[B, T, H_t]` (or, for self-distillation, the
-            full student's).
-        teacher_head_weight (`torch.Tensor`): Teacher `lm_head` weight `[V, H_t']`, `H_t' >= H_t`.
+        teacher_hidden (`torch.Tensor` or [`TeacherTopK`]): Teacher final hidden states `[B, T, H_t]` (or, for
+            self-distillation, the full student's), or an offline teacher's top-k log-probabilities `[B, T, k]`
+            (then KD is the online top-k KD with `teacher_top_k` = k, or the given `teacher_top_k <= k`).
+        teacher_head_weight (`torch.Tensor`): Teacher `lm_head` weight `[V, H_t']`, `H_t' >= H_t`; None for an
+            offline teacher.
         labels (`Sequence[torch.Tensor]`): Unshifted labels `[B, T]` of each depth `0..len(mtp_hidden)`, -100 where
             a target is not counted (e.g. per depth, targets in another packed document).
         lam (`float`): λ in [0, 1], the KD weight.
@@ -185,13 +227,18 @@ def distillation_objective(
     _check_num_items(num_items_in_batch)
     student_weight = _head_at(head_weight, hidden)
     _check_head("hidden", hidden, "head_weight", student_weight)
-    _check_vocab(head_weight, teacher_head_weight)
     _check_bias("head_bias", head_bias, head_weight)
-    _check_bias("teacher_head_bias", teacher_head_bias, teacher_head_weight)
-    if teacher_top_k is not None and teacher_top_k > teacher_head_weight.shape[0]:
-        raise ValueError(
-            f"teacher_top_k must be <= the vocabulary size {teacher_head_weight.shape[0]}, got {teacher_top_k}."
-        )
+    offline = isinstance(teacher_hidden, TeacherTopK)
+    if offline:
+        _check_offline_teacher(teacher_hidden, teacher_head_weight, teacher_mtp_hidden, hidden, head_weight, divergence,
+                               temperature, jsd_beta, teacher_top_k, chunk_size)  # fmt: skip
+    else:
+        _check_vocab(head_weight, teacher_head_weight)
+        _check_bias("teacher_head_bias", teacher_head_bias, teacher_head_weight)
+        if teacher_top_k is not None and teacher_top_k > teacher_head_weight.shape[0]:
+            raise ValueError(
+                f"teacher_top_k must be <= the vocabulary size {teacher_head_weight.shape[0]}, got {teacher_top_k}."
+            )
     depths = len(mtp_hidden)
     acc = _loss_dtype(student_weight)
     device = hidden.device
@@ -217,13 +264,19 @@ def distillation_objective(
             target, teacher_depth = F.pad(teacher_mtp_hidden[k - 1], (0, 0, 0, k)), k
         else:
             target, teacher_depth = teacher_hidden, 0
-        t_weight = _head_at(teacher_head_weight, target).detach()
-        _check_head("teacher_hidden", target, "teacher_head_weight", t_weight)
+        if offline:
+            t_weight = None
+        else:
+            t_weight = _head_at(teacher_head_weight, target).detach()
+            _check_head("teacher_hidden", target, "teacher_head_weight", t_weight)
         if k:
             _check_head(f"mtp_hidden[{k - 1}]", h, "head_weight", student_weight)
         s_rows, t_rows, kd_counted = align_mtp_positions(
-            h, target, k, labels=labels[k], attention_mask=attention_mask, teacher_depth=teacher_depth
-        )
+            h, target.log_probs if offline else target, k, labels=labels[k], attention_mask=attention_mask,
+            teacher_depth=teacher_depth,
+        )  # fmt: skip
+        if offline:  # the same rows of the ids: the teacher's position i + k (align_mtp_positions' offset)
+            t_rows = TeacherTopK(t_rows, target.token_ids[:, k : k + t_rows.shape[1]])
         n = s_rows.shape[1]
         targets = labels[k][:, 1 + k : 1 + k + n].reshape(-1).to(device)
         lm_counted = targets != -100
@@ -237,7 +290,7 @@ def distillation_objective(
         flat = s_rows.reshape(-1, s_rows.shape[-1])
         if not (grad_lm or grad_kd):
             flat = flat.detach()  # no term of this depth is weighed: no gradient reaches its hidden states
-        t_flat = t_rows.detach().reshape(-1, t_rows.shape[-1])
+        t_flat = t_rows.reshape_rows() if offline else t_rows.detach().reshape(-1, t_rows.shape[-1])
         denom = denominator(k).to(device=device, dtype=acc)
         c_lm, c_kd = w_lm / denom, w_kd * t2 / denom
         every_row = bool(both.all())  # the common case: no copy of the rows
