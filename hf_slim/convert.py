@@ -62,7 +62,7 @@ FAMILIES: dict[str, _Family] = _convertible_families()
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
 
 
-def _refusal(model_type: str) -> str:
+def conversion_refusal(model_type: str) -> str:
     """Why a family with an axes spec does not convert (its spec's `no_slim_moe`), or `""`."""
     return get_spec(model_type).no_slim_moe if model_type in supported_model_types() else ""
 
@@ -70,7 +70,7 @@ def _refusal(model_type: str) -> str:
 def _family(model_type: str) -> _Family:
     if model_type not in FAMILIES:
         raise ValueError(
-            _refusal(model_type)
+            conversion_refusal(model_type)
             or f"Unsupported model_type {model_type!r}; hf_slim.convert supports {', '.join(SUPPORTED_MODEL_TYPES)}."
         )
     return FAMILIES[model_type]
@@ -244,7 +244,7 @@ def conversion_configs(
     targets = ("slim_moe", *SUPPORTED_MODEL_TYPES)
     if to not in targets:
         raise ValueError(
-            _refusal(to) or f"to={to!r} is not a family hf_slim converts to; valid values: {', '.join(targets)}."
+            conversion_refusal(to) or f"to={to!r} is not a family hf_slim converts to; valid values: {', '.join(targets)}."
         )
     if isinstance(num_mtp_heads, bool) or not isinstance(num_mtp_heads, int) or num_mtp_heads < 0:
         raise ValueError(f"num_mtp_heads={num_mtp_heads!r} must be an int >= 0.")

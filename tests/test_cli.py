@@ -103,6 +103,15 @@ def test_convert_missing_model_is_one_line(capsys, tmp_path):
     assert _error_line(capsys, "convert", ["convert", str(tmp_path / "missing"), str(tmp_path / "out")])
 
 
+@pytest.mark.parametrize("family, expected", [
+    ("deepseek_v3", "deepseek_v3 does not convert to or from SlimMoe: SlimMoe has no multi-head latent attention"),
+    ("llama", "--to llama: valid values are slim_moe, "),
+])  # fmt: skip
+def test_convert_to_a_family_it_cannot_write_says_why(capsys, tmp_path, family, expected):
+    message = _error_line(capsys, "convert", ["convert", str(tmp_path / "missing"), str(tmp_path / "out"), "--to", family])
+    assert message.startswith(expected)
+
+
 def test_prune_nothing_to_prune(capsys, tmp_path):
     message = _error_line(capsys, "prune", ["prune", str(tmp_path / "missing"), str(tmp_path / "out")])
     assert message.startswith("nothing to prune")

@@ -16,7 +16,12 @@ def _add_convert_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("model", help="Checkpoint: a local folder or a Hub repo id (safetensors).")
     parser.add_argument("output", help="Output folder (written atomically).")
-    parser.add_argument("--to", choices=("slim_moe", *SUPPORTED_MODEL_TYPES), default="slim_moe")
+    parser.add_argument(
+        "--to",
+        default="slim_moe",
+        metavar="FAMILY",
+        help=f"slim_moe (default, from a stock checkpoint) or a stock family: {', '.join(SUPPORTED_MODEL_TYPES)}.",
+    )
     parser.add_argument(
         "--num-mtp-heads",
         type=int,
@@ -42,10 +47,13 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_convert(args: argparse.Namespace) -> int:
     """Handler of `hf-slim convert`: `hf_slim.convert_checkpoint`, one tensor at a time from the source's files."""
-    from ..convert import conversion_configs
+    from ..convert import SUPPORTED_MODEL_TYPES, conversion_configs, conversion_refusal
     from ..convert_streaming import convert_checkpoint, open_source
     from ..hub import tensor_bytes
 
+    targets = ("slim_moe", *SUPPORTED_MODEL_TYPES)
+    if args.to not in targets:  # before anything loads; a known family that cannot convert says why (deepseek_v3)
+        raise ValueError(conversion_refusal(args.to) or f"--to {args.to}: valid values are {', '.join(targets)}.")
     check_output(args.output, args.overwrite)
     # the configs are translated (and refused with the field at fault) before any weight is read or fetched
     check = functools.partial(conversion_configs, to=args.to, num_mtp_heads=args.num_mtp_heads)
