@@ -324,7 +324,8 @@ class SlimDistillationConfig(SFTConfig):
         if conflicts:
             raise ValueError(
                 f"teacher_logits_dir={self.teacher_logits_dir!r} trains with no teacher model, but {conflicts[0]} is "
-                "set; unset it (the teacher's top-k is read from the folder)."
+                "set; unset it (the teacher's top-k is read from the folder). hf-slim distill prunes its students "
+                "from the teacher model and does not take teacher_logits_dir."
             )
         if self.mtp_kd_target != "teacher_main":
             raise ValueError(
