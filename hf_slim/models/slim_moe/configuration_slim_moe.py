@@ -115,17 +115,13 @@ class SlimMoeConfig(PreTrainedConfig):
     keys_to_ignore_at_inference = ["cache", "lm_loss", "mtp_losses", "mtp_hidden_states", "mtp_logits"]
     default_theta = 1000000.0
 
-    base_model_tp_plan = {
-        "layers.*.self_attn.q_proj": "colwise",
-        "layers.*.self_attn.k_proj": "colwise",
-        "layers.*.self_attn.v_proj": "colwise",
-        "layers.*.self_attn.o_proj": "rowwise",
-        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
-        "layers.*.mlp.experts.down_proj": "rowwise",
-        "layers.*.mlp.experts": "moe_tp_experts",
-        "layers.*.mlp.gate_proj": "colwise",
-        "layers.*.mlp.up_proj": "colwise",
-        "layers.*.mlp.down_proj": "rowwise",
+    # Parallel plans, as stock Qwen3-MoE's: `base_model_tp_plan` depends on the config (see `tp_plan_for`), the
+    # expert-parallel plan does not. The MTP depths (`mtp.layers.*`, outside the base model) carry the same plans
+    # on their own module (`mtp_tp_plan_for`); `lm_head`'s entry is on `SlimMoeForCausalLM._tp_plan`.
+    base_model_ep_plan = {
+        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+        "layers.*.mlp.experts.down_proj": "grouped_gemm",
+        "layers.*.mlp.experts": "ep_dispatch_experts",
     }
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
@@ -283,6 +279,11 @@ class SlimMoeConfig(PreTrainedConfig):
                 f"{int(self.head_dim * factor)} channels of head_dim={self.head_dim}; RoPE needs an even number."
             )
 
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """transformers' tensor-parallel plan of the decoder stack (`model.*`) for this config: see `tp_plan_for`."""
+        return tp_plan_for(self)
+
     def expert_intermediate_size(self, layer_idx: int) -> int:
         """FFN width of the routed experts of block `layer_idx`; MTP block `k` is `num_hidden_layers + k` and uses
         the widest sparse decoder layer's width when `moe_intermediate_size` is a per-layer list."""
@@ -381,6 +382,70 @@ def check_routing(config: Any) -> None:
             f"SlimMoeConfig.num_experts_per_tok={top_k}: a token reaches only topk_group * experts per group = "
             f"{topk_group} * {size} experts."
         )
+
+
+# ---- parallel plans -------------------------------------------------------------------------------------------
+# One decoder block's entries. Per-head q/k norms see only the heads of their rank: their gradient is partial, so
+# it is summed over the mesh (Qwen3-MoE's `replicated_with_grad_allreduce`).
+_ATTENTION_TP_PLAN = {
+    "self_attn.q_proj": "colwise",
+    "self_attn.k_proj": "colwise",
+    "self_attn.v_proj": "colwise",
+    "self_attn.o_proj": "rowwise",
+}
+_HEAD_QK_NORM_TP_PLAN = {
+    "self_attn.q_norm": "replicated_with_grad_allreduce",
+    "self_attn.k_norm": "replicated_with_grad_allreduce",
+}
+# A norm over the whole projected width (OLMoE) needs every channel on every rank: q/k/v are gathered, attention
+# runs whole on each rank and `o_proj` splits its replicated input (OLMoE's plan); the norms stay replicated.
+_FULL_QK_NORM_ATTENTION_TP_PLAN = {
+    "self_attn.q_proj": "colwise_gather_output",
+    "self_attn.k_proj": "colwise_gather_output",
+    "self_attn.v_proj": "colwise_gather_output",
+    "self_attn.o_proj": "rowwise_split_input",
+}
+_EXPERTS_TP_PLAN = {
+    "mlp.experts.gate_up_proj": "packed_colwise",
+    "mlp.experts.down_proj": "rowwise",
+    "mlp.experts": "moe_tp_experts",
+}
+_SHARED_EXPERT_TP_PLAN = {
+    "mlp.shared_expert.gate_proj": "colwise",
+    "mlp.shared_expert.up_proj": "colwise",
+    "mlp.shared_expert.down_proj": "rowwise",
+}
+_DENSE_MLP_TP_PLAN = {"mlp.gate_proj": "colwise", "mlp.up_proj": "colwise", "mlp.down_proj": "rowwise"}
+# No entry names the RMSNorms (besides per-head q/k), the router (`mlp.gate`, its `e_score_correction_bias` buffer)
+# or the 1-wide `shared_expert_gate`: they stay replicated, and as their inputs are replicated, so are their gradients.
+
+
+def _block_tp_plan(config: Any, mlp_types: set[str]) -> dict[str, str]:
+    if config.qk_norm == "full":
+        plan = dict(_FULL_QK_NORM_ATTENTION_TP_PLAN)
+    else:
+        plan = {**_ATTENTION_TP_PLAN, **(_HEAD_QK_NORM_TP_PLAN if config.qk_norm == "head" else {})}
+    if "sparse" in mlp_types:
+        plan.update(_EXPERTS_TP_PLAN)
+        if config.shared_expert_intermediate_size > 0:
+            plan.update(_SHARED_EXPERT_TP_PLAN)
+    if "dense" in mlp_types:
+        plan.update(_DENSE_MLP_TP_PLAN)
+    return {f"layers.*.{name}": style for name, style in plan.items()}
+
+
+def tp_plan_for(config: Any) -> dict[str, str]:
+    """The decoder stack's tensor-parallel plan (`base_model_tp_plan`): Qwen3-MoE's (q/k/v colwise, o rowwise,
+    per-head q/k norms replicated with their gradient summed, fused experts sharded on their FFN width) plus the
+    shared expert and, with `qk_norm="full"`, OLMoE's gathered attention. Only entries that name a module of this
+    config, so transformers warns about none; `embed_tokens` is sharded by transformers on its own."""
+    return _block_tp_plan(config, set(config.mlp_layer_types))
+
+
+def mtp_tp_plan_for(config: Any) -> dict[str, str]:
+    """The tensor-parallel plan of the MTP depths (`mtp.layers.*`, sparse decoder blocks): the decoder blocks' plus
+    `eh_proj`, whose replicated `[embedding, hidden]` input is split between the ranks and summed."""
+    return {**_block_tp_plan(config, {"sparse"}), "layers.*.eh_proj": "rowwise_split_input"}
 
 
 def _mtp_width(widths: list[int], mlp_layer_types: list[str] | None) -> int:

@@ -105,11 +105,12 @@ def _expert_loop(
     hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int,
     expert: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """The eager experts loop: each token's sum of `weight * expert(index, tokens)` over its routed experts."""
+    """The eager experts loop: each token's sum of `weight * expert(index, tokens)` over its routed experts. Index
+    `num_experts` is skipped: expert parallelism marks the routes to other ranks' experts with it."""
     output = torch.zeros_like(hidden_states)
     with torch.no_grad():
-        expert_mask = F.one_hot(top_k_index, num_classes=num_experts).permute(2, 1, 0)
-        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        expert_mask = F.one_hot(top_k_index, num_classes=num_experts + 1).permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask[:num_experts].sum(dim=(-1, -2)), 0).nonzero()
     for expert_idx in expert_hit:
         expert_idx = expert_idx[0]
         top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
@@ -534,6 +535,17 @@ class SlimMoeMtpLayer(SlimMoeMtpLayerMixin, SlimMoeDecoderLayer):
         self._init_mtp_parts(config, depth, SlimMoeRMSNorm)
 
 
+def _refuse_sharded_variant(config: SlimMoeConfig, name: str) -> None:
+    """Raise `NotImplementedError` for a variant of a model sharded by tensor or expert parallelism: a variant is a
+    prefix view of whole tensors, which a rank's shard is not (FSDP gathers whole tensors, so it is fine)."""
+    distributed = getattr(config, "distributed_config", None)
+    if name != FULL_VARIANT and distributed is not None and max(distributed.tp_size, distributed.ep_size) > 1:
+        raise NotImplementedError(
+            f"Elastic variant {name!r} of a model sharded with tensor or expert parallelism: variants are prefix views "
+            "of whole tensors. Slice the variant first (slice_variant + save_pretrained), then load that sharded."
+        )
+
+
 @dataclass
 class SlimMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     r"""
@@ -695,6 +707,7 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, SlimMoeMtpGenerationMixin, Slim
 
     # ---- elastic variants ------------------------------------------------------------------------------------------
     def _plan_for(self, name: str) -> SlimMoeVariantPlan:
+        _refuse_sharded_variant(self.config, name)
         # built once per variant and config.elastic (which make_elastic may set after construction)
         key = (name, json.dumps(self.config.elastic, sort_keys=True))
         plans = self.__dict__.setdefault("_variant_plans", {})
@@ -725,6 +738,7 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, SlimMoeMtpGenerationMixin, Slim
         Raises:
             `KeyError`: unknown `name` (the message lists the variants).
             `ValueError`: the model has no `config.elastic`.
+            `NotImplementedError`: the model is sharded with tensor or expert parallelism.
         """
         previous = self.model._variant_plan
         self.model._variant_plan = None if name == FULL_VARIANT else self._plan_for(name)
@@ -739,6 +753,7 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, SlimMoeMtpGenerationMixin, Slim
         Its config is `config.variant_config(name)` (so it stays elastic over the variants nested inside `name`) and
         its logits equal this model's under `elastic_variant(name)`.
         """
+        _refuse_sharded_variant(self.config, name)
         return copy_variant(self, name)
 
     def _mtp_loss(self, logits: torch.Tensor, labels: torch.Tensor, depth: int, kwargs: dict) -> torch.Tensor:

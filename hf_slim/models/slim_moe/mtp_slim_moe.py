@@ -46,6 +46,8 @@ cannot hold them: this file may not import it):
   (`^mtp\\.`), and `MtpModel`'s checkpoint conversion (`PrefixChange("mtp")`, then block tensors under `layers.{k}.`
   nested into `mtp_block`) maps this layout onto stock `MtpLayer`s: `MtpModel.from_pretrained(model)` loads a saved
   SlimMoe's MTP (checked by a test), though SlimMoe never needs it.
+- `PreTrainedModel.init_parallel_plans` merges a child module's `_tp_plan` / `_ep_plan` under its name, which is how
+  the depths get their tensor / expert parallel plans (checked by `tests/test_parallel_plans.py`).
 """
 
 import contextlib
@@ -66,7 +68,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import MtpModel
 from transformers.utils import cached_file, logging
 
-from .configuration_slim_moe import SlimMoeConfig
+from .configuration_slim_moe import SlimMoeConfig, mtp_tp_plan_for
 from .generation_slim_moe import SpeculationCounts
 from .variants_slim_moe import FULL_VARIANT, SlimMoeVariantPlan
 
@@ -166,6 +168,10 @@ class SlimMoeMultiTokenPredictor(nn.Module):
         self.layers = nn.ModuleList(layer_cls(config, k) for k in range(self.num_heads))
         self.norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps) if config.mtp_shared_norm else None
         self._prefix_norm = layer_cls._prefix_norm
+        # transformers' `init_parallel_plans` takes a child's plans under its name (`mtp.`): the depths, outside the
+        # base model, are sharded as the decoder blocks are
+        self._tp_plan = mtp_tp_plan_for(config)
+        self._ep_plan = dict(config.base_model_ep_plan)
 
     def head_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """What the LM head reads of a depth's output: the output itself, or `mtp.norm` of it with
