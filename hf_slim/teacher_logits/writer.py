@@ -130,6 +130,12 @@ class _LoadedTeacher:
         if head is None or not hasattr(head, "weight"):
             raise ValueError(f"{type(model).__name__} has no output embeddings; the teacher must be a causal LM.")
         self.model = model.eval()
+        if getattr(model, "is_loaded_in_4bit", False):
+            # bitsandbytes' packed CPU path cannot run some layer shapes in eval mode (trainers/teacher.py says which);
+            # the distillation trainer applies the same fix to an online 4bit teacher
+            from trainers.teacher import fit_bnb_4bit_cpu_layers
+
+            fit_bnb_4bit_cpu_layers(model)
         self.head_weight, self.head_bias = head.weight, getattr(head, "bias", None)
         self.name = getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
