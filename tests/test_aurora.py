@@ -284,3 +284,19 @@ def test_bad_preset_and_1d_in_aurora_group():
         Aurora([{"params": [nn.Parameter(torch.zeros(4))], "use_aurora": True}])
     ref = Aurora.from_preset([nn.Parameter(torch.zeros(4, 4))], "reference", lr=0.1)
     assert ref.param_groups[0]["ns_schedule"] == "tilde_quintic12" and ref.param_groups[0]["lr"] == 0.1
+
+
+@pytest.mark.parametrize("shape", [(64, 16), (32, 32), (16, 64), (4, 24, 8)])
+@pytest.mark.parametrize("ns_dtype", ["float32", "bfloat16"])
+def test_a_finite_gradient_whose_norm_overflows_gives_the_same_update(shape, ns_dtype):
+    """Entries of 1e20 are finite, but their squares overflow float32: the update must be the one of the same
+    gradient at scale 1 (the direction is scale-free), not NaN or zero."""
+    updates = []
+    for scale in (1.0, 1e20):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.zeros(shape))
+        p.grad = torch.randn(shape) * scale
+        Aurora([p], lr=1.0, ns_dtype=ns_dtype).step()
+        updates.append(p.detach().clone())
+    assert torch.isfinite(updates[1]).all()
+    torch.testing.assert_close(updates[1], updates[0], rtol=0, atol=1e-5 if ns_dtype == "float32" else 2e-2)

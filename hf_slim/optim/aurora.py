@@ -192,6 +192,11 @@ def _balanced_polar(
     red = -1 if m > n else -2
     W = X.reshape(-1, m, n).float()
     row_sq = (W * W).sum(dim=red, keepdim=True)  # [B, m, 1] or [B, 1, n]
+    if bool(row_sq.isinf().any()):
+        # a finite input whose squares overflow float32 (entries above ~1e19): the direction does not depend on
+        # the input's scale, so divide by the largest entry first instead of returning NaN
+        W = W / W.abs().amax(dim=(-2, -1), keepdim=True)
+        row_sq = (W * W).sum(dim=red, keepdim=True)
     row_norm = row_sq.sqrt()
     D = 1.0 / row_norm.clamp(min=eps)
     if row_scale is None:

@@ -175,5 +175,8 @@ def polar_factor(
     Y = X.to(work_dtype).reshape(-1, m, n)
     # Frobenius norm bounds the spectral norm, so after this every singular value is <= 1.
     norm = Y.norm(dim=(-2, -1), keepdim=True)
+    if bool(norm.isinf().any()):  # finite entries whose squares overflow: the polar factor is scale-free
+        Y = Y / Y.abs().amax(dim=(-2, -1), keepdim=True)
+        norm = Y.norm(dim=(-2, -1), keepdim=True)
     Y = newton_schulz(Y / (norm * _INPUT_SCALE[schedule] + eps), coeffs)
     return Y.reshape(*lead, m, n)
