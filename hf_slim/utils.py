@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -12,34 +13,80 @@ from pathlib import Path
 
 from torch import nn
 
+logger = logging.getLogger(__name__)
+
 
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `target` that replaces `target` only if the block finishes.
 
     Nothing half-written is left at `target`: on error the temporary folder is removed and `target` is untouched.
+    With `overwrite`, the old folder is moved aside, the new one renamed into place, and the old one deleted; if the
+    rename fails the old folder is put back. Temporaries of a run that was killed (SIGKILL, power loss) are removed
+    by the next write to the same target, and an old folder a killed swap left aside is restored; both are logged.
+    The folder gets the permissions `os.makedirs` gives (as `save_pretrained`'s), not `mkdtemp`'s 0700.
 
     Args:
         target: The folder to create.
         overwrite: Replace an existing non-empty `target`; otherwise that raises `FileExistsError`.
     """
     target = Path(target).resolve()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"Output folder {target} is a file; give a folder path.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(target)
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"Output folder {target} exists and is not empty; pass overwrite=True to replace it.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         backup = None
         if target.exists():
             backup = target.parent / f".{target.name}.old-{os.getpid()}"
             target.rename(backup)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except BaseException:
+            if backup is not None:  # the old folder goes back where it was
+                backup.rename(target)
+            raise
         if backup is not None:
             shutil.rmtree(backup, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _clean_stale(target: Path) -> None:
+    """Remove the temporaries of killed writes to `target`, and restore an old folder a killed swap left aside."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-(\d+)")
+    for path in sorted(target.parent.iterdir()):
+        match = pattern.match(path.name)
+        if match is None or int(match.group(2)) == os.getpid() or _pid_alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and not target.exists():
+            logger.warning("Restoring %s from %s, left aside by a write that was killed while replacing it.", target, path)
+            path.rename(target)
+        else:
+            logger.warning("Removing %s, left by a write to %s that was killed.", path, target)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
