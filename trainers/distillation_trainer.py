@@ -27,6 +27,8 @@ from hf_slim.losses import distillation_objective
 from hf_slim.losses.options import check_same_vocabulary
 from hf_slim.models.slim_moe.configuration_slim_moe import FULL_VARIANT
 
+from .checkpointing import latest_complete_checkpoint, write_training_args_json
+from .checks import check_batch_split, check_dataset_columns
 from .distillation_config import SlimDistillationConfig
 from .fsdp import fsdp2_plugin, fsdp_requested, is_fsdp2_model, shard_student
 from .nonfinite import NonFiniteGuard, NonFiniteLossError
@@ -42,7 +44,6 @@ __all__ = [
     "sample_elastic_variants",
 ]
 
-_TEXT_COLUMNS = ("messages", "conversations")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,73 +119,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return model
-
-
-def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
-    names = getattr(dataset, "column_names", None)
-    if names is None:  # an IterableDataset of unknown features
-        names = list(next(iter(dataset)).keys())
-    return list(names)
-
-
-def check_dataset_columns(
-    dataset: Dataset | IterableDataset | None,
-    dataset_text_field: str,
-    formatting_func: Callable | None = None,
-    name: str = "train_dataset",
-) -> None:
-    """Raise a `ValueError` before any step when `dataset` has none of the columns the trainer can use.
-
-    Accepted: `input_ids` (tokenized or packed), `dataset_text_field` (plain text), `messages` / `conversations`
-    (chat), `prompt` + `completion`, or any columns when a `formatting_func` is given.
-    """
-    if dataset is None:
-        if name == "train_dataset":
-            raise ValueError("train_dataset is required (a datasets.Dataset or IterableDataset), got None.")
-        return
-    if formatting_func is not None:
-        return
-    columns = _column_names(dataset)
-    if (
-        "input_ids" in columns
-        or dataset_text_field in columns
-        or any(c in columns for c in _TEXT_COLUMNS)
-        or ("prompt" in columns and "completion" in columns)
-    ):
-        return
-    raise ValueError(
-        f"{name} has columns {columns} but SlimDistillationTrainer needs one of: 'input_ids' (tokenized or packed "
-        f"text), {dataset_text_field!r} (plain text, set by dataset_text_field), 'messages'/'conversations' (chat) "
-        "or 'prompt' + 'completion'. Rename the column, set dataset_text_field, or pass formatting_func."
-    )
-
-
-def check_batch_split(args: SlimDistillationConfig, has_eval: bool = False) -> None:
-    """Raise a `ValueError` naming the batch size when `accelerator_config.split_batches=True` splits a batch that
-    the world size does not divide.
-
-    With `split_batches=True`, `per_device_train_batch_size` (and `per_device_eval_batch_size`) is the global batch,
-    cut into one equal part per process; otherwise it is per process and any world size works.
-
-    Args:
-        args ([`SlimDistillationConfig`]): The run's settings.
-        has_eval (`bool`, *optional*, defaults to `False`): Whether an eval dataset is given (its batch is checked too).
-    """
-    config = args.accelerator_config
-    split = config.get("split_batches", False) if isinstance(config, dict) else getattr(config, "split_batches", False)
-    world = int(args.world_size)
-    if not split or world <= 1:
-        return
-    names = ["per_device_train_batch_size"] + (["per_device_eval_batch_size"] if has_eval else [])
-    for name in names:
-        size = int(getattr(args, name))
-        if size % world:
-            up = -(-size // world) * world
-            raise ValueError(
-                f"{name}={size} cannot be split over {world} processes: with accelerator_config.split_batches=True "
-                f"it is the global batch, cut into {world} equal parts. Use a multiple of {world} (e.g. {name}={up}), "
-                f"or split_batches=False (then {name} is the batch of each process)."
-            )
 
 
 def _head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -413,6 +347,21 @@ class SlimDistillationTrainer(SFTTrainer):
     def nonfinite_skipped(self) -> int:
         """Optimizer steps skipped for NaN/inf (`nonfinite_loss="skip"`) since `train()` started."""
         return self._nonfinite.skipped
+
+    # ---- what goes to disk --------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        if resume_from_checkpoint is True:  # the latest checkpoint a killed save did not leave incomplete
+            resume_from_checkpoint = latest_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True found no complete checkpoint-N folder in {self.args.output_dir}."
+                )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:  # the settings as JSON, no pickle in a model folder
+            write_training_args_json(self.args, output_dir or self.args.output_dir)
 
     # ---- construction ------------------------------------------------------------------------------------------
     def _check_pair(self, student: nn.Module, teacher: nn.Module, args: SlimDistillationConfig) -> None:
