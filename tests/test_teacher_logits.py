@@ -283,6 +283,14 @@ def test_cli_writes_a_folder_and_reports_bad_input_in_one_line(setup, tmp_path, 
         "input_ids"
     ][:16]
     assert "bytes per token" in capsys.readouterr().out
+    # one decoder block at a time from the saved teacher: the same numbers
+    assert main([*argv[:3], str(tmp_path / "layerwise"), *argv[4:], "--layerwise", "--rows-per-pass", "4"]) == 0
+    layerwise = TeacherLogitsReader(tmp_path / "layerwise")
+    for r in range(10):
+        assert torch.equal(layerwise.row(r).log_probs, reader.row(r).log_probs)
+    capsys.readouterr()
+    assert main([*argv, "--rows-per-pass", "4"]) == 2
+    assert "apply to a --layerwise teacher only" in capsys.readouterr().err
     assert main([*argv[:-4], "--top-k", "6", "--max-length", "16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "top_k is 5 but this run's is 6" in err[0] and "--overwrite" in err[0]

@@ -38,6 +38,10 @@ def add_teacher_logits_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="Read the teacher one decoder block at a time from its checkpoint (for a teacher larger than memory).",
     )
+    parser.add_argument("--rows-per-pass", type=int, default=256, help="With --layerwise: rows per pass over the "
+                        "checkpoint (each pass reads it once; default: 256).")  # fmt: skip
+    parser.add_argument("--max-memory", help="With --layerwise: host memory for the hidden states, e.g. 20GB "
+                        "(default: the available RAM; beyond it they spill to a temporary file).")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="Device to run the teacher on (default: cpu).")
     parser.add_argument("--log-prob-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="Stored dtype of the log-probabilities (default: float32).")  # fmt: skip
@@ -72,6 +76,8 @@ def run_teacher_logits(args: argparse.Namespace) -> int:
     from ..utils import format_bytes
 
     dtype = _dtype(args.dtype)
+    if not args.layerwise and (args.max_memory is not None or args.rows_per_pass != 256):
+        raise ValueError("--rows-per-pass and --max-memory apply to a --layerwise teacher only; add --layerwise.")
     if args.quantization and args.layerwise:
         raise ValueError("--quantization and --layerwise cannot be combined: a layer-by-layer teacher is read as stored.")
     # the settings an existing folder must share, checked before anything loads
@@ -93,7 +99,7 @@ def run_teacher_logits(args: argparse.Namespace) -> int:
 
         teacher = LayerwiseTeacher(
             args.teacher, dtype=None if dtype == "auto" else dtype, device=args.device,
-            trust_remote_code=args.trust_remote_code,
+            rows_per_pass=args.rows_per_pass, max_memory=args.max_memory,
         )  # fmt: skip
     else:
         from transformers import AutoModelForCausalLM

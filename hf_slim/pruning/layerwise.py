@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +28,8 @@ import torch
 
 from ..anatomy.mtp_blocks import attach_mtp_layers
 from ..integrations.transformers_mtp import mtp_drafter, run_mtp_depth
-from .collector import _Collector, _get, pack_calibration_data
 from ..utils import format_bytes
+from .collector import _Collector, _get, pack_calibration_data
 from .layerwise_state import HiddenStates, WorkDir
 from .stats import ImportanceStats
 
@@ -102,8 +103,6 @@ def collect_statistics_layerwise(
             reproduce block by block (none of the supported families); load it and call
             `collect_statistics(model, ...)`.
     """
-    from tqdm.auto import tqdm
-
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
     dev = _device(device)
@@ -114,36 +113,46 @@ def collect_statistics_layerwise(
     reader, owned = _open(source)
     try:
         run = _Run(reader, ids, _run_dtype(reader, dtype), dev, batch_size)
-        plan = run.memory_plan(budget, max_memory)
-        fingerprint = run.fingerprint()
-        folder = None
-        if work_dir is not None:
-            folder = WorkDir(os.fspath(work_dir), fingerprint, temporary=False)
-        elif not plan.in_memory:
-            folder = WorkDir(tempfile.mkdtemp(prefix="hf-slim-calibration-"), fingerprint, temporary=True)
-        try:
-            done = run.resume(folder, plan)
-            steps = run.steps
-            bar = tqdm(total=len(steps), initial=done, desc="layerwise calibration", disable=not show_progress)
-            with bar:
-                for step in range(done, len(steps)):
-                    bar.set_postfix_str(f"{steps[step][0]}, read {format_bytes(reader.bytes_read)}")
-                    run.run_step(step)
-                    if folder is not None:
-                        folder.commit(step + 1, steps[step][0], run.collector.acc, run.hidden,
-                                      last=step + 1 == len(steps))  # fmt: skip
-                    bar.update(1)
-            stats = run.collector.finish(run.collector.metadata(int(ids.shape[1])))
-        finally:
-            run.hidden.close()
-            if folder is not None and folder.temporary:
-                folder.clear()
-        if folder is not None and not folder.temporary and not keep_work_files:
-            folder.clear()
-        return stats
+        return _drive(run, budget, max_memory, work_dir, keep_work_files, show_progress, "layerwise calibration",
+                      lambda: run.collector.finish(run.collector.metadata(int(ids.shape[1]))))  # fmt: skip
     finally:
         if owned:
             reader.close()
+
+
+def _drive(run: _Run, budget: int, max_memory: Any, work_dir: Any, keep_work_files: bool, show_progress: bool,
+           desc: str, finish: Callable[[], Any]) -> Any:  # fmt: skip
+    """Run the steps of `run` not done yet (resuming from `work_dir`), then return `finish()`, called before the
+    hidden states are let go and the work files removed."""
+    from tqdm.auto import tqdm
+
+    plan = run.memory_plan(budget, max_memory)
+    fingerprint = run.fingerprint()
+    folder = None
+    if work_dir is not None:
+        folder = WorkDir(os.fspath(work_dir), fingerprint, temporary=False)
+    elif not plan.in_memory:
+        folder = WorkDir(tempfile.mkdtemp(prefix=f"hf-slim-{desc.split()[-1]}-"), fingerprint, temporary=True)
+    try:
+        done = run.resume(folder, plan)
+        steps = run.steps
+        bar = tqdm(total=len(steps), initial=done, desc=desc, disable=not show_progress)
+        with bar:
+            for step in range(done, len(steps)):
+                bar.set_postfix_str(f"{steps[step][0]}, read {format_bytes(run.reader.bytes_read)}")
+                run.run_step(step)
+                if folder is not None:  # a run returning its output keeps the last step's hidden states too
+                    last = step + 1 == len(steps) and not run.keeps_output
+                    folder.commit(step + 1, steps[step][0], run.collector.acc, run.hidden, last=last)
+                bar.update(1)
+        result = finish()
+    finally:
+        run.hidden.close()
+        if folder is not None and folder.temporary:
+            folder.clear()
+    if folder is not None and not folder.temporary and not keep_work_files:
+        folder.clear()
+    return result
 
 
 # ---- one run ------------------------------------------------------------------------------------------------------
@@ -176,15 +185,40 @@ class _MemoryPlan:
         return self.need + self.hidden <= self.budget
 
 
-class _Run:
-    """The meta-device skeleton, the collector, the hidden states and the steps of one layer-by-layer pass."""
+class _NoStatistics:
+    """The collector of a run that only computes hidden states: no hooks, no accumulators."""
 
-    def __init__(self, reader: Any, ids: torch.Tensor, dtype: torch.dtype, dev: torch.device, batch_size: int):
+    def __init__(self) -> None:
+        self.acc: dict[str, torch.Tensor] = {}
+
+    def install_block(self, i: int) -> None:
+        pass
+
+    def install_final(self) -> None:
+        pass
+
+    def remove(self) -> None:
+        pass
+
+
+class _Run:
+    """The meta-device skeleton, the collector, the hidden states and the steps of one layer-by-layer pass.
+
+    With `statistics=False` the run collects nothing and keeps the final norm's output (`hidden`), the model's last
+    hidden state; the MTP heads are not run. `attention_mask` (right-padded rows, only then): each batch runs to its
+    longest row, with the arguments the model's forward gives that batch's mask.
+    """
+
+    def __init__(self, reader: Any, ids: torch.Tensor, dtype: torch.dtype, dev: torch.device, batch_size: int,
+                 attention_mask: torch.Tensor | None = None, statistics: bool = True):  # fmt: skip
         from transformers import AutoModelForCausalLM
 
         from ..anatomy import get_spec
 
+        if attention_mask is not None and statistics:
+            raise ValueError("attention_mask: padded rows are for final hidden states, not calibration statistics")
         self.reader, self.ids, self.dtype, self.dev, self.batch_size = reader, ids, dtype, dev, batch_size
+        self.mask, self.statistics, self.keeps_output = attention_mask, statistics, not statistics
         self.names = set(reader.names())
         self.source_config = reader.config
         config = copy.deepcopy(reader.config)  # from_config settles attention/experts fields on the config it gets
@@ -204,9 +238,12 @@ class _Run:
                 "layer-by-layer calibration does not know; load the model and call collect_statistics(model, ...)"
             )
         self._rebuild_buffers()
-        self.collector = _Collector(self.model, self.spec, device=dev)
-        self.collector.allocate()
-        self.collector.tokens, self.collector.samples = ids.numel(), int(ids.shape[0])
+        if statistics:
+            self.collector = _Collector(self.model, self.spec, device=dev)
+            self.collector.allocate()
+            self.collector.tokens, self.collector.samples = ids.numel(), int(ids.shape[0])
+        else:
+            self.collector = _NoStatistics()
         self.calls: dict[int, list[tuple[tuple, dict]]] = {}  # batch rows -> per decoder layer (args, kwargs)
         n, length = ids.shape
         self.shape = (int(n), int(length), int(self.model.config.hidden_size))
@@ -217,7 +254,12 @@ class _Run:
         if _get(self.model, self.spec.modules["final_norm"]) is not None:
             self.steps.append(("final norm", "final", -1))
         # MTP depth k predicts from T - k positions; a depth with none is skipped, as the model's forward does
-        self.steps += [(b, "mtp", i) for i, b in enumerate(self.blocks) if self.n_dec <= i < self.n_dec + length - 1]
+        mtp = range(self.n_dec, self.n_dec + length - 1) if statistics else ()  # the last hidden state needs none
+        self.steps += [(b, "mtp", i) for i, b in enumerate(self.blocks) if i in mtp]
+        # (start, stop, length) of each batch: a padded batch stops at its longest row
+        spans = [(b0, min(b0 + batch_size, int(n))) for b0 in range(0, int(n), batch_size)]
+        self.batches = [(b0, b1, int(length) if attention_mask is None else int(attention_mask[b0:b1].sum(1).max()))
+                        for b0, b1 in spans]  # fmt: skip
 
     # ---- set-up ----------------------------------------------------------------------------------------------------
     def _rebuild_buffers(self) -> None:
@@ -249,7 +291,7 @@ class _Run:
             (n, [int(d) for d in self.reader.shape(n)], str(_as_dtype(self.reader.dtype(n)))) for n in self.names
         )
         ids = self.ids.contiguous()
-        return {
+        fingerprint = {
             "format": _FORMAT,
             "source config": _sha(json.dumps(config, sort_keys=True, default=str)),
             "source tensors": _sha(json.dumps(tensors)),
@@ -259,6 +301,11 @@ class _Run:
             "batch_size": self.batch_size,
             "dtype": str(self.dtype).replace("torch.", ""),
         }
+        if not self.statistics:  # keys a calibration's folder has not: a teacher's work folder is never taken for one
+            fingerprint["output"] = "final hidden states"
+            mask = b"" if self.mask is None else self.mask.to(torch.uint8).contiguous().numpy().tobytes()
+            fingerprint["attention mask"] = _sha(mask)
+        return fingerprint
 
     def memory_plan(self, budget: int, given: Any) -> _MemoryPlan:
         """Estimate host memory; raise when even one block does not fit in `budget`."""
@@ -275,9 +322,10 @@ class _Run:
             # an MTP block runs with the embedding and the predictor's shared fc / norms
             per_block = [_nbytes(self.model.get_submodule(b)) + (emb + mtp_shared if i >= self.n_dec else 0)
                          for i, b in enumerate(self.blocks)]  # fmt: skip
-            weights = max([emb, *per_block]) + largest_read
+            head = [_nbytes(self.model.get_output_embeddings())] if self.keeps_output else []  # read at the end
+            weights = max([emb, *head, *per_block]) + largest_read
             work = tokens * self._bytes_per_token(elt) + self._attention_bytes(rows, length) + batch_io
-            work += self._accumulator_bytes()
+            work += self._accumulator_bytes() if self.statistics else 0
         else:  # weights, activations and accumulators live on the device; the host stages a tensor and a batch
             weights, work = largest_read, batch_io
         plan = _MemoryPlan(weights=weights, work=work, hidden=n * length * hidden * elt, budget=budget)
@@ -340,17 +388,18 @@ class _Run:
                 done, acc = state
                 self.collector.acc = {k: v.to(self.dev) for k, v in acc.items()}
             folder.check_space(self.hidden.nbytes, done)
-        if done < len(self.steps):
+        if done < len(self.steps) or self.keeps_output:
             path = folder.hidden_path(done) if done > 0 else None
             self.hidden.start(None if plan.in_memory else folder, path)
         return done
 
     # ---- steps -----------------------------------------------------------------------------------------------------
     def run_step(self, step: int) -> None:
-        """Run step `step`; every step but the last leaves its hidden states for the next one."""
+        """Run step `step`; every step but the last leaves its hidden states for the next one (the last too when
+        the run keeps its output)."""
         _, kind, index = self.steps[step]
         self.hidden.step = step + 1
-        writes = step + 1 < len(self.steps)
+        writes = step + 1 < len(self.steps) or self.keeps_output
         if kind == "embed":
             self._embed()
         elif kind == "block":
@@ -362,27 +411,39 @@ class _Run:
         else:
             self._mtp_block(index, index - self.n_dec + 1, writes)
 
-    def _batches(self):
-        n = self.shape[0]
-        for start in range(0, n, self.batch_size):
-            yield start, min(start + self.batch_size, n)
+    def _mask(self, b0: int, b1: int, length: int) -> torch.Tensor | None:
+        return None if self.mask is None else self.mask[b0:b1, :length].to(self.dev)
 
     def _embed(self) -> None:
         embedding = self.model.get_input_embeddings()
         self._load(embedding, _path_of(self.model, embedding))
         try:
             self.hidden.begin()
-            for b0, b1 in self._batches():
-                first = self._decoder_calls(b1 - b0, self.ids[b0:b1].to(self.dev))
+            for b0, b1, length in self.batches:
+                ids = self.ids[b0:b1, :length].to(self.dev)
+                first, calls = self._decoder_calls(b1 - b0, length, ids, self._mask(b0, b1, length))
+                if self.mask is None:
+                    self.calls.setdefault(b1 - b0, calls)
                 self.hidden.write(b0, b1, first)
             self.hidden.end()
         finally:
             self._free(embedding)
 
-    def _decoder_calls(self, rows: int, input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Run the model's own forward with each decoder layer replaced by a recorder: keeps what it passes each
-        layer (for this batch size) and returns the first layer's input. Without `input_ids` it runs on zero
-        embeddings: the arguments depend only on the batch shape (packed rows, no padding)."""
+    def _layer_args(self, b0: int, b1: int, length: int) -> list[tuple[tuple, dict]]:
+        """What the model's forward passes each decoder layer for the batch `b0:b1`. Packed batches of a size share
+        them (recorded once); a padded batch's follow its mask and are recorded again for each block rather than
+        kept (a `[rows, 1, T, T]` mask per batch could outgrow the hidden states)."""
+        if self.mask is not None:
+            return self._decoder_calls(b1 - b0, length, attention_mask=self._mask(b0, b1, length))[1]
+        if b1 - b0 not in self.calls:
+            self.calls[b1 - b0] = self._decoder_calls(b1 - b0, length)[1]
+        return self.calls[b1 - b0]
+
+    def _decoder_calls(self, rows: int, length: int, input_ids: torch.Tensor | None = None,
+                       attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor | None, list]:  # fmt: skip
+        """Run the model's own forward with each decoder layer replaced by a recorder: returns the first layer's
+        input and what the forward passes each layer (`(args, kwargs)` per layer). Without `input_ids` it runs on
+        zero embeddings: the arguments depend only on the batch's shape and attention mask."""
         layers = [self.model.get_submodule(b) for b in self.blocks[: self.n_dec]]
         calls: dict[int, tuple[tuple, dict]] = {}
         first: list[torch.Tensor] = []
@@ -402,10 +463,11 @@ class _Run:
         for i, layer in enumerate(layers):
             layer.forward = recorder(i)
         if input_ids is None:
-            inputs = {"inputs_embeds": torch.zeros(rows, self.shape[1], self.shape[2], dtype=self.dtype,
-                                                   device=self.dev)}  # fmt: skip
+            inputs = {"inputs_embeds": torch.zeros(rows, length, self.shape[2], dtype=self.dtype, device=self.dev)}
         else:
             inputs = {"input_ids": input_ids}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
         try:
             self.model(**inputs, use_cache=False)
         except _Stop:
@@ -419,21 +481,20 @@ class _Run:
                 "layer-by-layer calibration needs each called once; load the model and call "
                 "collect_statistics(model, ...)"
             )
-        self.calls.setdefault(rows, [calls[i] for i in range(len(layers))])
-        return first[0] if first else None
+        return (first[0] if first else None), [calls[i] for i in range(len(layers))]
 
     def _block(self, i: int, writes: bool) -> None:
-        for b0, b1 in self._batches():  # a resumed run has not recorded them; before the hooks, which would count
-            if b1 - b0 not in self.calls:
-                self._decoder_calls(b1 - b0)
+        if self.mask is None:  # a resumed run has not recorded them; before the hooks, which would count
+            for b0, b1, length in self.batches:
+                self._layer_args(b0, b1, length)
         block = self.model.get_submodule(self.blocks[i])
         self._load(block, self.blocks[i])
         try:
-            self.collector.install_block(i)
+            self.collector.install_block(i)  # no hooks with a mask (no statistics)
             self.hidden.begin(writes)
-            for b0, b1 in self._batches():
-                args, kwargs = self.calls[b1 - b0][i]
-                out = block(self.hidden.read(b0, b1, self.shape[1], self.dev), *args, **kwargs)
+            for b0, b1, length in self.batches:
+                args, kwargs = self._layer_args(b0, b1, length)[i]
+                out = block(self.hidden.read(b0, b1, length, self.dev), *args, **kwargs)
                 self.hidden.write(b0, b1, out[0] if isinstance(out, tuple) else out)
             self.hidden.end()
         finally:
@@ -446,8 +507,8 @@ class _Run:
         try:
             self.collector.install_final()
             self.hidden.begin(writes)  # the MTP heads start from the normed last hidden state
-            for b0, b1 in self._batches():
-                self.hidden.write(b0, b1, final(self.hidden.read(b0, b1, self.shape[1], self.dev)))
+            for b0, b1, length in self.batches:
+                self.hidden.write(b0, b1, final(self.hidden.read(b0, b1, length, self.dev)))
             self.hidden.end()
         finally:
             self.collector.remove()
@@ -474,7 +535,7 @@ class _Run:
             self.mtp.layers = torch.nn.ModuleList([block])
             self.collector.install_block(i)
             self.hidden.begin(writes)
-            for b0, b1 in self._batches():
+            for b0, b1, _ in self.batches:  # packed: every batch is T long
                 inputs_embeds = embedding(self.ids[b0:b1].to(self.dev))
                 previous = self.hidden.read(b0, b1, length + 1, self.dev)
                 positions = torch.arange(length + 1, device=self.dev).unsqueeze(0)
@@ -503,7 +564,7 @@ class _Run:
                 self._load(module, path)
             self.collector.install_block(i)
             self.hidden.begin(writes)
-            for b0, b1 in self._batches():
+            for b0, b1, _ in self.batches:  # packed: every batch is T long
                 previous = self.hidden.read(b0, b1, self.shape[1] - k - 1, self.dev)
                 out = run_mtp_depth(self._drafter, k, self.ids[b0:b1].to(self.dev), previous)
                 self.hidden.write(b0, b1, out)

@@ -137,6 +137,7 @@ class _LoadedTeacher:
 
             fit_bnb_4bit_cpu_layers(model)
         self.head_weight, self.head_bias = head.weight, getattr(head, "bias", None)
+        self.vocab_size = int(head.weight.shape[0])
         self.name = getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
@@ -227,7 +228,7 @@ def write_teacher_logits(
         raise ValueError(f"log_prob_dtype must be one of {sorted(LOG_PROB_DTYPES)}, got {log_prob_dtype!r}.")
     shard_bytes = parse_size(max_shard_size, "max_shard_size")
     runner = teacher if hasattr(teacher, "final_hidden") else _LoadedTeacher(teacher)
-    vocab = int(runner.head_weight.shape[0])
+    vocab = runner.vocab_size
     if not 1 <= top_k <= vocab:
         raise ValueError(f"top_k must be between 1 and the teacher's vocabulary size {vocab}, got {top_k}.")
     num_rows = len(dataset) if hasattr(dataset, "__len__") else None
