@@ -117,3 +117,48 @@ def test_a_file_at_the_target_is_refused(tmp_path):
     (tmp_path / "out").write_text("not a folder")
     with pytest.raises(FileExistsError, match="is a file"):
         _write(tmp_path / "out", "x", overwrite=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (needs the right to mount, as root in a container; skipped elsewhere: the ENOSPC tests above
+    inject the error instead)."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_a_real_full_disk_leaves_no_partial_model_folder_and_no_partial_shard(small_disk):
+    """save_for_hub of a 2.6 MB model and a teacher-logits shard on a 1 MiB filesystem: ENOSPC, the old folder and the
+    finished shards stay as they were, and no temporary is left behind."""
+    import torch
+    from safetensors import SafetensorError
+    from test_distillation import tiny_config, tiny_tokenizer
+
+    from hf_slim.hub import save_for_hub
+    from hf_slim.models.slim_moe import SlimMoeForCausalLM
+    from hf_slim.teacher_logits import write_teacher_logits
+
+    target = small_disk / "model"
+    _write(target, "old")
+    model = SlimMoeForCausalLM(tiny_config(5000, hidden_size=64))
+    # transformers' save_pretrained lets safetensors' own error through (not an OSError; the CLI reports it in one line)
+    with pytest.raises((OSError, SafetensorError), match="No space left on device"):
+        save_for_hub(model, target, overwrite=True)
+    assert [p.name for p in target.iterdir()] == ["config.json"] and _hidden(small_disk) == []
+
+    _, tokenizer = tiny_tokenizer()
+    teacher = SlimMoeForCausalLM(tiny_config(len(tokenizer))).eval()
+    rows = [{"input_ids": torch.randint(0, len(tokenizer), (32,)).tolist()} for _ in range(64)]
+    with pytest.raises(OSError, match="writing .*logits-0000.\\.safetensors.*No space left") as error:  # 64 rows x 32 positions x (k=128 x 8 bytes): about 2 MB of shards
+        write_teacher_logits(teacher, rows, small_disk / "logits", tokenizer=tokenizer, top_k=128, max_length=32,
+                             max_shard_size="200KB", progress=False)  # fmt: skip
+    assert error.value.errno == errno.ENOSPC
+    left = sorted(p.name for p in (small_disk / "logits").iterdir())
+    assert left and all(".tmp-" not in name for name in left)  # finished shards + teacher_logits.json, no partial one

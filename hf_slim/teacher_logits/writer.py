@@ -8,6 +8,7 @@ finished shard when the same command runs again (the rows it skips are checked t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -112,8 +113,12 @@ def _ids_digest(rows: Iterable[tuple[list[int], list[int] | None]]) -> str:
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f"{path.name}{_TMP}{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _remove_stale(folder: Path) -> None:
@@ -276,8 +281,18 @@ def write_teacher_logits(
         tmp = path.with_name(f"{name}{_TMP}{os.getpid()}")
         from safetensors.torch import save_file
 
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path)
+        from safetensors import SafetensorError
+
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, path)
+        except SafetensorError as error:  # safetensors reports a full disk as its own error, naming no file
+            tmp.unlink(missing_ok=True)
+            code = errno.ENOSPC if "No space left" in str(error) else errno.EIO
+            raise OSError(code, f"writing {path}: {error}; the finished shards stay, run again to resume") from None
+        except BaseException:  # an interrupt: no partial shard stays behind
+            tmp.unlink(missing_ok=True)
+            raise
         first = sum(s["num_rows"] for s in meta["shards"])
         meta["shards"].append({
             "file": name, "first_row": first, "num_rows": len(buffer), "num_tokens": int(tensors["input_ids"].numel()),
