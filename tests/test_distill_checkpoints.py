@@ -1,5 +1,5 @@
-"""What `SlimDistillationTrainer` leaves on disk: no pickled training arguments in a model folder, and
-`resume_from_checkpoint=True` past a checkpoint whose save was killed."""
+"""What `SlimDistillationTrainer` leaves on disk (no pickled training arguments in a model folder,
+`resume_from_checkpoint=True` past a checkpoint whose save was killed) and the training rows it refuses."""
 
 from __future__ import annotations
 
@@ -68,3 +68,22 @@ def test_resume_true_without_a_complete_checkpoint_says_so(tmp_path, data):
     (tmp_path / "run" / "checkpoint-1").mkdir(parents=True)
     with pytest.raises(ValueError, match="found no complete checkpoint-N folder in"):
         _trainer(tmp_path / "run", data, max_steps=1).train(resume_from_checkpoint=True)
+
+
+@pytest.mark.parametrize("rows, overrides, match", [
+    ([[1, 2, 3, 400, 5]] * 4, {}, r"train_dataset has token ids in \[1, 400\] but the student's embedding has 300 rows"),
+    ([[1, 2, -3, 4]] * 4, {}, r"train_dataset has token ids in \[-3, 4\]"),
+    ([], {}, "train_dataset has no rows; give a dataset"),
+    ([[]] * 4, {}, "train_dataset has no rows after TRL's preparation"),
+    ([[1, 2, 3]] * 4, {"max_length": 0}, "max_length must be None or an int >= 2"),
+    ([[1, 2, 3]] * 4, {"max_length": -5}, "max_length must be None or an int >= 2"),
+])  # fmt: skip
+def test_bad_training_rows_are_refused_before_any_step(tmp_path, data, rows, overrides, match):
+    from datasets import Dataset
+
+    tokenizer, _, teacher = data
+    with pytest.raises(ValueError, match=match):
+        SlimDistillationTrainer(
+            model=tiny_student(len(tokenizer)), teacher_model=teacher, processing_class=tokenizer,
+            train_dataset=Dataset.from_dict({"input_ids": rows}), args=distill_args(tmp_path, **overrides),
+        )  # fmt: skip

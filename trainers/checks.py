@@ -9,7 +9,7 @@ from datasets import Dataset, IterableDataset
 from .distillation_config import SlimDistillationConfig
 
 
-__all__ = ["check_batch_split", "check_dataset_columns"]
+__all__ = ["check_batch_split", "check_dataset_columns", "check_prepared_dataset"]
 
 _TEXT_COLUMNS = ("messages", "conversations")
 
@@ -36,6 +36,8 @@ def check_dataset_columns(
         if name == "train_dataset":
             raise ValueError("train_dataset is required (a datasets.Dataset or IterableDataset), got None.")
         return
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise ValueError(f"{name} has no rows; give a dataset with at least one example.")
     if formatting_func is not None:
         return
     columns = _column_names(dataset)
@@ -79,3 +81,29 @@ def check_batch_split(args: SlimDistillationConfig, has_eval: bool = False) -> N
                 f"it is the global batch, cut into {world} equal parts. Use a multiple of {world} (e.g. {name}={up}), "
                 f"or split_batches=False (then {name} is the batch of each process)."
             )
+
+
+def check_prepared_dataset(dataset: Dataset | IterableDataset | None, name: str, vocab_size: int) -> None:
+    """Raise a `ValueError` before any step when the dataset TRL prepared has no rows, or token ids the student's
+    embedding cannot look up (which would otherwise be an `IndexError` deep inside torch).
+
+    A map-style dataset is checked whole (Arrow reductions, no Python loop over rows); an `IterableDataset` is not
+    read ahead.
+    """
+    if not isinstance(dataset, Dataset):
+        return
+    if len(dataset) == 0:
+        raise ValueError(
+            f"{name} has no rows after TRL's preparation (which drops rows with no counted label, e.g. empty rows or "
+            "rows whose labels are all -100); give rows with at least two tokens."
+        )
+    import pyarrow.compute as pc
+
+    ids = pc.list_flatten(dataset.data.column("input_ids"))
+    low, high = pc.min(ids).as_py(), pc.max(ids).as_py()
+    if low is not None and (low < 0 or high >= vocab_size):
+        bad = next(i for i, row in enumerate(dataset["input_ids"]) if row and (min(row) < 0 or max(row) >= vocab_size))
+        raise ValueError(
+            f"{name} has token ids in [{low}, {high}] but the student's embedding has {vocab_size} rows (valid ids: "
+            f"0..{vocab_size - 1}); the first such row is {bad}. Tokenize with the student's tokenizer."
+        )

@@ -295,6 +295,13 @@ class SlimDistillationConfig(SFTConfig):
             )
         self._validate_elastic()
         self._validate_offline_teacher()
+        if self.max_length is not None and (
+            isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2
+        ):
+            raise ValueError(
+                f"max_length must be None or an int >= 2 (a row needs two tokens to have a next-token target), got "
+                f"{self.max_length!r}."
+            )
         if isinstance(self.schedule_step_offset, bool) or not isinstance(self.schedule_step_offset, int) or (
             self.schedule_step_offset < 0
         ):

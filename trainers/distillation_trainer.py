@@ -28,7 +28,7 @@ from hf_slim.losses.options import check_same_vocabulary
 from hf_slim.models.slim_moe.configuration_slim_moe import FULL_VARIANT
 
 from .checkpointing import latest_complete_checkpoint, write_training_args_json
-from .checks import check_batch_split, check_dataset_columns
+from .checks import check_batch_split, check_dataset_columns, check_prepared_dataset
 from .distillation_config import SlimDistillationConfig
 from .fsdp import fsdp2_plugin, fsdp_requested, is_fsdp2_model, shard_student
 from .nonfinite import NonFiniteGuard, NonFiniteLossError
@@ -310,6 +310,10 @@ class SlimDistillationTrainer(SFTTrainer):
             peft_config=peft_config,
             formatting_func=formatting_func,
         )
+        vocab = _unwrap(self.model).get_input_embeddings().weight.shape[0]
+        for name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
+            for key, part in dataset.items() if isinstance(dataset, dict) else [(None, dataset)]:
+                check_prepared_dataset(part, name if key is None else f"{name}[{key!r}]", vocab)
         # compute_loss normalises every term by `num_items_in_batch` itself, so the Trainer must count the tokens of
         # the whole accumulation window and must not divide the loss by the accumulation steps again.
         self.model_accepts_loss_kwargs = True
