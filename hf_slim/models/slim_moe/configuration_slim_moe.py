@@ -6,10 +6,13 @@ variants delegate to it. This file is copied next to the weights by `hf_slim.hub
 from hf_slim.
 """
 
+import os
+import shutil
 from typing import Any, Protocol, runtime_checkable
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_rope_utils import RopeParameters
 
 from .variants_slim_moe import (  # noqa: F401  (ELASTIC_*, canonical_expert_widths: re-exported, imported from here)
@@ -28,6 +31,13 @@ QK_NORM_TYPES = ("head", "full")
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 MLP_LAYER_TYPES = ("sparse", "dense")
 ROUTER_SCORING_TYPES = ("softmax", "sigmoid")
+MODELING_FILE = "modeling_slim_moe.py"
+#: The model classes of `auto_map` in a folder that holds [`MODELING_FILE`] (`hf_slim.hub.AUTO_MAP` less
+#: `AutoConfig`, which transformers writes for the registered config class).
+MODEL_AUTO_MAP = {
+    "AutoModel": "modeling_slim_moe.SlimMoeModel",
+    "AutoModelForCausalLM": "modeling_slim_moe.SlimMoeForCausalLM",
+}
 
 
 @runtime_checkable
@@ -320,6 +330,30 @@ class SlimMoeConfig(PreTrainedConfig):
         mtp.elastic = None
         return mtp
 
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """`PreTrainedConfig.save_pretrained`, shipping the family's code next to `config.json`.
+
+        The class is registered for `AutoConfig` (below), so transformers copies this file and the ones it imports
+        and names the class in `auto_map`; this also copies [`MODELING_FILE`] and the files it imports and names the
+        model classes ([`MODEL_AUTO_MAP`]). A model's `save_pretrained` saves its config here, so every folder a
+        SlimMoe model is written to (`save_pretrained`, Trainer checkpoints, `trainer.save_model`, distillation
+        stages, FSDP2 exports) loads with `AutoModel(ForCausalLM).from_pretrained(folder, trust_remote_code=True)`
+        where hf_slim is not installed, with `auto_map` equal to `hf_slim.hub.AUTO_MAP`.
+        """
+        if self._auto_class is not None and not os.path.isfile(save_directory):
+            # next to this file in hf_slim; as remote code, transformers caches the config's and the model's files
+            # apart, and a remote model's own save_pretrained has copied its files into the folder already
+            modeling = os.path.join(os.path.dirname(os.path.abspath(__file__)), MODELING_FILE)
+            if os.path.isfile(modeling):
+                os.makedirs(save_directory, exist_ok=True)
+                for source in [modeling, *get_relative_import_files(modeling)]:
+                    shutil.copyfile(source, os.path.join(save_directory, os.path.basename(source)))
+            # name the model classes exactly when the folder holds their file
+            auto_map = {k: v for k, v in (getattr(self, "auto_map", None) or {}).items() if MODEL_AUTO_MAP.get(k) != v}
+            shipped = os.path.isfile(os.path.join(save_directory, MODELING_FILE))
+            self.auto_map = {**auto_map, **MODEL_AUTO_MAP} if shipped else auto_map
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
     # ---- elastic variants (the arithmetic lives in variants_slim_moe.py) ---------------------------------------
     def elastic_variant_names(self) -> list[str]:
         """Names of the nested variants, smallest first, ending with the implicit `"full"`."""
@@ -346,6 +380,13 @@ class SlimMoeConfig(PreTrainedConfig):
         own layer numbering), so a model sliced to `name` is itself elastic over what it contains.
         """
         return build_variant_config(self, name)
+
+
+# Every `save_pretrained` of a config, and so of a model, then ships the family's code (see `save_pretrained`). The
+# model classes stay unregistered: a model's registration would make transformers copy the module of the model's
+# class, which FSDP2 replaces with a subclass defined in torch. Also runs when this file is imported as remote code,
+# where transformers' AutoConfig registers the class the same way.
+SlimMoeConfig.register_for_auto_class("AutoConfig")
 
 
 def check_routing(config: Any) -> None:

@@ -299,31 +299,47 @@ class SafetensorsFile:
         self.close()
 
 
+def _read_variant(
+    model_class: type,
+    config: SlimMoeConfig,
+    name: str,
+    read: Callable[[str, tuple[int, ...]], torch.Tensor | None],
+    read_dtype: Callable[[PreTrainedModel], torch.dtype | None] | None = None,
+) -> tuple[PreTrainedModel, dict[str, torch.Tensor], set[str]]:
+    """Variant `name` of `config` instantiated on the meta device, and its tensors: prefixes of the full ones.
+
+    `read(full_name, variant_shape)` returns the variant's tensor (see `elastic_ranges`), or `None` when the source
+    lacks a tensor the variant ties to another one. `read_dtype(meta model)` may name a dtype each floating tensor is
+    cast to as soon as it is read. Returns `(meta model, {name: tensor}, tied names left out)`.
+    """
+    layers = config.elastic_variant_sizes(name)["layers"]
+    variant = config.variant_config(name)
+    variant._attn_implementation = config._attn_implementation
+    with torch.device("meta"):
+        model = model_class(variant)
+    tied = set(model._tied_weights_keys or {}) if variant.tie_word_embeddings else set()
+    dtype = read_dtype(model) if read_dtype is not None else None
+    tensors = {}
+    for key, meta in model.state_dict().items():
+        if key in tied:
+            continue
+        source = elastic_source_name(key, layers)
+        tensor = read(source, tuple(meta.shape))
+        if tensor is None:
+            raise ValueError(f"elastic variant {name!r}: the source has no tensor {source!r}.")
+        tensors[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    return model, tensors, tied
+
+
 def _build_variant(
     model_class: type,
     config: SlimMoeConfig,
     name: str,
     read: Callable[[str, tuple[int, ...]], torch.Tensor | None],
 ) -> PreTrainedModel:
-    """Instantiate variant `name` on the meta device and fill it with prefixes of the full tensors.
-
-    `read(full_name, variant_shape)` returns the variant's tensor (see `elastic_ranges`), or `None` when the source
-    lacks a tensor the variant ties to another one.
-    """
-    sizes = config.elastic_variant_sizes(name)
-    variant = config.variant_config(name)
-    variant._attn_implementation = config._attn_implementation
-    with torch.device("meta"):
-        model = model_class(variant)
-    tied = set(model._tied_weights_keys or {}) if variant.tie_word_embeddings else set()
-    tensors = {}
-    for key, meta in model.state_dict().items():
-        if key in tied:
-            continue
-        tensor = read(elastic_source_name(key, sizes["layers"]), tuple(meta.shape))
-        if tensor is None:
-            raise ValueError(f"elastic variant {name!r}: the source has no tensor {elastic_source_name(key, sizes['layers'])!r}.")
-        tensors[key] = tensor
+    """Instantiate variant `name` on the meta device and fill it with prefixes of the full tensors (see
+    `_read_variant`)."""
+    model, tensors, tied = _read_variant(model_class, config, name, read)
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
@@ -331,7 +347,7 @@ def _build_variant(
     if tied:
         model.tie_weights()
     # non-persistent buffers (the RoPE tables) are rebuilt for the variant's config
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=variant)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
     return model
 
 
@@ -350,6 +366,24 @@ def copy_variant(model: PreTrainedModel, name: str) -> PreTrainedModel:
 
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+# Handed on to transformers' own loading, which casts, places and quantizes the variant's tensors as it does a
+# checkpoint's: keep-in-fp32 modules, accelerate device maps (and offloading), quantizers.
+_LOADING_KWARGS = (
+    "dtype", "torch_dtype", "device_map", "max_memory", "offload_folder", "offload_buffers", "low_cpu_mem_usage",
+    "quantization_config", "attn_implementation", "experts_implementation", "use_kernels", "kernel_config",
+    "allow_all_kernels", "generation_config",
+)  # fmt: skip
+
+
+def _read_dtype(model: PreTrainedModel, loading: dict) -> torch.dtype | None:
+    """The dtype to cast each tensor to as soon as it is read, so that a cast load never holds the variant twice;
+    `None` (transformers casts) with quantization, `dtype="auto"`, or modules kept in float32 at that dtype."""
+    dtype = loading.get("dtype", loading.get("torch_dtype"))
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype) or loading.get("quantization_config") is not None:
+        return None
+    return None if model._get_dtype_plan(dtype) else dtype
 
 
 def load_elastic_variant(model_class: type, path: str | os.PathLike, name: str, **kwargs) -> PreTrainedModel:
@@ -358,12 +392,17 @@ def load_elastic_variant(model_class: type, path: str | os.PathLike, name: str, 
     The variant is built on the meta device; each of its tensors is allocated at the variant's size and filled with
     plain file reads (`os.preadv`) of exactly the byte ranges it needs, located through the safetensors header
     (adjacent ranges coalesced: a `[:d, :]` prefix is one read, `[:, :d]` one read per row). No page of a full
-    tensor is mapped, so peak memory follows the variant's size. `model.elastic_load_report` records the bytes read
-    and the number of reads.
+    tensor is mapped, so peak memory follows the variant's size. The tensors then go through transformers' own
+    loading (`from_pretrained` with `state_dict=`), so `dtype`, `device_map` (accelerate), `low_cpu_mem_usage`,
+    `quantization_config` and `attn_implementation` act as they do on a full checkpoint. `model.elastic_load_report`
+    records the bytes read and the number of reads.
+
+    Raises:
+        `TypeError`: an argument partial loading does not take (the message lists those it takes).
     """
     hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+    loading = {k: kwargs.pop(k) for k in _LOADING_KWARGS if k in kwargs}
     config = kwargs.pop("config", None)
-    dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
     # what the Auto classes add on their own
     for key in [k for k in kwargs if k.startswith("_") or k in ("trust_remote_code", "use_safetensors")]:
         kwargs.pop(key)
@@ -371,8 +410,8 @@ def load_elastic_variant(model_class: type, path: str | os.PathLike, name: str, 
         raise TypeError(f"from_pretrained(..., elastic_variant={name!r}) cannot load a PEFT adapter folder.")
     if kwargs:
         raise TypeError(
-            f"from_pretrained(..., elastic_variant={name!r}) does not take {sorted(kwargs)}; it takes config, dtype "
-            f"and the Hub arguments {list(_HUB_KWARGS)} (move the model afterwards with .to())."
+            f"from_pretrained(..., elastic_variant={name!r}) does not take {sorted(kwargs)}; it takes config, "
+            f"{', '.join(_LOADING_KWARGS)} and the Hub arguments {', '.join(_HUB_KWARGS)}."
         )
     path = str(path)
     if not isinstance(config, SlimMoeConfig):
@@ -396,20 +435,25 @@ def load_elastic_variant(model_class: type, path: str | os.PathLike, name: str, 
         return tensor
 
     try:
-        model = _build_variant(model_class, config, name, read)
+        _, tensors, _ = _read_variant(model_class, config, name, read, lambda model: _read_dtype(model, loading))
     finally:
         for handle in files.values():
             handle.close()
     report["bytes_read"] = sum(handle.bytes_read for handle in files.values())
     report["reads"] = sum(handle.reads for handle in files.values())
-    if dtype is not None and dtype != "auto":
-        model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     report["checkpoint_bytes"] = sum(os.path.getsize(f) for f in set(weight_map.values()))
+    generation_config = loading.pop("generation_config", None)
+    variant = config.variant_config(name)  # a fresh copy: the meta model above settled its attention implementation
+    # PreTrainedModel's own loading, past SlimMoe's (whose checks and MTP conversion are for checkpoint folders)
+    model = PreTrainedModel.from_pretrained.__func__(model_class, None, config=variant, state_dict=tensors, **loading)
+    model.config.name_or_path = path
     model.elastic_load_report = report
-    try:
-        model.generation_config = GenerationConfig.from_pretrained(path, **hub_kwargs)
-    except OSError:
-        model.generation_config = GenerationConfig.from_model_config(model.config)
+    if generation_config is None:
+        try:
+            generation_config = GenerationConfig.from_pretrained(path, **hub_kwargs)
+        except OSError:
+            generation_config = GenerationConfig.from_model_config(model.config)
+    model.generation_config = generation_config
     logger.info("loaded elastic variant %r: %d bytes read of %d", name, report["bytes_read"], report["checkpoint_bytes"])
     return model.eval()
 

@@ -691,8 +691,9 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, SlimMoeMtpGenerationMixin, Slim
         r"""
         elastic_variant (`str`, *optional*):
             Load only this nested variant of an elastic checkpoint: each tensor's prefix is read with plain file
-            reads of its byte ranges (nothing memory-mapped), so memory follows the variant's size. Takes `config`,
-            `dtype` and the Hub arguments; the model's config is `config.variant_config(elastic_variant)`.
+            reads of its byte ranges (nothing memory-mapped), so memory follows the variant's size. `dtype`,
+            `device_map`, `low_cpu_mem_usage` and `quantization_config` act as on the variant's own checkpoint (see
+            `load_elastic_variant`); the model's config is `config.variant_config(elastic_variant)`.
         """
         if elastic_variant is None or elastic_variant == FULL_VARIANT:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
