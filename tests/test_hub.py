@@ -101,8 +101,8 @@ class _RecordingApi:
     def create_repo(self, **kwargs):
         self.calls.append(("create_repo", kwargs))
 
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", kwargs))
+    def create_commit(self, **kwargs):
+        self.calls.append(("create_commit", kwargs))
         return type("Commit", (), {"commit_url": f"https://hub.example/{kwargs['repo_id']}/commit/1"})()
 
 
@@ -113,8 +113,12 @@ def test_push_to_hub_creates_repo_and_uploads_the_folder(tmp_path):
     api = _RecordingApi()
     url = push_to_hub(folder, "me/tiny-slim", private=True, api=api)
     assert url.endswith("me/tiny-slim/commit/1")
-    assert [name for name, _ in api.calls] == ["create_repo", "upload_folder"]
+    # one commit of every file, the card re-rendered for the repo id (tests/test_push.py tests the rest)
+    assert [name for name, _ in api.calls] == ["create_repo", "create_commit"]
     assert api.calls[0][1] == {"repo_id": "me/tiny-slim", "repo_type": "model", "private": True, "exist_ok": True}
-    assert api.calls[1][1]["folder_path"] == str(folder)
+    uploaded = {op.path_in_repo: op.path_or_fileobj for op in api.calls[1][1]["operations"]}
+    assert set(uploaded) == set(os.listdir(folder))
+    assert uploaded["config.json"] == str(folder / "config.json")
+    assert b'from_pretrained("me/tiny-slim"' in uploaded["README.md"]
     with pytest.raises(ValueError, match="config.json"):
         push_to_hub(tmp_path, "me/tiny-slim", api=api)
