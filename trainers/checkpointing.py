@@ -25,6 +25,7 @@ def write_training_args_json(args: Any, output_dir: str | os.PathLike) -> None:
     """Replace the pickled `training_args.bin` the Trainer wrote in `output_dir` with `training_args.json`
     (`TrainingArguments.to_json_string()`): a model folder holds no pickle, and the settings stay readable."""
     folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)  # under FSDP's sharded state dict, save_model may have written nothing
     tmp = folder / f"{ARGS_JSON}.tmp-{os.getpid()}"
     tmp.write_text(args.to_json_string())
     os.replace(tmp, folder / ARGS_JSON)

@@ -1,8 +1,10 @@
-"""`hf-slim distill CONFIG.yaml`: SlimQwen's progressive recipe, prune stage 1 -> distill N1 tokens -> prune stage 2
--> distill N2 tokens (-> ...), with the LR and λ/β schedules continuing across stages, each stage's model written,
-and a Hub-ready final folder with a model card (teacher, recipe, token budget, loss curve).
+"""`hf-slim distill --config CONFIG.yaml [--field value ...]`: SlimQwen's progressive recipe, prune stage 1 -> distill
+N1 tokens -> prune stage 2 -> distill N2 tokens (-> ...), with the LR and λ/β schedules continuing across stages, each
+stage's model written, and a Hub-ready final folder with a model card (teacher, recipe, token budget, loss curve).
 
-The YAML holds [`DistillScriptArguments`] and [`SlimDistillationConfig`] fields side by side (TrlParser style):
+The YAML holds [`DistillScriptArguments`] and [`SlimDistillationConfig`] fields side by side, read by `trl.TrlParser`
+([`load_distill_config`]: command-line `--field value` overrides the YAML). [`plan_distill`] checks the whole run from
+configs (stages, token budgets, MTP heads against β) before any weights or data are loaded:
 
 ```yaml
 teacher_model_name_or_path: ./teacher
@@ -29,11 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging
 
 from hf_slim.data import load_training_dataset
 from hf_slim.hub import save_for_hub
 from hf_slim.pruning import ProgressivePlan, PruneConfig, collect_statistics, prune_progressively
+from hf_slim.pruning.progressive import _model_sizes  # a config's sizes as ProgressivePlan reads them
 from hf_slim.utils import atomic_directory
 
 from .distillation_config import SlimDistillationConfig
@@ -42,8 +46,19 @@ from .fsdp import fsdp_requested
 from .teacher import is_quantized, load_teacher, load_teacher_config
 
 
-__all__ = ["DistillScriptArguments", "StageResult", "load_distill_config", "render_distilled_card", "run_progressive"]
+__all__ = [
+    "DistillPlan",
+    "DistillScriptArguments",
+    "StagePlan",
+    "StageResult",
+    "distill_parser",
+    "load_distill_config",
+    "plan_distill",
+    "render_distilled_card",
+    "run_progressive",
+]
 
+logger = logging.get_logger("trainers.progressive")
 
 
 @dataclass
@@ -62,7 +77,9 @@ class DistillScriptArguments:
         stage_tokens (`list[int]`): Training tokens of each stage (N1, N2, ...).
         calibration_samples (`int`, *optional*, defaults to 64): Calibration sequences before each pruning stage.
         num_mtp_heads (`int`, *optional*, defaults to 1): MTP depths added when the student is a stock model
-            (converted to SlimMoe with `hf_slim.convert.from_hf`); 0 keeps it stock (set beta_start/end to 0).
+            (converted to SlimMoe with `hf_slim.convert.from_hf`); 0 keeps it stock. A student without MTP heads
+            trains LM + KD only: β left at its defaults is set to 0 with a notice, a β set > 0 is refused
+            ([`plan_distill`]).
         final_dir (`str`, *optional*): The Hub-ready folder; defaults to `{output_dir}/final`.
         repo_id (`str`, *optional*): Name used in the model card.
         overwrite (`bool`, *optional*, defaults to `False`): Replace an existing final folder.
@@ -123,20 +140,55 @@ class StageResult:
     log_history: list[dict[str, Any]]
 
 
-def load_distill_config(path: str | os.PathLike) -> tuple[DistillScriptArguments, SlimDistillationConfig]:
-    """Parse a YAML file holding [`DistillScriptArguments`] and [`SlimDistillationConfig`] fields.
+def distill_parser() -> Any:
+    """The `trl.TrlParser` of `hf-slim distill` (both dataclasses); it raises `ValueError` where argparse would exit."""
+    from trl import TrlParser
+
+    class _Parser(TrlParser):
+        def error(self, message: str) -> None:  # argparse would print usage and exit; the caller words the error
+            raise ValueError(message)
+
+    parser = _Parser((DistillScriptArguments, SlimDistillationConfig), prog="hf-slim distill")
+    for action in parser._actions:
+        if action.dest == "prune_stages":  # on the command line each stage is a JSON object: '{"num_experts": 4}'
+            action.type = _json_object
+    return parser
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    import argparse
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object such as '{{\"num_experts\": 4}}'")
+    return value
+
+
+def load_distill_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[DistillScriptArguments, SlimDistillationConfig]:
+    """Parse [`DistillScriptArguments`] and [`SlimDistillationConfig`] with `trl.TrlParser`: the YAML at `path` (its
+    `env:` mapping sets environment variables, as in TRL's scripts), then command-line `overrides` on top of it.
+
+    Args:
+        path (`str` or `os.PathLike`, *optional*): The YAML file; `None` takes every field from `overrides`.
+        overrides (`list[str]`, *optional*): Command-line style fields, e.g. `["--learning_rate", "1e-4"]`.
 
     Raises:
-        `ValueError`: unknown keys (named), invalid values (from either dataclass), or a missing file.
+        `ValueError`: unknown keys or options (named), invalid values (from either dataclass), or a missing file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file {str(path)!r} does not exist.")
-    parser = HfArgumentParser((DistillScriptArguments, SlimDistillationConfig))
+    args = list(overrides)
+    if path is not None:
+        if not Path(path).is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist.")
+        args = ["--config", str(path), *args]
     try:
-        script_args, training_args = parser.parse_yaml_file(str(path), allow_extra_keys=False)
+        script_args, training_args = distill_parser().parse_args_and_config(args)
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        raise ValueError(f"{path}: {error}" if path is not None else str(error)) from None
     return script_args, training_args
 
 
@@ -180,11 +232,157 @@ def _prepare_student(model: PreTrainedModel, num_mtp_heads: int) -> PreTrainedMo
     return from_hf(model, num_mtp_heads=num_mtp_heads)
 
 
+@dataclass
+class StagePlan:
+    """One stage as planned from the configs: what it prunes, the model's sizes after it, its budget and steps."""
+
+    index: int
+    prune: dict[str, int]
+    sizes: dict[str, int | None]
+    tokens: int
+    steps: int
+    step_offset: int
+
+
+@dataclass
+class DistillPlan:
+    """The checked plan of a progressive run ([`plan_distill`]): nothing in it needed a weight or a data row.
+
+    Args:
+        stages (`list[StagePlan]`): One entry per stage.
+        start_sizes (`dict`): The sizes of the model stage 1 prunes.
+        tokens_per_step (`int`): Batch x accumulation x processes x `max_length`.
+        student_mtp_depths (`int`): MTP depths of the student as trained (0: the β terms are off).
+        student (`str`): What the student is, in words (e.g. "stock qwen3_moe, converted to SlimMoe with 1 MTP head(s)").
+        final_dir (`Path`): The Hub-ready folder.
+        notices (`list[str]`): Settings the plan changed, in words (e.g. β set to 0).
+    """
+
+    stages: list[StagePlan]
+    start_sizes: dict[str, int | None]
+    tokens_per_step: int
+    student_mtp_depths: int
+    student: str
+    final_dir: Path
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(stage.steps for stage in self.stages)
+
+
+def _mtp_depths(config: Any) -> int:
+    return int(getattr(config, "num_mtp_heads", 0) or 0) if getattr(config, "model_type", None) == "slim_moe" else 0
+
+
+def _beta_is_default(args: SlimDistillationConfig) -> bool:
+    defaults = {f.name: f.default for f in dataclasses.fields(SlimDistillationConfig)}
+    return args.beta_start == defaults["beta_start"] and args.beta_end == defaults["beta_end"]
+
+
+def _check_mtp(script_args: DistillScriptArguments, args: SlimDistillationConfig, source: Any, teacher: Any):
+    """The student's MTP depths as trained, its description, and the notices; β against them (may set β to 0)."""
+    from hf_slim.convert import conversion_configs
+
+    heads = script_args.num_mtp_heads
+    if source.model_type == "slim_moe":
+        depths = _mtp_depths(source)
+        student = f"SlimMoe with {depths} MTP head(s)"
+    elif heads:
+        conversion_configs(source, "slim_moe", num_mtp_heads=heads)  # a family that cannot convert fails here
+        depths, student = heads, f"stock {source.model_type}, converted to SlimMoe with {heads} MTP head(s)"
+    else:
+        depths, student = 0, f"stock {source.model_type}, kept stock (num_mtp_heads: 0)"
+    notices = []
+    if args.uses_mtp and depths == 0:
+        why = f"the student ({student}) has no MTP heads, so there are no MTP terms for β to weight"
+        if not _beta_is_default(args):
+            raise ValueError(
+                f"beta_start={args.beta_start} / beta_end={args.beta_end} weight the MTP terms, but {why}. Set "
+                "beta_start: 0 and beta_end: 0, or give the student MTP heads (num_mtp_heads >= 1 for a stock "
+                "student; a SlimMoe student keeps its own)."
+            )
+        notices.append(
+            f"beta_start/beta_end set from the defaults {args.beta_start}/{args.beta_end} to 0: {why} (LM + KD only). "
+            "Set num_mtp_heads >= 1 (stock student) to train MTP heads, or beta_start: 0 and beta_end: 0 to silence this."
+        )
+        args.beta_start = args.beta_end = 0.0
+    if args.uses_mtp and args.mtp_kd_target == "teacher_mtp" and _mtp_depths(teacher) < depths:
+        raise ValueError(
+            f"mtp_kd_target='teacher_mtp' needs a teacher with at least the student's {depths} MTP depths, but the "
+            f"teacher has {_mtp_depths(teacher)}. Use mtp_kd_target='teacher_main' (the teacher's main head at "
+            "position i + k)."
+        )
+    return depths, student, notices
+
+
+def plan_distill(
+    script_args: DistillScriptArguments, args: SlimDistillationConfig, teacher: PreTrainedModel | None = None
+) -> DistillPlan:
+    """Check a progressive run from configs alone (no weights, no data) and plan its stages.
+
+    Checks: not under FSDP; no `teacher_logits_dir` (the students are pruned from the teacher model); the final
+    folder; every stage size against the model's size when that stage starts; the token budgets (`max_length`); the
+    student's MTP heads against β: with no MTP heads (a stock student with `num_mtp_heads: 0`, or a SlimMoe without
+    heads), β left at its defaults is set to 0 in `args` with a notice, while a β the config sets > 0 is refused; a
+    `teacher_mtp` target the teacher cannot give.
+
+    Args:
+        script_args ([`DistillScriptArguments`]), args ([`SlimDistillationConfig`]): The run's settings.
+        teacher ([`~transformers.PreTrainedModel`], *optional*): The teacher, when given as a model.
+
+    Returns:
+        [`DistillPlan`]
+
+    Raises:
+        `ValueError` / `FileExistsError`: the first setting that cannot run, named.
+    """
+    if fsdp_requested(args):
+        raise ValueError(
+            "hf-slim distill (progressive prune -> distill stages) does not run under FSDP: each stage prunes and "
+            "calibrates the full tensors of the previous stage's student, which FSDP holds sharded. Launch it with "
+            "DDP (accelerate launch --multi_gpu) or one process, or run SlimDistillationTrainer under FSDP2 on a "
+            "pruned student stage by stage (docs/distillation.md, FSDP2)."
+        )
+    if args.teacher_logits_dir is not None:
+        raise ValueError(
+            f"teacher_logits_dir={args.teacher_logits_dir!r}: hf-slim distill prunes each stage's student from the "
+            "teacher model and distills from it, so it needs teacher_model_name_or_path and does not take an offline "
+            "teacher. Train an already pruned student from a teacher-logits folder with SlimDistillationTrainer "
+            "(docs/distillation.md, offline teacher)."
+        )
+    final_dir = Path(script_args.final_dir or Path(args.output_dir) / "final")
+    if final_dir.exists() and any(final_dir.iterdir()) and not script_args.overwrite:
+        raise FileExistsError(f"final_dir {final_dir} exists and is not empty; set overwrite: true to replace it.")
+    if teacher is None:
+        if args.teacher_model_name_or_path is None:
+            raise ValueError("teacher_model_name_or_path must be set in the config (the model to prune and distill).")
+        original_config = load_teacher_config(args.teacher_model_name_or_path, args)  # config only (cheap)
+    else:
+        original_config = teacher.config
+    student_path = script_args.student_model_name_or_path
+    start_config = AutoConfig.from_pretrained(student_path) if student_path else None
+    # every stage against the sizes the model will have when it starts
+    resolved = script_args.plan().check(original_config, start_config, label="prune_stages")
+    depths, student, notices = _check_mtp(script_args, args, start_config or original_config, original_config)
+    per_step = _tokens_per_step(args)
+    sizes = dict(_model_sizes(start_config or original_config))
+    start_sizes, stages, offset = dict(sizes), [], 0
+    for index, (stage, tokens) in enumerate(zip(resolved, script_args.stage_tokens)):
+        prune = {k: v for k, v in stage.to_dict().items() if k in _size_fields() and v is not None}
+        sizes.update(prune)
+        steps = max(1, math.ceil(tokens / per_step))
+        stages.append(StagePlan(index + 1, prune, dict(sizes), tokens, steps, offset))
+        offset += steps
+    return DistillPlan(stages, start_sizes, per_step, depths, student, final_dir, notices)
+
+
 def run_progressive(
     script_args: DistillScriptArguments,
     args: SlimDistillationConfig,
     teacher: PreTrainedModel | None = None,
     tokenizer: Any | None = None,
+    plan: DistillPlan | None = None,
 ) -> tuple[Path, list[StageResult]]:
     """Run every stage (prune -> distill) and write the Hub-ready final folder.
 
@@ -197,47 +395,31 @@ def run_progressive(
             given ([`~trainers.teacher.load_teacher`]). A quantized teacher's student starts from the same weights
             loaded unquantized (or from `student_model_name_or_path`).
         tokenizer (*optional*): The shared tokenizer; loaded from the teacher's path when not given.
+        plan ([`DistillPlan`], *optional*): The result of [`plan_distill`] on these arguments (`hf-slim distill`
+            prints it first); planned here, its notices logged as warnings, when not given.
 
     Returns:
         `tuple[Path, list[StageResult]]`: the final folder and one result per stage.
 
     Raises:
-        `ValueError`: bad settings, e.g. a stage size not strictly smaller than the model's size when that stage
-            starts (checked from the configs before the teacher's weights or any data are loaded), or a launch
-            under FSDP.
+        `ValueError`: bad settings ([`plan_distill`]), all found from the configs before the teacher's weights or any
+            data are loaded.
     """
-    if fsdp_requested(args):
-        raise ValueError(
-            "hf-slim distill (progressive prune -> distill stages) does not run under FSDP: each stage prunes and "
-            "calibrates the full tensors of the previous stage's student, which FSDP holds sharded. Launch it with "
-            "DDP (accelerate launch --multi_gpu) or one process, or run SlimDistillationTrainer under FSDP2 on a "
-            "pruned student stage by stage (docs/distillation.md, FSDP2)."
-        )
-    final_dir = Path(script_args.final_dir or Path(args.output_dir) / "final")
-    if final_dir.exists() and any(final_dir.iterdir()) and not script_args.overwrite:
-        raise FileExistsError(f"final_dir {final_dir} exists and is not empty; set overwrite: true to replace it.")
-    teacher_path = args.teacher_model_name_or_path
-    plan = script_args.plan()
-    if teacher is None:
-        if teacher_path is None:
-            raise ValueError("teacher_model_name_or_path must be set in the config (the model to prune and distill).")
-        original_config = load_teacher_config(teacher_path, args)  # config only (cheap)
-    else:
-        original_config = teacher.config
-    student_path = script_args.student_model_name_or_path
-    start_config = AutoConfig.from_pretrained(student_path) if student_path else None
-    # every stage against the sizes the model will have when it starts, before any weights or data are loaded
-    plan.check(original_config, start_config, label="prune_stages")
+    if plan is None:
+        plan = plan_distill(script_args, args, teacher)
+        for notice in plan.notices:
+            logger.warning(notice)
+    final_dir, teacher_path = plan.final_dir, args.teacher_model_name_or_path
     if teacher is None:
         teacher = load_teacher(teacher_path, args)  # with teacher_model_init_kwargs and teacher_quantization
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     teacher.eval()
     dataset, calibration = _load_dataset(script_args, tokenizer, args.max_length or 1024)
+    student_path = script_args.student_model_name_or_path
     student = _student_source(teacher, student_path, teacher_path, args)
 
-    per_step = _tokens_per_step(args)
-    steps = [max(1, math.ceil(tokens / per_step)) for tokens in script_args.stage_tokens]
+    steps = [stage.steps for stage in plan.stages]
     # the teacher is loaded once, here: each stage's trainer gets the instance, not the settings to load it with
     common = dict(schedule_total_steps=sum(steps), teacher_model_init_kwargs=None, teacher_quantization=None)
     results: list[StageResult] = []
@@ -273,8 +455,9 @@ def run_progressive(
         return trainer.accelerator.unwrap_model(trainer.model)
 
     current = prune_progressively(
-        student, plan, calibrate, distill, original_config=teacher.config, after_last_stage=True, label="prune_stages"
-    )
+        student, script_args.plan(), calibrate, distill, original_config=teacher.config, after_last_stage=True,
+        label="prune_stages",
+    )  # fmt: skip
     if args.process_index != 0:
         return final_dir, results
     _write_final(current, teacher, tokenizer, script_args, args, results, final_dir, teacher_path)
@@ -287,26 +470,65 @@ def _size_fields() -> tuple[str, ...]:
     return tuple(SIZE_FIELDS)
 
 
-def _loss_plot(results: list[StageResult], path: Path) -> None:
+_PLOT_PANELS = (
+    ("LM terms (next-token CE)", ("lm", "mtp_lm")),
+    ("KD terms (divergence to the teacher)", ("kd", "mtp_kd")),
+    ("total = (1-λ)·LM + λ·KD + β·MTP (+ aux): rises as λ falls while LM ≫ KD", ("loss",)),
+    ("loss weights λ (KD) and β (MTP)", ("lambda", "beta")),
+)
+
+
+def _loss_plot(results: list[StageResult], path: Path) -> dict[str, str]:
+    """Write the loss curve of all stages to `path`: one panel per loss family (LM terms, KD terms, the λ-weighted
+    total) and one for the weights λ and β, on a shared step axis with the stage boundaries dotted; a panel whose
+    values span a decade or more is drawn on a log scale.
+
+    Returns:
+        `dict[str, str]`: panel title -> its y scale (`"linear"` or `"log"`), top to bottom.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("loss", "lm", "kd", "mtp_lm", "mtp_kd"):
-        points = [(h["global_step"], h[key]) for r in results for h in r.log_history if key in h and "train_runtime" not in h]
-        if points:
-            ax.plot(*zip(*points), label=key, marker="." if len(points) < 30 else None)
-    for r in results[1:]:
-        ax.axvline(r.step_offset, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("optimizer step (all stages)")
-    ax.set_ylabel("loss (per token)")
-    ax.set_title("Distillation loss terms (dotted: new pruning stage)")
-    ax.legend()
+    fig, axes = plt.subplots(len(_PLOT_PANELS), 1, sharex=True, figsize=(7.5, 10))
+    for ax, (title, keys) in zip(axes, _PLOT_PANELS):
+        drawn = []
+        for key in keys:
+            points = [
+                (h["global_step"], h[key]) for r in results for h in r.log_history
+                if key in h and "train_runtime" not in h
+            ]  # fmt: skip
+            if points:
+                ax.plot(*zip(*points), label=key, marker="." if len(points) < 30 else None)
+                drawn += [y for _, y in points]
+        positive = [y for y in drawn if y > 0]
+        if positive and len(positive) == len(drawn) and max(positive) >= 10 * min(positive):
+            ax.set_yscale("log")
+        else:
+            ax.ticklabel_format(axis="y", useOffset=False)  # no "+5.719" offset above the axis
+        if not drawn:
+            ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", va="center", color="grey")
+        for r in results[1:]:
+            ax.axvline(r.step_offset + 0.5, color="grey", linestyle=":", linewidth=1)
+            if ax is axes[0]:
+                ax.annotate(
+                    f"stage {r.index}", (r.step_offset + 0.5, 1.0), xycoords=("data", "axes fraction"),
+                    xytext=(3, -3), textcoords="offset points", va="top", fontsize=8, color="grey",
+                    bbox=dict(facecolor="white", alpha=0.8, edgecolor="none", pad=1),
+                )  # fmt: skip
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("weight" if keys[0] == "lambda" else "loss per token" + (" (log)" if ax.get_yscale() == "log" else ""))
+        if drawn:
+            ax.legend(fontsize=8, loc="best")
+    axes[-1].set_xlabel("optimizer step, all stages (dotted: a new pruning stage starts)")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    panels = {ax.get_title(): ax.get_yscale() for ax in axes}
     plt.close(fig)
+    return panels
 
 
 def render_distilled_card(

@@ -10,7 +10,9 @@ names (embeddings, head, routers, LoRA pairs). Overriding `Trainer.create_optimi
 trainers or the argument validation. The public route needs no registration:
 ``Trainer(optimizer_cls_and_kwargs=(AuroraFactory, {...}))``. Registration is idempotent and happens right after
 transformers' training modules load, so ``import hf_slim`` does not import them; if a future transformers ships its
-own ``"aurora"`` we leave it in place and log a warning.
+own ``"aurora"`` we leave it in place and log a warning. TRL's ``trl`` command does not import hf_slim, so it does not
+know the names; ``hf-slim trl sft --optim aurora ...`` (`hf_slim.cli.trl`) runs TRL's scripts with them registered.
+Plain ``optim="aurora"`` on a model with trainable LoRA factors logs a one-time warning recommending ``aurora_lora``.
 
 Training arguments map onto Aurora as follows: ``learning_rate`` is the Aurora learning rate and, unless
 ``optim_args`` sets ``adamw_lr``, also the AdamW learning rate; ``weight_decay`` applies to both groups
@@ -24,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from transformers.utils import logging
 
 from ..integrations.transformers_optim import register_optimizers, register_optimizers_when_loaded
 from .aurora import AURORA_PRESETS, Aurora, aurora_param_groups
@@ -41,6 +44,10 @@ __all__ = [
 
 AURORA = "aurora"
 AURORA_LORA = "aurora_lora"
+
+# Under transformers' logger hierarchy (as the rest of hf_slim), so `transformers.logging.set_verbosity_*` governs it.
+logger = logging.get_logger(f"transformers.{__name__}")
+_warned_lora = False  # the factor-wise warning below is given once per process
 
 
 def _bool(key: str, value: str) -> bool:
@@ -143,7 +150,24 @@ class AuroraFactory:
     """
 
     def __call__(self, model: nn.Module, router: str = "adamw", **kwargs: Any) -> Aurora:
+        _warn_if_lora(model)
         return Aurora(aurora_param_groups(model, router=router), **kwargs)
+
+
+def _warn_if_lora(model: nn.Module) -> None:
+    """Once per process: plain Aurora on trainable LoRA factors orthogonalizes A and B separately (factor-wise), which
+    depends on how ΔW = B·A is split between them; `optim="aurora_lora"` updates each pair jointly."""
+    global _warned_lora
+    if _warned_lora:
+        return
+    names = [n for n, p in model.named_parameters() if p.requires_grad and (".lora_A." in n or ".lora_B." in n)]
+    if names:
+        _warned_lora = True
+        logger.warning(
+            f"optim='aurora' sees {len(names)} trainable LoRA factors (e.g. {names[0]}) and updates each factor "
+            "separately, so the step depends on how B @ A is split between them. For a PEFT LoRA model use "
+            "optim='aurora_lora' (`--optim aurora_lora`, AuroraLoRAFactory): the whitened joint update of each pair."
+        )
 
 
 class AuroraLoRAFactory:
