@@ -1,4 +1,5 @@
-"""What the sub-commands share: options added on first use, and the output-folder check worded for the flag."""
+"""What the sub-commands share: one-line usage errors, options added on first use, and the output-folder check worded
+for the flag."""
 
 from __future__ import annotations
 
@@ -6,15 +7,23 @@ import argparse
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-__all__ = ["SubcommandParser", "add_options", "check_output"]
+__all__ = ["CommandParser", "SubcommandParser", "add_options", "check_output"]
 
 AddOptions = Callable[[argparse.ArgumentParser], None]
 
 
-class SubcommandParser(argparse.ArgumentParser):
-    """An `ArgumentParser` that adds its deferred options the first time it parses or formats its help.
+class CommandParser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose usage errors are one line, as every `hf-slim` error (see [`hf_slim.cli.errors`]):
+    `hf-slim prune: error: <what> (see `hf-slim prune --help`)`, exit code 2, instead of the usage and the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
+class SubcommandParser(CommandParser):
+    """A [`CommandParser`] that adds its deferred options the first time it parses or formats its help.
 
     A sub-command whose options come from a module importing torch or transformers (a config dataclass) defers
     them, so that `hf-slim --help` and the other sub-commands do not import that module.

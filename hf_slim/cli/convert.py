@@ -6,21 +6,20 @@ import argparse
 import functools
 from typing import Any
 
-from ._common import add_options, check_output
+from ._common import check_output
+from ._static import CONVERT_FAMILIES
 
 __all__ = ["add_convert_parser", "run_convert"]
 
 
 def _add_convert_options(parser: argparse.ArgumentParser) -> None:
-    from ..convert import SUPPORTED_MODEL_TYPES
-
     parser.add_argument("model", help="Checkpoint: a local folder or a Hub repo id (safetensors).")
     parser.add_argument("output", help="Output folder (written atomically).")
     parser.add_argument(
         "--to",
         default="slim_moe",
         metavar="FAMILY",
-        help=f"slim_moe (default, from a stock checkpoint) or a stock family: {', '.join(SUPPORTED_MODEL_TYPES)}.",
+        help=f"slim_moe (default, from a stock checkpoint) or a stock family: {', '.join(CONVERT_FAMILIES)}.",
     )
     parser.add_argument(
         "--num-mtp-heads",
@@ -30,7 +29,7 @@ def _add_convert_options(parser: argparse.ArgumentParser) -> None:
         "come back without it).",
     )
     parser.add_argument("--drop-mtp", action="store_true", help="Do not keep mtp.* tensors in a stock export.")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder.")
 
 
 def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -40,7 +39,7 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="Convert a stock MoE checkpoint to SlimMoe (default) or a SlimMoe checkpoint to a stock family, one "
         "tensor at a time.",
     )
-    add_options(parser, _add_convert_options)
+    _add_convert_options(parser)
     parser.set_defaults(handler=run_convert)
     return parser
 

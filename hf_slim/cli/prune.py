@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ._common import add_options, check_output
+from ._common import check_output
+from ._static import PRUNE_CONFIG_OPTIONS
 
 __all__ = ["add_prune_parser", "before_after_table", "read_calibration_texts", "run_prune"]
 
@@ -29,20 +30,21 @@ def _size(text: str) -> int | float:
 
 
 def _add_prune_options(parser: argparse.ArgumentParser) -> None:
-    from ..pruning.config import SIZE_FIELDS, PruneConfig
-
     parser.add_argument("model", help="Hub id or local folder of the source model.")
     parser.add_argument("output", help="Output folder (Hub-ready; written atomically).")
-    for f in dataclasses.fields(PruneConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        if f.name in SIZE_FIELDS:
+    for name, kind, default, help_text in PRUNE_CONFIG_OPTIONS:  # PruneConfig's fields, without importing it
+        flag = "--" + name.replace("_", "-")
+        if kind == "size":
             parser.add_argument(flag, type=_size, default=None, help=help_text)
-        elif isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        elif kind == "switch":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            parser.add_argument(flag, default=f.default, help=f"{help_text} (default: {f.default})")
+            parser.add_argument(flag, default=default, help=f"{help_text} (default: {default})")
     parser.add_argument("--config", help="A pruning_config.json / PruneConfig JSON file; flags override it.")
+    parser.add_argument(
+        "--tokenizer",
+        help="Tokenizer folder or Hub id for the calibration text and the output (default: MODEL's own tokenizer).",
+    )
     parser.add_argument(
         "--calibration",
         help="Calibration text: a file, a folder (its *.txt / *.md / *.py / *.rst files), or a datasets name.",
@@ -85,7 +87,7 @@ def add_prune_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="Calibrate and structurally prune a MoE checkpoint into a smaller one of the same architecture.",
         description=__doc__,
     )
-    add_options(parser, _add_prune_options)
+    _add_prune_options(parser)
     parser.set_defaults(handler=run_prune)
     return parser
 
@@ -132,7 +134,10 @@ def _prune_config(args: argparse.Namespace) -> Any:
     base: dict[str, Any] = {}
     if args.config:
         with open(args.config, encoding="utf-8") as f:
-            base = json.load(f)
+            try:
+                base = json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--config {args.config}: not valid JSON ({error})") from error
         if not isinstance(base, dict):
             raise ValueError(f"--config {args.config}: expected a JSON object, got {type(base).__name__}")
         if "prune_config" in base:  # a pruning_config.json written by save_pruned / prune_checkpoint
@@ -153,17 +158,50 @@ def _prune_config(args: argparse.Namespace) -> Any:
     return config
 
 
+#: Files one of which a folder holds when it has a tokenizer (transformers' names, slow and fast; or a *.tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
+
+
+def _has_tokenizer_files(folder: Path | None) -> bool:
+    if folder is None:
+        return False
+    folder = Path(folder)
+    return any((folder / name).is_file() for name in TOKENIZER_FILES) or any(folder.glob("*.tiktoken"))
+
+
+def _encodes_text(tokenizer: Any) -> bool:
+    """Whether `tokenizer` has a vocabulary: transformers builds a tokenizer even for a folder with no tokenizer
+    files, holding only the family's special tokens (1 for Qwen, 2 for OLMoE), which encodes any text to nothing."""
+    return bool(tokenizer("Hello, world.", add_special_tokens=False)["input_ids"])
+
+
 def _source_tokenizer(folder: Path | None) -> Any:
-    """The source's tokenizer, or None where it has none (transformers may return an empty one for such a folder)."""
+    """The source's tokenizer, or None where it has none (no tokenizer files, or files that make no vocabulary)."""
     from transformers import AutoTokenizer
 
-    if folder is None:
+    if not _has_tokenizer_files(folder):
         return None
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError):
         return None
-    return tokenizer if len(tokenizer) > 1 else None
+    return tokenizer if _encodes_text(tokenizer) else None
+
+
+def _tokenizer(args: argparse.Namespace, folder: Path | None) -> Any:
+    """`--tokenizer`'s tokenizer (bad input if it has no vocabulary), else the source's own, else None."""
+    from transformers import AutoTokenizer
+
+    if args.tokenizer is None:
+        return _source_tokenizer(folder)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    if not _encodes_text(tokenizer):
+        raise ValueError(
+            f"--tokenizer {args.tokenizer}: no tokenizer there (it encodes text to no tokens); pass a folder or Hub id "
+            f"with tokenizer files ({' / '.join(TOKENIZER_FILES[:2])})"
+        )
+    return tokenizer
 
 
 def _sizes_of(config: Any) -> dict[str, Any]:
@@ -181,8 +219,6 @@ def _sizes_of(config: Any) -> dict[str, Any]:
 def run_prune(args: argparse.Namespace) -> int:
     """Handler of `hf-slim prune`: open the checkpoint lazily, calibrate block by block, prune tensor by tensor into
     a Hub-ready folder, print the before/after table. Memory stays bounded by one block, not the model."""
-    import os
-
     from rich.console import Console
     from transformers import AutoConfig
 
@@ -203,13 +239,13 @@ def run_prune(args: argparse.Namespace) -> int:
             stats = ImportanceStats.load(args.stats)
             calibration = f"statistics from `{os.path.basename(args.stats)}`"
         config.resolve(reader.config, stats)  # impossible targets fail before the (long) calibration
-        tokenizer = _source_tokenizer(reader.folder)
+        tokenizer = _tokenizer(args, reader.folder)
         if args.calibration and stats is None:
             if tokenizer is None:
-                raise ValueError(
-                    f"calibration: {args.model} has no tokenizer (no tokenizer files in {reader.folder}) to encode "
-                    "the calibration text"
-                )
+                files = " / ".join(TOKENIZER_FILES[:2])
+                has_files = _has_tokenizer_files(reader.folder)
+                what = "has tokenizer files that make no vocabulary" if has_files else "has no tokenizer files"
+                raise ValueError(f"{args.model} {what} ({files}) to encode --calibration; pass --tokenizer or add them")
             data, calibration = read_calibration_texts(args.calibration, args.text_column)
             work_dir = args.work_dir or out.resolve().parent / f".{out.name}.calibration"
             stats = collect_statistics_layerwise(
