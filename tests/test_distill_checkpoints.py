@@ -87,3 +87,31 @@ def test_bad_training_rows_are_refused_before_any_step(tmp_path, data, rows, ove
             model=tiny_student(len(tokenizer)), teacher_model=teacher, processing_class=tokenizer,
             train_dataset=Dataset.from_dict({"input_ids": rows}), args=distill_args(tmp_path, **overrides),
         )  # fmt: skip
+
+
+def test_a_stage_folder_is_written_atomically(tmp_path, data, monkeypatch):
+    """hf-slim distill's stage folders: a save that fails (a full disk) leaves the stage folder as it was, with the
+    stage run's checkpoints, and no half-written model."""
+    import errno
+
+    from trainers.progressive import _save_stage
+
+    trainer = _trainer(tmp_path / "stage-1", data, max_steps=2, save_strategy="steps", save_steps=1)
+    trainer.train()
+    real = type(trainer).save_model
+
+    def full_disk(self, output_dir=None, _internal_call=False):
+        real(self, output_dir, _internal_call)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    before = sorted(p.name for p in (tmp_path / "stage-1").iterdir())
+    assert "checkpoint-2" in before and "model.safetensors" not in before
+    monkeypatch.setattr(type(trainer), "save_model", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        _save_stage(trainer, tmp_path / "stage-1")
+    assert sorted(p.name for p in (tmp_path / "stage-1").iterdir()) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    monkeypatch.undo()
+    _save_stage(trainer, tmp_path / "stage-1")
+    names = {p.name for p in (tmp_path / "stage-1").iterdir()}
+    assert {"checkpoint-1", "checkpoint-2", "config.json", "model.safetensors", "training_args.json"} <= names

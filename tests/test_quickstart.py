@@ -76,6 +76,11 @@ def test_quickstart_runs_top_to_bottom(tmp_path, monkeypatch):
     work = tmp_path / "quickstart"
     for folder in ("teacher", "pruned", "pruned-cli", "distilled", "elastic", "teacher-lora", "qwen3-moe-student"):
         assert (work / folder / "config.json").is_file() or (work / folder / "adapter_config.json").is_file(), folder
+    # hf-slim's own output folders hold no pickle (training arguments as JSON); `teacher` and `teacher-lora` are stock
+    # Trainer's
+    for folder in ("pruned", "pruned-cli", "distilled", "elastic", "qwen3-moe-student"):
+        pickles = [p.name for p in (work / folder).rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle")]
+        assert not pickles, (folder, pickles)
     # the runs did what the prose says
     assert namespace["eval_loss"](namespace["student"]) < namespace["pruned_loss"]  # distillation recovered
     assert namespace["plan"].repo_id == "your-name/tiny-slim-moe"

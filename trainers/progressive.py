@@ -444,7 +444,7 @@ def run_progressive(
             model=model, teacher_model=teacher, args=stage_args, train_dataset=dataset, processing_class=tokenizer
         )
         trainer.train()
-        trainer.save_model(str(stage_dir))
+        _save_stage(trainer, stage_dir)
         history = [dict(h, global_step=h.get("step", 0) + offset) for h in trainer.state.log_history]
         results.append(
             StageResult(
@@ -462,6 +462,21 @@ def run_progressive(
         return final_dir, results
     _write_final(current, teacher, tokenizer, script_args, args, results, final_dir, teacher_path)
     return final_dir, results
+
+
+def _save_stage(trainer: SlimDistillationTrainer, stage_dir: Path) -> None:
+    """Write a stage's model into `stage_dir` atomically: saved in a temporary folder beside it, the stage run's own
+    files (checkpoints, logs) moved in after it, then swapped into place, so a failed save (a full disk) leaves the
+    folder as it was and never a config without weights."""
+    if not trainer.args.should_save:  # the other processes of a DDP run write nothing
+        trainer.save_model(str(stage_dir))
+        return
+    with atomic_directory(stage_dir, overwrite=True) as tmp:
+        trainer.save_model(str(tmp))
+        if stage_dir.is_dir():
+            for item in stage_dir.iterdir():
+                if not (tmp / item.name).exists():
+                    item.rename(tmp / item.name)
 
 
 def _size_fields() -> tuple[str, ...]:
