@@ -294,6 +294,10 @@ def test_cli_writes_a_folder_and_reports_bad_input_in_one_line(setup, tmp_path, 
     assert main([*argv[:-4], "--top-k", "6", "--max-length", "16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "top_k is 5 but this run's is 6" in err[0] and "--overwrite" in err[0]
+    (tmp_path / "no_tokenizer").mkdir()
+    teacher.save_pretrained(tmp_path / "no_tokenizer")
+    assert main(["teacher-logits", str(tmp_path / "no_tokenizer"), str(data), str(tmp_path / "x")]) == 2
+    assert "has no tokenizer files (tokenizer.json / tokenizer_config.json)" in capsys.readouterr().err
     assert main([*argv, "--dtype", "int8"]) == 2
     assert "--dtype must be auto, float32, bfloat16 or float16" in capsys.readouterr().err
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["CommandParser", "SubcommandParser", "add_options", "check_output"]
+__all__ = ["CommandParser", "SubcommandParser", "add_options", "TOKENIZER_FILES", "check_output", "encodes_text", "has_tokenizer_files"]
 
 AddOptions = Callable[[argparse.ArgumentParser], None]
 
@@ -71,3 +71,21 @@ def check_output(output: str | os.PathLike, overwrite: bool) -> None:
     path = Path(output)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"output={output}: folder exists and is not empty; pass --overwrite to replace it")
+
+
+def encodes_text(tokenizer: Any) -> bool:
+    """Whether `tokenizer` has a vocabulary: transformers builds a tokenizer even for a folder with no tokenizer
+    files, holding only the family's special tokens (1 for Qwen, 2 for OLMoE), which encodes any text to nothing."""
+    return bool(tokenizer("Hello, world.", add_special_tokens=False)["input_ids"])
+
+
+#: Files one of which a folder holds when it has a tokenizer (transformers' names, slow and fast; or a *.tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
+
+
+def has_tokenizer_files(folder: Path | None) -> bool:
+    if folder is None:
+        return False
+    folder = Path(folder)
+    return any((folder / name).is_file() for name in TOKENIZER_FILES) or any(folder.glob("*.tiktoken"))

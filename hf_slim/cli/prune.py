@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ._common import check_output
+from ._common import TOKENIZER_FILES, check_output, encodes_text, has_tokenizer_files
 from ._static import PRUNE_CONFIG_OPTIONS
 
 __all__ = ["add_prune_parser", "before_after_table", "read_calibration_texts", "run_prune"]
@@ -158,35 +158,17 @@ def _prune_config(args: argparse.Namespace) -> Any:
     return config
 
 
-#: Files one of which a folder holds when it has a tokenizer (transformers' names, slow and fast; or a *.tiktoken).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
-
-
-def _has_tokenizer_files(folder: Path | None) -> bool:
-    if folder is None:
-        return False
-    folder = Path(folder)
-    return any((folder / name).is_file() for name in TOKENIZER_FILES) or any(folder.glob("*.tiktoken"))
-
-
-def _encodes_text(tokenizer: Any) -> bool:
-    """Whether `tokenizer` has a vocabulary: transformers builds a tokenizer even for a folder with no tokenizer
-    files, holding only the family's special tokens (1 for Qwen, 2 for OLMoE), which encodes any text to nothing."""
-    return bool(tokenizer("Hello, world.", add_special_tokens=False)["input_ids"])
-
-
 def _source_tokenizer(folder: Path | None) -> Any:
     """The source's tokenizer, or None where it has none (no tokenizer files, or files that make no vocabulary)."""
     from transformers import AutoTokenizer
 
-    if not _has_tokenizer_files(folder):
+    if not has_tokenizer_files(folder):
         return None
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError):
         return None
-    return tokenizer if _encodes_text(tokenizer) else None
+    return tokenizer if encodes_text(tokenizer) else None
 
 
 def _tokenizer(args: argparse.Namespace, folder: Path | None) -> Any:
@@ -196,7 +178,7 @@ def _tokenizer(args: argparse.Namespace, folder: Path | None) -> Any:
     if args.tokenizer is None:
         return _source_tokenizer(folder)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    if not _encodes_text(tokenizer):
+    if not encodes_text(tokenizer):
         raise ValueError(
             f"--tokenizer {args.tokenizer}: no tokenizer there (it encodes text to no tokens); pass a folder or Hub id "
             f"with tokenizer files ({' / '.join(TOKENIZER_FILES[:2])})"
@@ -243,7 +225,7 @@ def run_prune(args: argparse.Namespace) -> int:
         if args.calibration and stats is None:
             if tokenizer is None:
                 files = " / ".join(TOKENIZER_FILES[:2])
-                has_files = _has_tokenizer_files(reader.folder)
+                has_files = has_tokenizer_files(reader.folder)
                 what = "has tokenizer files that make no vocabulary" if has_files else "has no tokenizer files"
                 raise ValueError(f"{args.model} {what} ({files}) to encode --calibration; pass --tokenizer or add them")
             data, calibration = read_calibration_texts(args.calibration, args.text_column)

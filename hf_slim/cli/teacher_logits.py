@@ -4,7 +4,10 @@ training data of a distillation run with no teacher in memory (`SlimDistillation
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
+
+from ._common import encodes_text, has_tokenizer_files
 
 __all__ = ["add_teacher_logits_parser", "run_teacher_logits"]
 
@@ -83,9 +86,18 @@ def run_teacher_logits(args: argparse.Namespace) -> int:
     # the settings an existing folder must share, checked before anything loads
     check_output_folder(args.output, args.overwrite, teacher=args.teacher, top_k=args.top_k,
                         max_length=args.max_length, log_prob_dtype=args.log_prob_dtype)  # fmt: skip
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher, trust_remote_code=args.trust_remote_code)
-    if not len(tokenizer):
-        raise ValueError(f"{args.tokenizer or args.teacher} has no tokenizer files; pass --tokenizer.")
+    source = args.tokenizer or args.teacher
+    if Path(source).is_dir() and not has_tokenizer_files(source):
+        raise ValueError(
+            f"{source} has no tokenizer files (tokenizer.json / tokenizer_config.json) to encode the dataset; pass "
+            "--tokenizer or add them."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
+    if not encodes_text(tokenizer):
+        raise ValueError(
+            f"{args.tokenizer or args.teacher} has no tokenizer files (tokenizer.json / tokenizer_config.json) to "
+            "encode the dataset; pass --tokenizer or add them."
+        )
     dataset, _ = load_training_dataset(
         args.dataset, tokenizer, args.max_length, args.dataset_config, args.split, field="dataset"
     )
