@@ -9,7 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["CommandParser", "SubcommandParser", "add_options", "TOKENIZER_FILES", "check_output", "encodes_text", "has_tokenizer_files"]
+__all__ = [
+    "TOKENIZER_FILES", "CommandParser", "SubcommandParser", "add_options", "check_output", "encodes_text",
+    "has_tokenizer_files",
+]  # fmt: skip
 
 AddOptions = Callable[[argparse.ArgumentParser], None]
 
