@@ -514,7 +514,9 @@ def convert_checkpoint(
         max_shard_size (`int` or `str`, defaults to `"5GB"`): shard size of the output, as `save_pretrained` reads it.
         show_progress (`bool`, defaults to `True`): a progress bar with the bytes read and written.
         tokenizer (optional): saved into the folder; by default the source folder's tokenizer, if it has one.
-        card_kwargs (`dict`, optional): for `hf_slim.hub.render_model_card` (description, base_model, ...).
+        card_kwargs (`dict`, optional): for `hf_slim.hub.render_model_card` (description, base_model, ...); by
+            default `base_model` is `source` (a reader's folder: a local folder names its Hub model itself, see
+            `hf_slim.hub.card_metadata`) and `base_model_relation` is `"convert"`.
 
     Returns:
         The output folder.
@@ -566,6 +568,9 @@ def convert_checkpoint(
                 slim, to, tensors, keep_mtp=keep_mtp, slim_structure=source_structure
             )
         what = "SlimMoe" if to == "slim_moe" else to
+        named = reader.folder if isinstance(source, (CheckpointReader, StateDictReader)) else source
+        card_kwargs = {"base_model": str(named) if named is not None else None, "base_model_relation": "convert",
+                       **(card_kwargs or {})}  # fmt: skip
         return stream_export(
             reader,
             output,

@@ -68,6 +68,16 @@ class DemoConfig:
         for name in ("teacher_steps", "distill_steps", "calibration_samples", "batch_size", "block_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DemoConfig.{name} must be positive, got {getattr(self, name)}.")
+        for name, low in (("num_mtp_heads", 0), ("eval_documents", 0), ("moe_intermediate_size", 1), ("vocab_size", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"DemoConfig.{name} must be >= {low}, got {getattr(self, name)}.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"DemoConfig.learning_rate must be a number > 0, got {self.learning_rate}.")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"DemoConfig.num_experts_per_tok must be between 1 and num_experts={self.num_experts}, got "
+                f"{self.num_experts_per_tok}."
+            )
         if self.hidden_size <= 0 or self.hidden_size % 16 or self.num_experts < 4 or self.num_hidden_layers < 2:
             raise ValueError(
                 "DemoConfig needs hidden_size a positive multiple of 16, num_experts >= 4 and num_hidden_layers >= 2 "
@@ -252,12 +262,21 @@ def run_demo(config: DemoConfig | None = None, console: Console | None = None) -
     recipe = (f"Pruned from a Qwen3-MoE teacher trained on Python stdlib documentation ({prune_config.to_dict()}), "
               f"recovered with {config.distill_steps} steps of SlimDistillationTrainer, nested variant 'small' "
               f"({small_sizes}).")
+
+    def card(row: str) -> dict:
+        # what was measured on the held-out docstrings; the teacher lives in memory only (no Hub id nor folder for
+        # `base_model`), the data is local (named in the card's body, not in `datasets`)
+        lm = rows[row]["losses"]["lm"]
+        return {"recipe": recipe, "datasets": ["hf_slim:stdlib"], "eval_dataset": "held-out stdlib docstrings",
+                "results": {"eval_loss": lm, "perplexity": math.exp(lm)}}
+
+    # the nested full model and its stock export compute what the distilled student does
     elastic_dir = save_for_hub(elastic, out / "slim_moe_elastic", processing_class=tokenizer, overwrite=True,
-                               card_kwargs={"recipe": recipe})
+                               card_kwargs=card("pruned + distilled"))
     stock_dir = save_for_hub(student, out / "qwen3_moe", model_type="qwen3_moe", processing_class=tokenizer,
-                             overwrite=True, card_kwargs={"recipe": recipe})
+                             overwrite=True, card_kwargs=card("pruned + distilled"))
     small_dir = save_for_hub(small, out / "slim_moe_small", processing_class=tokenizer, overwrite=True,
-                             card_kwargs={"recipe": recipe})
+                             card_kwargs=card("elastic 'small' (runtime view)"))
     generation = {"prompt": "Return a list of", "think_variant": "small", "max_thinking_tokens": 12,
                   "max_new_tokens": 16}
     shipped = _generate_with_shipped_code(elastic_dir, **generation)

@@ -32,7 +32,7 @@ from transformers import GenerationConfig, PreTrainedModel
 from .models import slim_moe
 from .models.slim_moe import SlimMoeForCausalLM
 from .models.slim_moe.loading_slim_moe import SafetensorsFile
-from .utils import atomic_directory, count_parameters
+from .utils import atomic_directory, count_parameters, parse_size
 
 #: The SlimMoe family's files, copied next to the weights (auto_map names the first and third; they import the rest).
 REMOTE_CODE_FILES = (
@@ -539,6 +539,7 @@ def save_for_hub(
         The output folder.
     """
     folder = Path(folder)
+    parse_size(max_shard_size, "max_shard_size")  # before any work: a bogus size names the argument
     mtp_state: dict = {}
     export = model
     mtp_note = ""

@@ -403,9 +403,10 @@ def test_hub_errors_are_bad_input(capsys, tmp_path):
 
 
 def test_a_malformed_hub_id_is_one_line(capsys, tmp_path):
-    """A local path that does not exist reaches huggingface_hub as a repo id: `HFValidationError` (a ValueError)."""
-    argv = ["teacher-logits", str(tmp_path / "no" / "such" / "teacher"), "hf_slim:stdlib", str(tmp_path / "out")]
-    assert "Repo id must be in the form" in _error_line(capsys, "teacher-logits", argv, only_line=False)
+    """A malformed Hub id reaches huggingface_hub: `HFValidationError` (a ValueError). (A local path that does not
+    exist is named as a missing folder before that: tests/test_bad_input_cli.py.)"""
+    argv = ["teacher-logits", "bad id!", "hf_slim:stdlib", str(tmp_path / "out")]
+    assert "Repo id must" in _error_line(capsys, "teacher-logits", argv, only_line=False)
 
 
 def test_a_damaged_safetensors_file_is_one_line_naming_it(capsys, tmp_path):

@@ -153,7 +153,8 @@ def test_checkpoint_conversion_both_ways_equals_the_in_memory_one(tmp_path):
     assert json.loads((back / "config.json").read_text()) == json.loads((tmp_path / "glm" / "config.json").read_text())
     torch.testing.assert_close(logits(reloaded), logits(stock), atol=0, rtol=0)
     # the in-memory export writes the same folder
-    in_memory = save_for_hub(loaded, tmp_path / "c" / "back", model_type="glm4_moe")
+    in_memory = save_for_hub(loaded, tmp_path / "c" / "back", model_type="glm4_moe",
+                             card_kwargs={"base_model": slim_folder, "base_model_relation": "convert"})
     for name in sorted(p.name for p in in_memory.iterdir()):
         if not name.endswith(".safetensors"):
             assert filecmp.cmp(in_memory / name, back / name, shallow=False), name

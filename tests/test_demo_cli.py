@@ -63,6 +63,29 @@ def test_demo_runs_end_to_end_at_tiny_size(tiny_demo):
     assert (tmp_path / "qwen3_moe" / "mtp.safetensors").exists()
 
 
+def test_demo_cards_report_what_the_demo_measured(tiny_demo):
+    """Each export's card has a `model-index` of the held-out loss and perplexity measured for it; the teacher lives in
+    memory only (no `base_model`) and the stdlib docstrings are no Hub dataset (named in the body only)."""
+    import math
+
+    from huggingface_hub import ModelCard
+
+    _, summary = tiny_demo
+    measured = {"elastic": "pruned + distilled", "qwen3_moe": "pruned + distilled",
+                "small": "elastic 'small' (runtime view)"}  # fmt: skip
+    for export, row in measured.items():
+        card = ModelCard.load(Path(summary["exports"][export]) / "README.md")
+        lm = summary["stages"][row]["losses"]["lm"]
+        got = {r.metric_name: (r.metric_type, r.metric_value, r.dataset_name) for r in card.data.eval_results}
+        data = "held-out stdlib docstrings"
+        assert got == {"eval_loss": ("loss", pytest.approx(lm, abs=1e-4), data),
+                       "perplexity": ("perplexity", pytest.approx(math.exp(lm), rel=1e-3), data)}  # fmt: skip
+        assert card.data.base_model is None and card.data.datasets is None and card.data.license == "other"
+        assert "`hf_slim:stdlib` (not on the Hub)" in card.text and "AutoTokenizer.from_pretrained" in card.text
+    elastic = ModelCard.load(Path(summary["exports"]["elastic"]) / "README.md").text
+    assert 'elastic_variant="small"' in elastic
+
+
 def test_demo_reloads_the_elastic_export_through_its_shipped_code(tiny_demo):
     # Defect 5: with hf_slim imported, trust_remote_code=True resolves to the installed class; the demo must load
     # the export where hf_slim cannot be imported, so the class comes from the copied remote code.

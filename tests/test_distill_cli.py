@@ -175,8 +175,17 @@ def test_other_settings_are_refused_before_data(tmp_path, stock_teacher, nothing
 # ---- a whole run: plan, training, results ------------------------------------------------------------------------------
 def test_stock_student_run_prints_the_plan_and_the_results(capsys, monkeypatch, tmp_path, stock_teacher):
     """The issue's case: a stock student without MTP heads and the default β trains (β set to 0 with a notice)."""
+    from huggingface_hub import ModelCard
+
     monkeypatch.setenv("COLUMNS", "200")
-    config = write_config(tmp_path / "d.yaml", stock_teacher, "num_mtp_heads: 0\n")
+    teacher = tmp_path / "teacher"  # a local copy of a Hub model: its config names it, its card has the licence
+    teacher.mkdir()
+    for path in stock_teacher.iterdir():
+        (teacher / path.name).write_bytes(path.read_bytes())
+    teacher_config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**teacher_config, "_name_or_path": "Qwen/Qwen3-30B-A3B"}))
+    (teacher / "README.md").write_text("---\nlicense: apache-2.0\n---\n# Qwen3-30B-A3B\n")
+    config = write_config(tmp_path / "d.yaml", teacher, "num_mtp_heads: 0\n")
     assert main(["distill", "--config", str(config), "--lambda_end", "0.5"]) == 0
     out = capsys.readouterr().out
     plan_at, notice_at, results_at = (out.index(s) for s in ("2 stage(s) from", "notice:", "results per stage"))
@@ -191,6 +200,11 @@ def test_stock_student_run_prints_the_plan_and_the_results(capsys, monkeypatch, 
     assert [h["beta"] for h in steps] == [0.0, 0.0] and [h["lambda"] for h in steps] == pytest.approx([1.0, 0.75])
     assert (final / "loss_curve.png").stat().st_size > 10_000
     assert AutoConfig.from_pretrained(tmp_path / "run" / "stage-1").num_hidden_layers == 1
+    card = ModelCard.load(final / "README.md")
+    data = card.data
+    assert (data.base_model, data.base_model_relation, data.license) == ("Qwen/Qwen3-30B-A3B", "finetune", "apache-2.0")
+    # the stdlib docstrings are no Hub dataset (named in the body only); no eval dataset, so no model-index
+    assert data.datasets is None and data.eval_results is None and "`hf_slim:stdlib` (not on the Hub)" in card.text
 
 
 # ---- the loss curve ------------------------------------------------------------------------------------------------

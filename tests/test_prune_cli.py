@@ -114,13 +114,21 @@ def test_prune_cli_to_a_budget_in_bfloat16(source, tmp_path, capsys):
 
 
 def test_prune_cli_output_counts_match_a_loaded_model(source, tmp_path, capsys):
+    from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM
 
-    assert main(["prune", str(source), str(tmp_path / "out"), "--num-hidden-layers", "1"]) == 0
+    src = _copy(source, tmp_path)  # a local copy of a Hub model: its config names it, its card has the licence
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "_name_or_path": "Qwen/Qwen3-30B-A3B"}))
+    (src / "README.md").write_text("---\nlicense: apache-2.0\n---\n# Qwen3-30B-A3B\n")
+    assert main(["prune", str(src), str(tmp_path / "out"), "--num-hidden-layers", "1"]) == 0
     record = json.loads((tmp_path / "out" / "pruning_config.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     counts = count_parameters(model)
     assert (record["after"]["total_params"], record["after"]["active_params"]) == (counts["total"], counts["active"])
+    data = ModelCard.load(tmp_path / "out" / "README.md").data
+    assert (data.base_model, data.base_model_relation, data.license) == ("Qwen/Qwen3-30B-A3B", "finetune", "apache-2.0")
+    assert data.datasets is None and data.eval_results is None  # no calibration data, nothing measured
 
 
 def test_prune_cli_continues_a_killed_calibration(source, tmp_path, capsys, monkeypatch):

@@ -54,6 +54,11 @@ def same_folders(a: Path, b: Path, fresh: tuple[str, ...] = ()) -> None:
         assert key in fresh or torch.equal(wa[key], wb[key]), key
 
 
+def converted(src: Path) -> dict:
+    """The card arguments convert_checkpoint adds by default, for the in-memory side of a comparison."""
+    return {"base_model": src, "base_model_relation": "convert"}
+
+
 def logits(model, ids=IDS):
     with torch.no_grad():
         return model(ids).logits
@@ -87,7 +92,7 @@ def test_to_slim_moe_and_back_equals_the_in_memory_conversion(model_type, tmp_pa
     stock, src = source(model_type, tmp_path_factory)
     model, tokenizer = _loaded(src)
     slim = from_hf(model, num_mtp_heads=2)
-    a = save_for_hub(slim, tmp_path / "a" / "slim", processing_class=tokenizer)
+    a = save_for_hub(slim, tmp_path / "a" / "slim", processing_class=tokenizer, card_kwargs=converted(src))
     b = convert_checkpoint(src, tmp_path / "b" / "slim", num_mtp_heads=2, show_progress=False)
     # each depth's eh_proj is a fresh normal(0, initializer_range) draw on both sides; the MTP blocks copy the last
     # sparse layer, the depths' norms start at one
@@ -108,7 +113,8 @@ def test_to_slim_moe_and_back_equals_the_in_memory_conversion(model_type, tmp_pa
 
     # back to the stock family, MTP tensors kept beside the stock weights (GLM-4-MoE: in its own MTP layers)
     loaded, tokenizer = _loaded(a)
-    c = save_for_hub(loaded, tmp_path / "c" / "back", model_type=model_type, processing_class=tokenizer)
+    c = save_for_hub(loaded, tmp_path / "c" / "back", model_type=model_type, processing_class=tokenizer,
+                     card_kwargs=converted(a))  # fmt: skip
     d = convert_checkpoint(a, tmp_path / "d" / "back", to=model_type, show_progress=False)
     same_folders(c, d)
     if model_type == "glm4_moe":
@@ -152,7 +158,8 @@ def test_drop_mtp_stock_to_stock_and_dtype(tmp_path, tmp_path_factory):
     assert sorted(weights(dropped)) == sorted(weights(src)) and not (dropped / "model.safetensors.index.json").exists()
     # a stock checkpoint to its own family goes through SlimMoe, as `hf-slim convert --to mixtral` does
     model, tokenizer = _loaded(src)
-    a = save_for_hub(from_hf(model), tmp_path / "a" / "mixtral", model_type="mixtral", processing_class=tokenizer)
+    a = save_for_hub(from_hf(model), tmp_path / "a" / "mixtral", model_type="mixtral", processing_class=tokenizer,
+                     card_kwargs=converted(src))  # fmt: skip
     b = convert_checkpoint(src, tmp_path / "b" / "mixtral", to="mixtral", show_progress=False)
     same_folders(a, b)
     half = convert_checkpoint(src, tmp_path / "bf16", dtype="bfloat16", num_mtp_heads=1, show_progress=False)
@@ -206,7 +213,7 @@ def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path):
         (per_layer, {"to": "qwen3_moe"}, ValueError, r"moe_intermediate_size is a per-layer list \[8, 4\]"),
         (stock, {"dtype": "int8"}, ValueError, r"dtype='int8' is not a floating-point torch dtype"),
         (stock, {"max_shard_size": "lots"}, ValueError, r"max_shard_size='lots' is not a size"),
-        (tmp_path / "missing", {}, CheckpointError, r"neither a local folder nor a Hub model id"),
+        (tmp_path / "missing", {}, CheckpointError, r"missing' does not exist: no such local folder"),
         (stock, {}, CheckpointError, r"has no model.safetensors"),  # a good config, then the weights are missing
     ]
     qwen_next = _config_only(
@@ -235,11 +242,24 @@ def test_existing_output_and_the_source_as_output(tmp_path, tmp_path_factory):
 
 
 def test_cli_convert_reports_bytes_and_refuses_before_reading(tmp_path, tmp_path_factory, capsys):
-    _, src = source("qwen2_moe", tmp_path_factory)
+    from huggingface_hub import ModelCard
+
+    _, stock = source("qwen2_moe", tmp_path_factory)
+    src = tmp_path / "src"  # a local copy of a Hub model: its config names it, its card has the licence
+    src.mkdir()
+    for path in stock.iterdir():
+        (src / path.name).write_bytes(path.read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "_name_or_path": "Qwen/Qwen1.5-MoE-A2.7B"}))
+    (src / "README.md").write_text("---\nlicense: other\nlicense_name: tongyi-qianwen\n---\n# Qwen1.5-MoE\n")
     assert main(["convert", str(src), str(tmp_path / "slim"), "--num-mtp-heads", "1"]) == 0
     shown = capsys.readouterr().out
     assert "bytes read" in shown and "bytes written" in shown
     assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "slim"), SlimMoeForCausalLM)
+    data = ModelCard.load(tmp_path / "slim" / "README.md").data
+    assert (data.base_model, data.license, data.license_name) == ("Qwen/Qwen1.5-MoE-A2.7B", "other", "tongyi-qianwen")
+    assert "base_model_relation" not in data.to_dict()  # the same weights in another layout: the Hub infers one
+    assert data.eval_results is None
     argv = ["convert", str(tmp_path / "slim"), str(tmp_path / "back"), "--to", "qwen2_moe", "--num-mtp-heads", "1"]
     assert main(argv) == 2
     assert "this SlimMoe source keeps its own 1" in capsys.readouterr().err

@@ -29,6 +29,11 @@ from hf_slim.models.slim_moe import SlimMoeForCausalLM  # noqa: E402
 
 SHARD = 60_000  # the tiny sources are saved in several shards
 CARD = {"description": "A variant."}
+
+
+def sliced_card(src: Path) -> dict:
+    """CARD with what slice_checkpoint adds by default: its source as `base_model`, sliced."""
+    return {**CARD, "base_model": src, "base_model_relation": "slice"}
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
 
 
@@ -68,7 +73,8 @@ def test_make_elastic_checkpoint_equals_make_elastic_saved_for_hub(full, layer_m
     if chunk is not None:  # every tensor read one row (one expert) at a time, as a large checkpoint's are
         monkeypatch.setattr(convert_streaming.read_bounded, "__defaults__", (chunk,))
     nested = make_elastic(model, VARIANTS, stats, layer_method=layer_method, expert_method="frequency")
-    a = save_for_hub(nested, tmp_path / "a" / "elastic")
+    made = {"base_model": src, "base_model_relation": "elastic"}  # what make_elastic_checkpoint's card says by default
+    a = save_for_hub(nested, tmp_path / "a" / "elastic", card_kwargs=made)
     b = make_elastic_checkpoint(
         src, tmp_path / "b" / "elastic", VARIANTS, stats, layer_method=layer_method, expert_method="frequency",
         show_progress=False,
@@ -110,7 +116,7 @@ def test_make_elastic_checkpoint_in_shards_keeps_the_function(full, tmp_path):
 def test_slice_checkpoint_equals_the_loaded_variant_saved_for_hub(elastic, variant, tmp_path):
     _, src = elastic
     loaded = SlimMoeForCausalLM.from_pretrained(src, elastic_variant=variant)
-    a = save_for_hub(loaded, tmp_path / "a" / variant, card_kwargs=CARD)
+    a = save_for_hub(loaded, tmp_path / "a" / variant, card_kwargs=sliced_card(src))
     b = slice_checkpoint(src, variant, tmp_path / "b" / variant, card_kwargs=CARD, show_progress=False)
     same_folders(a, b)
     if variant == "small":  # the variant drops the shared expert and one decoder layer
@@ -123,7 +129,9 @@ def test_slice_checkpoint_equals_the_loaded_variant_saved_for_hub(elastic, varia
 def test_slice_to_a_stock_family(elastic, keep_mtp, tmp_path):
     nested, src = elastic
     loaded = SlimMoeForCausalLM.from_pretrained(src, elastic_variant="small")
-    a = save_for_hub(loaded, tmp_path / "a" / "stock", model_type="qwen3_moe", keep_mtp=keep_mtp, card_kwargs=CARD)
+    a = save_for_hub(
+        loaded, tmp_path / "a" / "stock", model_type="qwen3_moe", keep_mtp=keep_mtp, card_kwargs=sliced_card(src)
+    )
     b = slice_checkpoint(
         src, "small", tmp_path / "b" / "stock", model_type="qwen3_moe", keep_mtp=keep_mtp, card_kwargs=CARD,
         show_progress=False,
@@ -139,7 +147,7 @@ def test_slice_to_a_stock_family(elastic, keep_mtp, tmp_path):
 def test_slice_per_layer_expert_widths(per_layer, variant, tmp_path):
     nested, src = per_layer
     loaded = SlimMoeForCausalLM.from_pretrained(src, elastic_variant=variant)
-    a = save_for_hub(loaded, tmp_path / "a" / variant, card_kwargs=CARD)
+    a = save_for_hub(loaded, tmp_path / "a" / variant, card_kwargs=sliced_card(src))
     b = slice_checkpoint(src, variant, tmp_path / "b" / variant, card_kwargs=CARD, show_progress=False)
     same_folders(a, b)
     config = json.loads((b / "config.json").read_text())
@@ -238,9 +246,21 @@ def test_bad_input_is_one_sentence_and_writes_nothing(full, elastic, per_layer, 
 
 
 def test_slice_cli_reports_bytes_read_and_written(elastic, tmp_path, capsys):
-    _, src = elastic
+    from huggingface_hub import ModelCard
+
+    _, elastic_src = elastic
+    src = tmp_path / "elastic"  # an elastic checkpoint whose card names the Hub model it was made from
+    src.mkdir()
+    for path in elastic_src.iterdir():
+        (src / path.name).write_bytes(path.read_bytes())
+    card = ModelCard.load(src / "README.md")
+    card.data.base_model, card.data.license, card.data.license_name = "Qwen/Qwen3-30B-A3B", "apache-2.0", None
+    card.save(src / "README.md")
     assert main(["slice", str(src), "small", str(tmp_path / "small"), "--to", "qwen3_moe", "--drop-mtp"]) == 0
     shown = capsys.readouterr().out
     assert "bytes read / written" in shown and "parameters (total / active)" in shown
     assert not (tmp_path / "small" / "mtp.safetensors").exists()
     assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "small"), Qwen3MoeForCausalLM)
+    data = ModelCard.load(tmp_path / "small" / "README.md").data
+    assert (data.base_model, data.base_model_relation, data.license) == ("Qwen/Qwen3-30B-A3B", "finetune", "apache-2.0")
+    assert data.eval_results is None  # nothing measured

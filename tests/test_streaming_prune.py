@@ -102,7 +102,10 @@ def in_memory(family, tmp_path_factory, pc, folder, **kwargs):
 def test_streaming_equals_prune_and_save_pruned(family, strategy, tmp_path, tmp_path_factory):
     _, stats, src = source(family, tmp_path_factory)
     pc = configs(family)[strategy]
-    _, a = in_memory(family, tmp_path_factory, pc, tmp_path / "a" / "pruned", calibration="8 x 32 tokens")
+    # the streamed card names its source folder as `base_model`; the in-memory one is told it
+    _, a = in_memory(
+        family, tmp_path_factory, pc, tmp_path / "a" / "pruned", calibration="8 x 32 tokens", base_model=src
+    )
     b = prune_checkpoint(src, tmp_path / "b" / "pruned", pc, stats, calibration="8 x 32 tokens", show_progress=False)
     files = sorted(p.name for p in a.iterdir())
     assert files == sorted(p.name for p in b.iterdir())
@@ -177,6 +180,30 @@ def test_dtype_cast_and_tokenizer_from_source(tmp_path, tmp_path_factory):
     for name, tensor in loaded.state_dict().items():
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, state[name].to(torch.bfloat16)), name
     assert all(t.dtype == torch.bfloat16 for t in streamed.values())
+
+
+def test_card_names_the_hub_model_a_local_source_stands_for(tmp_path, tmp_path_factory):
+    """A local source whose config's `_name_or_path` is a Hub id and whose card has a licence: the pruned card's
+    `base_model` is that id (relation `finetune`: the Hub has none for pruning), the licence is inherited, only the
+    Hub calibration dataset is listed, and a `model-index` only where something was measured."""
+    from huggingface_hub import ModelCard
+
+    _, stats, src = source("qwen3_moe", tmp_path_factory)
+    named = _copy(src, tmp_path / "src")
+    config = json.loads((named / "config.json").read_text())
+    (named / "config.json").write_text(json.dumps({**config, "_name_or_path": "Qwen/Qwen3-30B-A3B"}))
+    (named / "README.md").write_text("---\nlicense: apache-2.0\n---\n# source\n")
+    pc = PruneConfig(num_experts=4)
+    datasets = ["allenai/c4", "calib.txt"]  # a Hub dataset and a local file
+    out = prune_checkpoint(named, tmp_path / "out", pc, stats, datasets=datasets, show_progress=False)
+    data = ModelCard.load(out / "README.md").data
+    assert (data.base_model, data.base_model_relation, data.license) == ("Qwen/Qwen3-30B-A3B", "finetune", "apache-2.0")
+    assert data.datasets == ["allenai/c4"] and data.eval_results is None
+    _, measured = in_memory("qwen3_moe", tmp_path_factory, pc, tmp_path / "measured", base_model=named,
+                            eval_results={"eval_loss": 2.5, "note": "not a number"})  # fmt: skip
+    data = ModelCard.load(measured / "README.md").data
+    assert data.base_model == "Qwen/Qwen3-30B-A3B" and data.license == "apache-2.0"
+    assert [(r.metric_name, r.metric_value) for r in data.eval_results] == [("eval_loss", 2.5)]
 
 
 def test_plan_selection_on_the_meta_device_needs_tensors_for_router_weights(tmp_path_factory):

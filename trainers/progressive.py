@@ -553,8 +553,11 @@ def render_distilled_card(
     args: SlimDistillationConfig,
     results: list[StageResult],
     repo_id: str,
+    base_model: str | None = "",
 ) -> Any:
-    """Render `model_cards/distilled.md` into a `huggingface_hub.ModelCard`.
+    """Render `model_cards/distilled.md` into a `huggingface_hub.ModelCard`, its metadata from
+    `hf_slim.hub.card_metadata`: the teacher as `base_model` (`base_model_relation: finetune`, distilled), its
+    licence, the dataset when it is a Hub id, and a `model-index` only when the last stage logged an `eval_loss`.
 
     Args:
         model ([`~transformers.PreTrainedModel`]): The distilled student.
@@ -562,12 +565,15 @@ def render_distilled_card(
         script_args ([`DistillScriptArguments`]), args ([`SlimDistillationConfig`]): The run's settings.
         results (`list[StageResult]`): One result per stage.
         repo_id (`str`): Model name used in the card.
+        base_model (`str`, optional): The teacher's Hub id or folder for the metadata (defaults to `teacher_name`;
+            `None`: none known).
 
     Returns:
         `huggingface_hub.ModelCard`
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
+    from hf_slim.hub import card_metadata
     from hf_slim.utils import count_parameters
 
     counts = count_parameters(model)
@@ -586,9 +592,16 @@ def render_distilled_card(
         }
         for r in results
     ]
-    card_data = ModelCardData(
-        library_name="transformers", license="apache-2.0", pipeline_tag="text-generation",
-        base_model=teacher_name if teacher_name and not Path(teacher_name).exists() else None,
+    # the run evaluates only with an eval dataset configured: then the last stage's last `eval_loss` is reported
+    evals = [h["eval_loss"] for h in (results[-1].log_history if results else []) if "eval_loss" in h]
+    measured = None
+    if evals and isinstance(evals[-1], (int, float)) and math.isfinite(evals[-1]):
+        measured = {"eval_loss": float(evals[-1])}
+        if evals[-1] < 700:  # exp() overflows beyond
+            measured["perplexity"] = math.exp(evals[-1])
+    card_data, card_vars = card_metadata(
+        repo_id, base_model=(teacher_name if base_model == "" else base_model) or None, base_model_relation="distill",
+        datasets=[script_args.dataset_name], results=measured,
         tags=["hf-slim", "moe", "distillation", model.config.model_type],
     )  # fmt: skip
     template = Path(__file__).resolve().parents[1] / "model_cards" / "distilled.md"
@@ -616,6 +629,7 @@ def render_distilled_card(
         lr_scheduler=str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
         dataset=script_args.dataset_name,
         final_terms={k: f"{last[k]:.4f}" for k in ("lm", "kd", "mtp_lm", "mtp_kd") if k in last},
+        **card_vars,
     )
 
 
@@ -636,7 +650,9 @@ def _write_final(model, teacher, tokenizer, script_args, args, results, final_di
         (tmp / "trainer_log_history.json").write_text(
             json.dumps([h for r in results for h in r.log_history], indent=2, default=str)
         )
-        render_distilled_card(model, teacher_name, script_args, args, results, repo_id).save(tmp / "README.md")
+        base_model = teacher_path or getattr(teacher.config, "_name_or_path", "") or None  # not a class name
+        card = render_distilled_card(model, teacher_name, script_args, args, results, repo_id, base_model=base_model)
+        card.save(tmp / "README.md")
 
 
 _RECIPE_FIELDS = (

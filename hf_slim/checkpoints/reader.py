@@ -504,6 +504,12 @@ def open_checkpoint(
         return CheckpointReader(path)
     if path.exists():
         raise CheckpointError(f"source {str(source)!r} is a file; give a checkpoint folder or a Hub model id.")
+    text = str(source)
+    if path.is_absolute() or text.startswith(("./", "../", "~", ".\\")) or text.count("/") > 1 or "\\" in text:
+        raise CheckpointError(
+            f"source {text!r} does not exist: no such local folder ({path.expanduser().absolute()}); give an existing "
+            "checkpoint folder or a Hub model id such as 'Qwen/Qwen3-30B-A3B'."
+        )
     from huggingface_hub import snapshot_download
 
     try:

@@ -64,6 +64,7 @@ def run_convert(args: argparse.Namespace) -> int:
             num_mtp_heads=args.num_mtp_heads,
             keep_mtp=not args.drop_mtp,
             overwrite=args.overwrite,
+            card_kwargs={"base_model": args.model, "base_model_relation": "convert"},
         )
         bytes_read = reader.bytes_read
     written = tensor_bytes(folder)

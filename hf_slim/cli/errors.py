@@ -9,10 +9,11 @@
     `RevisionNotFoundError`, `LocalEntryNotFoundError`, `OfflineModeIsEnabled`, ...: all `OSError`s);
   - `FloatingPointError`, the base of hf-slim's own `NonFiniteGradientError` and `NonFiniteLossError` (training
     diverged), caught by that base so that the policy imports neither torch nor trl;
-  - three library errors that derive from none of the above, named in [`BAD_INPUT_NAMES`] (matched by class name, so
+  - four library errors that derive from none of the above, named in [`BAD_INPUT_NAMES`] (matched by class name, so
     the policy imports none of those libraries): safetensors' `SafetensorError` (a damaged or truncated
-    `.safetensors` file), PyYAML's `YAMLError` (a malformed YAML file) and huggingface_hub's `EntryNotFoundError` (a
-    file missing from a Hub repository).
+    `.safetensors` file), PyYAML's `YAMLError` (a malformed YAML file), huggingface_hub's `EntryNotFoundError` (a
+    file missing from a Hub repository) and its `StrictDataclassError` (a config field of the wrong type, e.g.
+    `"vocab_size": "64"` in a config.json, naming the field).
   Nothing else is: a `RuntimeError` (torch's included), `AttributeError`, `IndexError`, `ImportError`, ... may be a
   bug, and a bug gets its traceback.
 - The message is the error's text on one line, a `KeyError`'s without the quotes its `str` adds, in command-line
@@ -56,6 +57,7 @@ BAD_INPUT_NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
     "safetensors._safetensors_rust.SafetensorError": ("not a readable safetensors file", (".safetensors",)),
     "yaml.error.YAMLError": ("not valid YAML", (".yaml", ".yml")),
     "huggingface_hub.errors.EntryNotFoundError": ("", ()),
+    "huggingface_hub.errors.StrictDataclassError": ("", ()),
 }
 DEBUG_HELP = "On bad input, print the traceback too (as HF_SLIM_TRACEBACK=1 does)."
 

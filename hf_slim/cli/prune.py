@@ -216,7 +216,7 @@ def run_prune(args: argparse.Namespace) -> int:
     reader = open_checkpoint(args.model)
     try:
         stats = None
-        calibration = None
+        calibration = datasets = None
         if args.stats:
             stats = ImportanceStats.load(args.stats)
             calibration = f"statistics from `{os.path.basename(args.stats)}`"
@@ -229,6 +229,7 @@ def run_prune(args: argparse.Namespace) -> int:
                 what = "has tokenizer files that make no vocabulary" if has_files else "has no tokenizer files"
                 raise ValueError(f"{args.model} {what} ({files}) to encode --calibration; pass --tokenizer or add them")
             data, calibration = read_calibration_texts(args.calibration, args.text_column)
+            datasets = None if Path(args.calibration).exists() else [args.calibration]  # a `datasets` name
             work_dir = args.work_dir or out.resolve().parent / f".{out.name}.calibration"
             stats = collect_statistics_layerwise(
                 reader, data, num_samples=args.num_samples, max_length=args.max_length, batch_size=args.batch_size,
@@ -239,7 +240,7 @@ def run_prune(args: argparse.Namespace) -> int:
         chosen = config.resolve(reader.config, stats)
         folder = prune_checkpoint(
             reader, out, config, stats, dtype=args.dtype, tokenizer=tokenizer,
-            base_model=args.model if not Path(args.model).exists() else None, calibration=calibration,
+            base_model=args.model, calibration=calibration, datasets=datasets,
             overwrite=args.overwrite, max_shard_size=args.max_shard_size, save_stats=args.save_stats,
         )  # fmt: skip
         read = reader.bytes_read

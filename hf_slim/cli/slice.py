@@ -59,7 +59,7 @@ def run_slice(args: argparse.Namespace) -> int:
             model_type=args.model_type,
             keep_mtp=not args.drop_mtp,
             overwrite=args.overwrite,
-            card_kwargs={"description": description},
+            card_kwargs={"description": description, "base_model": args.checkpoint, "base_model_relation": "slice"},
         )
         bytes_read = reader.bytes_read
     written = tensor_bytes(folder)

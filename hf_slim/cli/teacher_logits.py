@@ -79,10 +79,18 @@ def run_teacher_logits(args: argparse.Namespace) -> int:
     from ..utils import format_bytes
 
     dtype = _dtype(args.dtype)
+    for flag in ("top_k", "max_length", "batch_size", "rows_per_pass"):
+        if getattr(args, flag) < 1 or (flag == "max_length" and args.max_length < 2):
+            least = 2 if flag == "max_length" else 1
+            raise ValueError(f"--{flag.replace('_', '-')} must be an integer >= {least}, got {getattr(args, flag)}.")
     if not args.layerwise and (args.max_memory is not None or args.rows_per_pass != 256):
         raise ValueError("--rows-per-pass and --max-memory apply to a --layerwise teacher only; add --layerwise.")
     if args.quantization and args.layerwise:
         raise ValueError("--quantization and --layerwise cannot be combined: a layer-by-layer teacher is read as stored.")
+    for flag in ("teacher", "tokenizer"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).exists() and (Path(path).is_absolute() or str(path).startswith(".")):
+            raise FileNotFoundError(f"{flag} {path!r}: no such local folder; give an existing folder or a Hub model id.")
     # the settings an existing folder must share, checked before anything loads
     check_output_folder(args.output, args.overwrite, teacher=args.teacher, top_k=args.top_k,
                         max_length=args.max_length, log_prob_dtype=args.log_prob_dtype)  # fmt: skip

@@ -98,6 +98,13 @@ def _read_selected(reader: Reader, name: str, selection: dict[str, Any]) -> torc
     return read_bounded(reader, name, index)
 
 
+def _derived_from(source: Any, reader: Reader, derivation: str) -> dict[str, Any]:
+    """The card's default `base_model` (`source`, or an open reader's folder: a local folder names its Hub model
+    itself, see `hf_slim.hub.card_metadata`) and `base_model_relation` (an hf-slim derivation)."""
+    named = reader.folder if isinstance(source, (CheckpointReader, StateDictReader)) else source
+    return {"base_model": str(named) if named is not None else None, "base_model_relation": derivation}
+
+
 def slice_checkpoint(
     source: str | os.PathLike | Reader,
     variant: str,
@@ -135,7 +142,8 @@ def slice_checkpoint(
         max_shard_size (`int` or `str`, defaults to `"5GB"`): shard size of the output, as `save_pretrained` reads it.
         show_progress (`bool`, defaults to `True`): a progress bar with the bytes read and written.
         tokenizer (optional): saved into the folder; by default the source folder's tokenizer, if it has one.
-        card_kwargs (`dict`, optional): for `hf_slim.hub.render_model_card` (description, base_model, ...).
+        card_kwargs (`dict`, optional): for `hf_slim.hub.render_model_card` (description, base_model, ...); by
+            default `base_model` is `source` (a reader's folder) and `base_model_relation` says how it was derived.
 
     Returns:
         The output folder.
@@ -175,6 +183,7 @@ def slice_checkpoint(
         if card_kwargs is None:
             where = reader.folder or "a state dict" if isinstance(source, (CheckpointReader, StateDictReader)) else source
             card_kwargs = {"description": f"Variant `{variant}` sliced out of the elastic checkpoint `{where}`."}
+        card_kwargs = {**_derived_from(source, reader, "slice"), **card_kwargs}
         structure, mtp_structure, mtp_note = slim_structure, None, ""
         if target is not None:  # the stock family's names, and its place for the MTP tensors
             structure, mtp_structure, tensors, mtp_note = stock_export_tensors(
@@ -234,7 +243,8 @@ def make_elastic_checkpoint(
         max_shard_size (`int` or `str`, defaults to `"5GB"`): shard size of the output, as `save_pretrained` reads it.
         show_progress (`bool`, defaults to `True`): a progress bar with the bytes read and written.
         tokenizer (optional): saved into the folder; by default the source folder's tokenizer, if it has one.
-        card_kwargs (`dict`, optional): for `hf_slim.hub.render_model_card` (description, base_model, ...).
+        card_kwargs (`dict`, optional): for `hf_slim.hub.render_model_card` (description, base_model, ...); by
+            default `base_model` is `source` (a reader's folder) and `base_model_relation` says how it was derived.
 
     Returns:
         The output folder.
@@ -285,5 +295,5 @@ def make_elastic_checkpoint(
             show_progress=show_progress,
             description="nesting checkpoint",
             tokenizer=tokenizer,
-            card_kwargs=card_kwargs,
+            card_kwargs={**_derived_from(source, reader, "elastic"), **(card_kwargs or {})},
         )

@@ -94,6 +94,12 @@ def collect_statistics(
     ids = pack_calibration_data(
         data, tokenizer=tokenizer, num_samples=num_samples, max_length=max_length, text_column=text_column
     )
+    vocab = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") else None
+    if vocab is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(
+            f"data: token ids in [{int(ids.min())}, {int(ids.max())}] but the model's embedding has {vocab} rows "
+            f"(valid ids: 0..{vocab - 1}); tokenize with the model's tokenizer"
+        )
     device = input_device(model)  # a dispatched model's embeddings may run elsewhere than its first parameter
     collector = _Collector(model, spec, device=device)  # float32 accumulators where the inputs go
     import inspect

@@ -253,6 +253,11 @@ class PruneConfig:
             target = max(1, round(value * source)) if isinstance(value, float) else int(value)
             if target > source:
                 raise ValueError(f"{name}={value}: larger than the source model's {spec.field(name)}={source}")
+            if name == "hidden_size" and target < 2:
+                raise ValueError(
+                    f"{name}={value}: a residual stream of {target} channel is degenerate (RMSNorm of one channel keeps "
+                    f"only its sign); valid sizes are 2..{source}"
+                )
             out[name] = target
         if self.has_budget:
             out.update(

@@ -4,6 +4,7 @@ and a model card whose recipe states the pruning, the sizes before/after, the ca
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -102,15 +103,26 @@ def pruned_card_kwargs(
     prune_config: PruneConfig,
     before: dict[str, Any] | None,
     after: dict[str, Any],
-    base_model: str | None = None,
+    base_model: str | os.PathLike | None = None,
     calibration: str | None = None,
     eval_results: dict[str, Any] | None = None,
+    datasets: str | list[str] | None = None,
 ) -> dict[str, Any]:
     """The model-card arguments of a pruned model (`hf_slim.hub.write_hub_files(card_kwargs=...)`): the recipe with
-    the pruning config and the before/after table; `before` defaults to `after` when unknown."""
+    the pruning config and the before/after table; `before` defaults to `after` when unknown. The metadata
+    ([`hf_slim.hub.card_metadata`]): `base_model` (a Hub id or the local source folder) with
+    `base_model_relation="prune"`, `datasets` (the calibration data; Hub ids only reach the metadata) and, from the
+    finite numbers of `eval_results`, a `model-index`."""
+    measured = {
+        k: v for k, v in (eval_results or {}).items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }  # fmt: skip
     return {
         "recipe": _recipe(prune_config, before or after, after, calibration, eval_results),
         "base_model": base_model,
+        "base_model_relation": "prune",
+        "datasets": datasets or None,
+        "results": measured or None,
         "description": f"A pruned {model_type} Mixture-of-Experts model.",
         "tags": ["pruned"],
     }
@@ -158,6 +170,7 @@ def save_pruned(
     calibration: str | None = None,
     eval_results: dict[str, Any] | None = None,
     overwrite: bool = False,
+    datasets: str | list[str] | None = None,
 ) -> Path:
     """Write a pruned model as a Hub-ready folder, atomically (a failure leaves nothing at `folder`).
 
@@ -168,10 +181,11 @@ def save_pruned(
         before (`dict`, optional): [`size_summary`] of the source model, for the before/after table.
         stats ([`ImportanceStats`], optional): saved as `importance_stats.safetensors` when given.
         tokenizer: copied into the folder.
-        base_model (`str`, optional): Hub id of the source, for the card metadata.
+        base_model (`str`, optional): Hub id or local folder of the source, for the card metadata.
         calibration (`str`, optional): a line describing the calibration data.
-        eval_results (`dict`, optional): evaluation numbers for the card.
+        eval_results (`dict`, optional): evaluation numbers for the card (its finite numbers make the `model-index`).
         overwrite (`bool`): replace an existing non-empty folder.
+        datasets (`str` or `list`, optional): the calibration dataset(s) by name (Hub ids reach the metadata).
     """
 
     from ..hub import save_for_hub
@@ -190,7 +204,7 @@ def save_pruned(
             processing_class=tokenizer,
             repo_id=folder.name,
             card_kwargs=pruned_card_kwargs(
-                model.config.model_type, prune_config, before, after, base_model, calibration, eval_results
+                model.config.model_type, prune_config, before, after, base_model, calibration, eval_results, datasets
             ),
         )
         for item in Path(inner).iterdir():
@@ -202,7 +216,7 @@ def save_pruned(
             report=getattr(model, "hf_slim_pruning_report", {}),
             before=before,
             after=after,
-            base_model=base_model,
+            base_model=str(base_model) if base_model is not None else None,
             calibration=calibration,
             stats=stats,
         )

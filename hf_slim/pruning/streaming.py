@@ -46,8 +46,9 @@ def prune_checkpoint(
     *,
     dtype: torch.dtype | str | None = None,
     tokenizer: Any = None,
-    base_model: str | None = None,
+    base_model: str | os.PathLike | None = None,
     calibration: str | None = None,
+    datasets: str | list[str] | None = None,
     overwrite: bool = False,
     max_shard_size: int | str = "5GB",
     show_progress: bool = True,
@@ -68,8 +69,10 @@ def prune_checkpoint(
             (`last`) or top-k changes.
         dtype (`torch.dtype` or `str`, optional): cast floating-point tensors to it (e.g. `"bfloat16"`).
         tokenizer (optional): saved into the folder; by default the source folder's tokenizer, if it has one.
-        base_model (`str`, optional): Hub id of the source for the card; defaults to `source` when it is a Hub id.
+        base_model (`str`, optional): the source for the card's `base_model` (a Hub id, or a local folder standing
+            for one: see `hf_slim.hub.card_metadata`); defaults to `source` (a reader's folder).
         calibration (`str`, optional): a line describing the calibration data, for the card.
+        datasets (`str` or `list`, optional): the calibration dataset(s) by name; Hub ids reach the card's metadata.
         overwrite (`bool`): replace an existing non-empty `output`.
         max_shard_size (`int` or `str`, defaults to `"5GB"`): shard size of the output, as `save_pretrained` reads it.
         show_progress (`bool`, defaults to `True`): a progress bar over the tensors.
@@ -97,9 +100,9 @@ def prune_checkpoint(
     cast = parse_dtype(dtype)
     output = Path(output)
     own = not isinstance(source, (CheckpointReader, StateDictReader))
-    if own and base_model is None and not Path(source).exists():
-        base_model = str(source)
     reader = open_checkpoint(source) if own else source
+    if base_model is None:  # a local folder (a reader's: the Hub cache's for a Hub id) names its Hub model itself
+        base_model = str(source) if own else str(reader.folder) if reader.folder is not None else None
     try:
         if reader.folder is not None and output.resolve() == reader.folder.resolve():
             raise ValueError(f"output={str(output)!r} is the source folder; write the pruned model elsewhere.")
@@ -108,6 +111,7 @@ def prune_checkpoint(
                 "tokenizer": tokenizer,
                 "base_model": base_model,
                 "calibration": calibration,
+                "datasets": datasets,
                 "stats": stats if save_stats else None,
             }
             _prune_into(tmp, reader, config, stats, cast, max_shard_size, show_progress, output.name, extras)
@@ -178,7 +182,8 @@ def _prune_into(
         generation_config=source_generation,
         repo_id=repo_id,
         card_kwargs=pruned_card_kwargs(
-            new_config.model_type, config, before, after, extras["base_model"], extras["calibration"]
+            new_config.model_type, config, before, after, extras["base_model"], extras["calibration"],
+            datasets=extras["datasets"],
         ),
     )
     write_pruning_record(

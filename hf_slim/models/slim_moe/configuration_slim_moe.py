@@ -192,18 +192,19 @@ class SlimMoeConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None and self.num_attention_heads > 0:
+        derived_head_dim = self.head_dim is None
+        if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.mlp_layer_types is None:
             self.mlp_layer_types = ["sparse"] * self.num_hidden_layers
         if self.layer_types is None:
             kind = "full_attention" if self.sliding_window is None else "sliding_attention"
             self.layer_types = [kind] * self.num_hidden_layers
-        self._check_fields()
+        self._check_fields(derived_head_dim)
         super().__post_init__(**kwargs)
         self._check_rotary()  # after transformers moved a `partial_rotary_factor` keyword into rope_parameters
 
-    def _check_fields(self) -> None:
+    def _check_fields(self, derived_head_dim: bool = False) -> None:
         # Raised as plain ValueError (not a strict-dataclass validator) so users see the field name directly.
         positive = (
             "vocab_size",
@@ -241,6 +242,12 @@ class SlimMoeConfig(PreTrainedConfig):
                 f"SlimMoeConfig.num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
                 f"({self.num_attention_heads}); valid values are the divisors of {self.num_attention_heads}."
             )
+        if self.num_attention_heads * self.head_dim != self.hidden_size and derived_head_dim:
+            raise ValueError(
+                f"SlimMoeConfig.hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
+                f"{self.num_attention_heads}, so head_dim = hidden_size // num_attention_heads is not whole; pick a "
+                "multiple, or set head_dim."
+            )
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError(
                 f"SlimMoeConfig.num_experts_per_tok ({self.num_experts_per_tok}) is larger than num_experts "
@@ -272,13 +279,51 @@ class SlimMoeConfig(PreTrainedConfig):
             )
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ValueError("SlimMoeConfig.sliding_window must be set when layer_types has 'sliding_attention'.")
+        self._check_ranges()
         if self.mtp_loss_weight < 0:
             raise ValueError(f"SlimMoeConfig.mtp_loss_weight must be >= 0, got {self.mtp_loss_weight}.")
         if self.elastic is not None:
             resolve_elastic_variants(self.elastic, self)
 
+    def _check_ranges(self) -> None:
+        # (field, valid, what is valid): the numeric fields past the sizes, one sentence each
+        ranges = (
+            ("rms_norm_eps", lambda v: v > 0, "a number > 0 (RMSNorm divides by sqrt(mean(x^2) + eps))"),
+            ("max_position_embeddings", lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+            ("initializer_range", lambda v: v >= 0, "a number >= 0"),
+            ("attention_dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+            ("router_aux_loss_coef", lambda v: v >= 0, "a number >= 0"),
+            ("clip_qkv", lambda v: v is None or v > 0, "None or a number > 0"),
+            ("sliding_window", lambda v: v is None or v > 0, "None or a positive integer"),
+        )
+        for name, valid, what in ranges:
+            value = getattr(self, name)
+            if (value is not None and isinstance(value, bool)) or not valid(value):
+                raise ValueError(f"SlimMoeConfig.{name} must be {what}, got {value!r}.")
+        from transformers.activations import ACT2FN
+
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"SlimMoeConfig.hidden_act={self.hidden_act!r} is unknown; valid values: {sorted(ACT2FN)}.")
+        pad = self.pad_token_id
+        if pad is not None and (isinstance(pad, bool) or not 0 <= pad < self.vocab_size):
+            raise ValueError(
+                f"SlimMoeConfig.pad_token_id={pad!r} is outside the vocabulary; valid values: None or 0..{self.vocab_size - 1}."
+            )
+
     def _check_rotary(self) -> None:
-        factor = (self.rope_parameters or {}).get("partial_rotary_factor", 1.0)
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        rope = self.rope_parameters or {}
+        kind = rope.get("rope_type", "default")
+        if kind != "default" and kind not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(
+                f"SlimMoeConfig.rope_parameters['rope_type']={kind!r} is unknown; valid values: "
+                f"{['default', *sorted(ROPE_INIT_FUNCTIONS)]}."
+            )
+        theta = rope.get("rope_theta", self.default_theta)
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+            raise ValueError(f"SlimMoeConfig.rope_parameters['rope_theta'] must be a number > 0, got {theta!r}.")
+        factor = rope.get("partial_rotary_factor", 1.0)
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
             raise ValueError(
                 f"SlimMoeConfig.rope_parameters['partial_rotary_factor'] must be in (0, 1], got {factor!r}."
