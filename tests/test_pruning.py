@@ -429,3 +429,24 @@ def test_pruned_model_shares_no_storage_with_the_source():
             p.add_(1.0)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+
+
+def test_a_width_the_default_experts_kernel_cannot_run_is_warned(caplog):
+    """transformers' grouped_mm experts kernel needs 16-byte aligned rows: a stock Qwen3-MoE of hidden size 30 fails
+    at its first forward unless it runs the eager experts, so a target that is not a multiple of 8 is warned."""
+    import logging
+
+    from transformers import Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="hf_slim.pruning.config"):
+        assert PruneConfig(hidden_size=24, moe_intermediate_size=8).resolve(config) == {
+            "hidden_size": 24, "moe_intermediate_size": 8,
+        }  # fmt: skip
+        assert not caplog.text
+        PruneConfig(hidden_size=30, moe_intermediate_size=12).resolve(config)
+    assert "hidden_size=30, moe_intermediate_size=12: not a multiple of 8" in caplog.text
+    assert "experts_implementation='eager'" in caplog.text

@@ -288,4 +288,24 @@ class PruneConfig:
         topk = out.get("num_experts_per_tok", getattr(model_config, spec.field("num_experts_per_tok"), None))
         if experts is not None and topk is not None and topk > experts:
             raise ValueError(f"num_experts_per_tok={topk}: larger than num_experts={experts}")
+        _warn_unaligned(out)
         return {k: v for k, v in out.items() if v != getattr(model_config, spec.field(k))}
+
+
+#: Widths transformers' default experts kernel (`grouped_mm`) multiplies along: their rows must be 16-byte aligned.
+_ALIGNED_WIDTHS = ("hidden_size", "moe_intermediate_size", "shared_expert_intermediate_size")
+
+
+def _warn_unaligned(targets: dict[str, int]) -> None:
+    """Warn about a target width that is not a multiple of 8: transformers' default experts kernel (`grouped_mm`,
+    5.x) needs 16-byte aligned rows (8 bf16 / 4 fp32 values), and a stock MoE of such a width fails at its first
+    forward ("strides should be multiple of 16 bytes") unless it runs the eager experts."""
+    odd = {name: targets[name] for name in _ALIGNED_WIDTHS if name in targets and targets[name] % 8}
+    if odd:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s: not a multiple of 8. transformers' default experts kernel (grouped_mm) needs 16-byte aligned rows, "
+            "so the pruned model runs only with from_pretrained(..., experts_implementation='eager'); pick multiples "
+            "of 8 to keep the fast kernel.", ", ".join(f"{k}={v}" for k, v in odd.items()),
+        )  # fmt: skip
