@@ -6,17 +6,24 @@ one run. Sizes are chosen so that the whole script runs in under ~10 minutes on 
     HF_HUB_OFFLINE=1 python benchmarks/bench_aurora.py            # cost,e2e,precision,batched,balance,lm,lora
     HF_HUB_OFFLINE=1 python benchmarks/bench_aurora.py --parts cost,e2e,precision,batched,balance
     HF_HUB_OFFLINE=1 python benchmarks/bench_aurora.py --parts router --output docs/aurora_bench_router.md
+    HF_HUB_OFFLINE=1 python benchmarks/bench_aurora.py --parts neurons --output docs/aurora_bench_neurons.md
+    HF_HUB_OFFLINE=1 python benchmarks/bench_aurora.py --replot    # redraw every PNG from docs/aurora_bench_curves.json
+
+Every plot's curves (each seed separately) are stored in docs/aurora_bench_curves.json by the run that made
+them; the PNGs are drawn from that file, so `--replot` changes the figures without recomputing anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import platform
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -35,10 +42,11 @@ from hf_slim.optim import (  # noqa: E402
     aurora_param_groups,
     aurora_update,
 )
-from hf_slim.optim.health import neuron_update_norms  # noqa: E402
+from hf_slim.optim.health import NeuronHealthCallback  # noqa: E402
 
 
 DOCS = ROOT / "docs"
+CURVES = DOCS / "aurora_bench_curves.json"  # every plotted curve (per seed), so `--replot` redraws without training
 BS = 8  # sequences per batch in sections 4-5
 LINES: list[str] = []
 
@@ -301,7 +309,14 @@ def bench_balance(steps: int = 10) -> None:
     for name, r in curves.items():
         out(f"| {name} | " + " | ".join(f"{x:.2f}" for x in r) + " |")
     out()
-    _plot(curves, "step", "max/min update row norm", DOCS / "aurora_row_balance.png", logy=True)
+    _save_plot(DOCS / "aurora_row_balance.png", [{
+        "title": f"Row balance of the update, skewed {m}x{n} matrix (one run)",
+        "xlabel": "optimizer step",
+        "ylabel": "max / min row norm of the update (ratio)",
+        "hlines": [[1.3, "target 1.3"], [1.0, "perfectly even"]],
+        "legend": "below",
+        "series": [{"label": name, "x": list(range(1, steps + 1)), "runs": [r]} for name, r in curves.items()],
+    }])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,28 +385,25 @@ def _eval(model, batches) -> float:
     return sum(losses) / len(losses)
 
 
-def _train(model, opt, batches, track_dead: bool = False, every: int = 10):
-    losses, dead = [], []
-    window: dict[str, list] = {}
-    tracked = [(n, p) for n, p in model.named_parameters() if p.requires_grad and ("proj" in n and ("mlp" in n or "experts" in n))]
+def _train(model, opt, batches, track_dead: bool = False, threshold: float = 0.1, window: int = 10):
+    """Train on `batches`; returns the per-step losses and, with `track_dead`, the per-step metrics of
+    `NeuronHealthCallback(threshold, window)` (its own code, driven by hand around `opt.step()`: dead-neuron
+    fraction and p90/p10 row spread of the MLP projections' updates, overall and per projection kind)."""
+    losses = []
+    health = NeuronHealthCallback(threshold=threshold, window=window) if track_dead else None
+    state = types.SimpleNamespace(global_step=0)
     for step, b in enumerate(batches):
         loss = model(input_ids=b, labels=b).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        snap = {n: p.detach().clone() for n, p in tracked} if track_dead else None
+        state.global_step = step
+        if health is not None:
+            health.on_pre_optimizer_step(None, state, None, model=model)
         opt.step()
-        losses.append(float(loss))
-        if track_dead:
-            idle_all = []
-            for n, p in tracked:
-                norms = neuron_update_norms(p.detach() - snap[n], n)
-                w = window.setdefault(n, [])
-                w.append(norms / norms.median().clamp(min=1e-30) < 0.1)
-                del w[:-10]
-                idle_all.append(torch.stack(w).all(0) if len(w) == 10 else torch.zeros_like(w[-1]))
-            if step % every == every - 1:
-                dead.append(float(torch.cat(idle_all).float().mean()))
-    return losses, dead
+        if health is not None:
+            health.on_optimizer_step(None, state, None)
+        losses.append(float(loss.detach()))
+    return losses, (health.history if health is not None else [])
 
 
 def bench_lm(steps: int, seeds: int) -> tuple[object, torch.Tensor]:
@@ -419,29 +431,43 @@ def bench_lm(steps: int, seeds: int) -> tuple[object, torch.Tensor]:
     best = {name: min(grid, key=lambda lr: sweep[(name, lr)]) for name, grid in lrs.items()}
     out("LR sweep (seed 0, a third of the steps), validation loss: " + "; ".join(f"{n} lr={lr:g}: {v:.3f}" for (n, lr), v in sweep.items()))
     out()
-    curves, finals, deads = {}, {}, {}
+    curves, finals, dead_runs, spread_runs, loss_runs = {}, {}, {}, {}, {}
     for name in lrs:
-        runs, vals, dd = [], [], []
+        runs, vals, dd, sp = [], [], [], []
         for seed in range(seeds):
             model = _model(512, seed)
-            losses, dead = _train(model, _make_opt(name, model, best[name]), _batches(train_ids, 128, BS, steps, seed), track_dead=True)
+            losses, hist = _train(model, _make_opt(name, model, best[name]), _batches(train_ids, 128, BS, steps, seed), track_dead=True)
             runs.append(losses)
             vals.append(_eval(model, val))
-            dd.append(dead)
+            dd.append([h["neuron_health/dead_frac"] for h in hist])
+            sp.append([h["neuron_health/row_spread"] for h in hist])
         curves[name] = [statistics.mean(x) for x in zip(*runs)]
         finals[name] = vals
-        deads[name] = [statistics.mean(x) for x in zip(*dd)]
+        loss_runs[name], dead_runs[name], spread_runs[name] = runs, dd, sp
     adam_final = statistics.mean(_smooth(curves["AdamW"])[-10:])
-    out("| optimizer | lr | val loss (mean ± sd over seeds) | steps to AdamW's final train loss | dead-neuron fraction at end |")
-    out("|---|---:|---:|---:|---:|")
+    out("Dead neurons and row spread: `NeuronHealthCallback` defaults (a neuron is dead when its update norm stayed "
+        "below 0.1 x the median of its projection for 10 consecutive steps; row spread = p90/p10 of the per-neuron update "
+        "norms, median over the expert `gate_up_proj` / `down_proj` tensors), measured every step.")
+    out()
+    out("| optimizer | lr | val loss (mean ± sd over seeds) | steps to AdamW's final train loss | dead-neuron fraction at end (max over seeds) | row spread p90/p10 at end (mean, min–max) |")
+    out("|---|---:|---:|---:|---:|---:|")
     for name in lrs:
         sm = _smooth(curves[name])
         hit = next((i + 1 for i, v in enumerate(sm) if v <= adam_final), None)
         sd = statistics.stdev(finals[name]) if len(finals[name]) > 1 else 0.0
-        out(f"| {name} | {best[name]:g} | {statistics.mean(finals[name]):.3f} ± {sd:.3f} | {hit if hit else f'> {steps}'} | {deads[name][-1]:.3f} |")
+        ends = [r[-1] for r in spread_runs[name]]
+        out(f"| {name} | {best[name]:g} | {statistics.mean(finals[name]):.3f} ± {sd:.3f} | {hit if hit else f'> {steps}'} | "
+            f"{max(r[-1] for r in dead_runs[name]):.3f} | {statistics.mean(ends):.2f} ({min(ends):.2f}–{max(ends):.2f}) |")
     out()
-    _plot({k: _smooth(v) for k, v in curves.items()}, "step", "train loss (mean of seeds, smoothed)", DOCS / "aurora_lm_loss.png")
-    _plot({k: v for k, v in deads.items()}, "step / 10", "dead-neuron fraction (MLP)", DOCS / "aurora_dead_neurons.png")
+    x = list(range(1, steps + 1))
+    _save_plot(DOCS / "aurora_lm_loss.png", [
+        {"title": f"Small MoE LM: training loss ({seeds} seeds)", "xlabel": "optimizer step",
+         "ylabel": "train loss (nats/token, 10-step moving mean)",
+         "series": [{"label": f"{n} (lr {best[n]:g})", "x": x, "runs": [_smooth(r) for r in loss_runs[n]]} for n in lrs]},
+        {"title": "Evenness of the MLP (expert) updates across neurons", "xlabel": "optimizer step",
+         "ylabel": "p90 / p10 of per-neuron update norm (ratio, 10-step moving mean)", "hlines": [[1.0, "perfectly even"]],
+         "series": [{"label": n, "x": x, "runs": [_smooth(r) for r in spread_runs[n]]} for n in lrs]},
+    ], band=seeds > 1)
     return tok, train_ids
 
 
@@ -497,11 +523,159 @@ def bench_lora(tok, pre_ids: torch.Tensor, pre_steps: int, steps: int, seeds: in
             losses, _ = _train(m, _make_opt(key[name], m, best[name]), _batches(tr, 128, BS, steps, seed))
             vals.append(_eval(m, val))
             runs.append(losses)
-        curves[name] = _smooth([statistics.mean(x) for x in zip(*runs)])
+        curves[name] = runs
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
         out(f"| {name} | {best[name]:g} | {statistics.mean(vals):.3f} ± {sd:.3f} |")
     out()
-    _plot(curves, "step", "LoRA train loss (mean of seeds, smoothed)", DOCS / "aurora_lora_loss.png")
+    label = {n: f"{n} (lr {best[n]:g})" for n in names}
+    _save_plot(DOCS / "aurora_lora_loss.png", [
+        {"title": f"LoRA fine-tuning on license texts ({seeds} seeds)", "xlabel": "optimizer step",
+         "ylabel": "train loss (nats/token, 10-step moving mean)",
+         "series": [{"label": label[n], "x": list(range(1, steps + 1)), "runs": [_smooth(r) for r in runs]}
+                    for n, runs in curves.items()]},
+        {"title": "Paired difference to AdamW-LoRA (same seed and batches)", "xlabel": "optimizer step",
+         "ylabel": "Δ train loss vs AdamW-LoRA (nats/token, 10-step mean)", "paired_diff_of": 0,
+         "reference": label["AdamW-LoRA"], "hlines": [[0.0, "AdamW-LoRA"]]},
+    ], band=seeds > 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. Dead MLP neurons on a wide MLP (dense Qwen3): Muon vs Aurora
+# --------------------------------------------------------------------------------------------------
+
+
+def _dense_model(vocab: int, hidden: int, inter: int, seed: int, layers: int = 2):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=False,
+    )  # fmt: skip
+    return Qwen3ForCausalLM(cfg)
+
+
+def _parse_opt_arms(spec: str) -> list[tuple[str, float]]:
+    arms = []
+    for item in spec.split(","):
+        name, _, lr = item.partition(":")
+        if name not in ("AdamW", "Muon", "Aurora") or not lr:
+            raise ValueError(f"arm {item!r}: expected AdamW|Muon|Aurora:lr")
+        arms.append((name, float(lr)))
+    return arms
+
+
+def _parse_mlp(spec: str) -> tuple[int, int, float]:
+    """`HIDDENxINTER@LR`, e.g. `32x512@0.02`."""
+    shape, _, lr = spec.partition("@")
+    hidden, _, inter = shape.partition("x")
+    return int(hidden), int(inter), float(lr)
+
+
+def _pct_range(xs: list[float]) -> str:
+    return f"{statistics.mean(xs) * 100:.1f} ({min(xs) * 100:.1f}–{max(xs) * 100:.1f})"
+
+
+def bench_neurons(steps: int, seeds: int, mlp: str, arms: list[tuple[str, float]], scan: list[str], scan_steps: int) -> None:
+    hidden, inter, _ = _parse_mlp(mlp + "@0")
+    out(f"## 7. Dead MLP neurons on a wide MLP: Muon vs Aurora ({steps} steps x {seeds} seeds per arm)")
+    out()
+    t0 = time.time()
+    text = _corpus("/usr/share/vim/vim90/doc/*.txt", 3_000_000)
+    tok = _tokenizer(text, 512)
+    ids = _ids(tok, text)
+    split = int(0.95 * len(ids))
+    train_ids, val_ids = ids[:split], ids[split:]
+    val = _batches(val_ids, 128, 16, 8, 999)
+    out(f"Data: as section 4 (Vim help, byte-level BPE vocab 512, {len(train_ids) / 1e6:.2f} M train tokens), batch {BS} x 128 tokens. "
+        f"Model: dense `Qwen3ForCausalLM`, 2 layers, **hidden {hidden}, MLP width {inter} ({inter // hidden}x expansion)**: "
+        f"`gate_proj` / `up_proj` [{inter}, {hidden}] (tall), `down_proj` [{hidden}, {inter}]; 4 heads x 16. "
+        "Muon = `Aurora(..., **AURORA_PRESETS[\"muon\"])`, Aurora = the default preset, both fp32 iterations, the given lr on "
+        "hidden matrices and AdamW 3e-3 on embeddings, head and norms; AdamW = `torch.optim.AdamW` on everything. Same seed = "
+        "same init and batches in every arm.")
+    out("Measured with `NeuronHealthCallback`'s own code at its defaults, every step: a neuron (row of `gate_proj`/`up_proj`, "
+        "column of `down_proj`) is **dead** when its update norm stayed below 0.1 x the median of its projection for 10 "
+        "consecutive steps; **row spread** = p90/p10 of the per-neuron update norms (median over projections; 1 = even).")
+    out()
+    res = {}
+    for name, lr in arms:
+        r = res[(name, lr)] = {"loss": [], "dead": [], "spread": [], "kinds": {}, "val": []}
+        for seed in range(seeds):
+            model = _dense_model(512, hidden, inter, seed)
+            losses, hist = _train(model, _make_opt(name, model, lr), _batches(train_ids, 128, BS, steps, seed), track_dead=True)
+            r["loss"].append(losses)
+            r["dead"].append([h["neuron_health/dead_frac"] for h in hist])
+            r["spread"].append([h["neuron_health/row_spread"] for h in hist])
+            for k, v in hist[-1].items():
+                if k.count("/") == 2 and k.endswith("/dead_frac"):
+                    r["kinds"].setdefault(k.split("/")[1], []).append(v)
+            r["val"].append(_eval(model, val))
+            print(f"  {name} lr {lr:g} seed {seed}: dead {r['dead'][-1][-1]:.3f}, val {r['val'][-1]:.3f} ({time.time() - t0:.0f} s)", flush=True)
+    marks = sorted({max(1, steps // 4), max(1, steps // 2), steps})
+    kinds = sorted({k for r in res.values() for k in r["kinds"]})
+    out("Dead neurons in % of all MLP neurons (mean over seeds, min–max in brackets); per projection kind at the end (mean); "
+        "row spread at the end (mean, min–max); validation loss on 16 x 8 x 128 held-out tokens (mean ± sd).")
+    out()
+    out("| optimizer | lr | " + " | ".join(f"dead % at step {s}" for s in marks) + " | " + " | ".join(f"dead % {k}" for k in kinds)
+        + " | row spread at end | val loss |")
+    out("|---|---:|" + "---:|" * (len(marks) + len(kinds) + 2))
+    for (name, lr), r in res.items():
+        sd = statistics.stdev(r["val"]) if len(r["val"]) > 1 else 0.0
+        ends = [x[-1] for x in r["spread"]]
+        out(f"| {name} | {lr:g} | " + " | ".join(_pct_range([d[s - 1] for d in r["dead"]]) for s in marks) + " | "
+            + " | ".join(f"{statistics.mean(r['kinds'].get(k, [0.0])) * 100:.1f}" for k in kinds)
+            + f" | {statistics.mean(ends):.2f} ({min(ends):.2f}–{max(ends):.2f}) | {statistics.mean(r['val']):.3f} ± {sd:.3f} |")
+    out()
+    x = list(range(1, steps + 1))
+    # colour = optimizer, line style = lr (ascending: dotted, dashed, solid, ...)
+    colors = {"AdamW": "tab:blue", "Muon": "tab:orange", "Aurora": "tab:green"}
+    styles = ["-", "--", ":", "-."]
+
+    def series(runs_of):
+        ls = {name: sorted({lr for n, lr in res if n == name}, reverse=True) for name, _ in res}
+        return [{"label": f"{name}, lr {lr:g}", "x": x, "runs": runs_of(r), "color": colors[name],
+                 "ls": styles[ls[name].index(lr) % len(styles)]} for (name, lr), r in res.items()]
+
+    muon = sorted(lr for n, lr in res if n == "Muon")
+    ref = f"Muon, lr {muon[0]:g}" if muon else f"{arms[0][0]}, lr {arms[0][1]:g}"  # the paired-difference reference
+    _save_plot(DOCS / "aurora_dead_neurons.png", [
+        {"title": f"Dead MLP neurons (dense, hidden {hidden}, MLP {inter} = {inter // hidden}x)", "xlabel": "optimizer step",
+         "ylabel": "dead neurons (% of all MLP neurons)", "logy": False, "ymin": 0,
+         "series": series(lambda r: [[v * 100 for v in d] for d in r["dead"]])},
+        {"title": "Evenness of the MLP updates across neurons", "xlabel": "optimizer step",
+         "ylabel": "p90 / p10 of per-neuron update norm (ratio, 10-step moving mean)", "hlines": [[1.0, "perfectly even"]],
+         "smooth": 10, "series": series(lambda r: r["spread"])},
+        {"title": "Training loss", "xlabel": "optimizer step", "ylabel": "train loss (nats/token, 25-step moving mean)",
+         "smooth": 25, "series": series(lambda r: r["loss"])},
+        {"title": f"Paired difference to {ref} (same seed and batches)", "xlabel": "optimizer step",
+         "ylabel": f"Δ train loss vs {ref} (nats/token, 25-step mean)", "smooth": 25, "paired_diff_of": 2,
+         "reference": ref, "hlines": [[0.0, ref]]},
+    ], band=seeds > 1)
+    out(f"Section wall time: {time.time() - t0:.0f} s.")
+    out()
+    if not scan:
+        return
+    t1 = time.time()
+    out(f"### 7b. Settings scan: Muon vs Aurora, seed 0, {scan_steps} steps, dead % / row spread at the last step")
+    out()
+    out("Same data, batch and measurement; dense Qwen3, 2 layers, hidden x MLP width and the lr of the hidden matrices as "
+        "listed (both optimizers at that lr). Train loss: mean of the last 50 steps.")
+    out()
+    out("| hidden x MLP (expansion) | lr | Muon dead % | Aurora dead % | Muon row spread | Aurora row spread | Muon train loss | Aurora train loss |")
+    out("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for spec in scan:
+        h, i, lr = _parse_mlp(spec)
+        row = {}
+        for name in ("Muon", "Aurora"):
+            model = _dense_model(512, h, i, 0)
+            losses, hist = _train(model, _make_opt(name, model, lr), _batches(train_ids, 128, BS, scan_steps, 0), track_dead=True)
+            row[name] = (hist[-1]["neuron_health/dead_frac"], hist[-1]["neuron_health/row_spread"], statistics.mean(losses[-50:]))
+        print(f"  scan {spec}: {row} ({time.time() - t1:.0f} s)", flush=True)
+        out(f"| {h} x {i} ({i // h}x) | {lr:g} | {row['Muon'][0] * 100:.1f} | {row['Aurora'][0] * 100:.1f} | {row['Muon'][1]:.2f} | "
+            f"{row['Aurora'][1]:.2f} | {row['Muon'][2]:.3f} | {row['Aurora'][2]:.3f} |")
+    out()
+    out(f"Scan wall time: {time.time() - t1:.0f} s.")
+    out()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -625,7 +799,7 @@ def bench_router(steps: int, seeds: int, arms: list[str], aux_settings: list[flo
                 tops.append(top)
                 cv_curves.append(curve)
             rows[(aux, arm)] = (vals, cvs, starv, tops)
-            curves[f"router={arm}, aux {aux:g}"] = _smooth([statistics.mean(x) for x in zip(*cv_curves)])
+            curves[f"router={arm}, aux {aux:g}"] = [_smooth(c) for c in cv_curves]
 
     def ms(x: list[float], fmt: str = ".3f") -> str:
         sd = statistics.stdev(x) if len(x) > 1 else 0.0
@@ -648,30 +822,142 @@ def bench_router(steps: int, seeds: int, arms: list[str], aux_settings: list[flo
                 d = [[y - x for x, y in zip(a[k], b[k])] for k in range(3)]
                 out(f"| {aux:g} | `{arm}` | {ms(d[0], '+.3f')} | {ms(d[1], '+.2f')} | {ms(d[2], '+.3f')} |")
         out()
-    _plot(curves, "step", "expert-load CV (train batch; mean of layers, seeds)", plot)
+    _save_plot(plot, [
+        {"title": f"Expert load balance ({seeds} seeds)", "xlabel": "optimizer step",
+         "ylabel": "expert-load CV of the train batch (sd / mean, mean of layers; 10-step moving mean)",
+         "series": [{"label": k, "x": list(range(1, steps + 1)), "runs": v} for k, v in curves.items()]},
+    ], band=seeds > 1)
 
 
 def _smooth(x: list[float], k: int = 10) -> list[float]:
     return [statistics.mean(x[max(0, i - k + 1) : i + 1]) for i in range(len(x))]
 
 
-def _plot(curves: dict[str, list[float]], xlabel: str, ylabel: str, path: Path, logy: bool = False) -> None:
+def _sig(v: float) -> float:
+    return float(f"{v:.5g}")
+
+
+def _plot_key(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def _save_plot(path: Path, panels: list[dict], band: bool = True) -> None:
+    """Store a figure's curves in `CURVES` (under the PNG's path) and draw it with `_draw`.
+
+    `panels`: one dict per panel with `title`, `xlabel`, `ylabel`, `series` (each `{"label", "runs"}`, `runs` = one
+    list of y values per seed; optional `x`, default 1..n, and matplotlib `color` / `ls`), and optionally `hlines`
+    (`[[y, label], ...]`), `logy` (True / False; default: log when every value is positive and they span at least a
+    factor of 10), `ymin` (lower y limit), `smooth` (k: each run drawn as its k-step trailing moving mean),
+    `legend` ("best" or "below"). A panel with `paired_diff_of` (index of
+    another panel) and `reference` (a series label there) and no `series` shows, seed by seed, every other series of
+    that panel minus the reference (same seed = same init and batches).
+    With several runs a series is drawn as its mean with a min–max band over the runs.
+    """
+    _compact(panels)
+    import fcntl
+    import tempfile
+
+    # Sections may run in parallel processes: serialize the read-modify-write of the shared file.
+    with open(Path(tempfile.gettempdir()) / "hf_slim_aurora_bench_curves.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(CURVES.read_text()) if CURVES.exists() else {}
+        data[_plot_key(path)] = {"panels": panels, "band": band}
+        _write_curves(data)
+    _draw(path, panels, band)
+
+
+def _compact(panels: list[dict]) -> None:
+    """Round values to 5 significant digits and drop `x` where it is just 1..n (the default)."""
+    for panel in panels:
+        for series in panel.get("series", []):
+            series["runs"] = [[_sig(v) for v in run] for run in series["runs"]]
+            if series.get("x") == list(range(1, len(series["runs"][0]) + 1)):
+                del series["x"]
+
+
+def _write_curves(data: dict) -> None:
+    # One line per figure: small diffs, compact file.
+    body = ",\n".join(f"{json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}" for k, v in sorted(data.items()))
+    CURVES.write_text("{\n" + body + "\n}\n")
+
+
+_STYLES = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ("-", "v"), ("--", "P"), ("-.", "X"), (":", "*")]
+
+
+def _draw(path: Path, panels: list[dict], band: bool = True) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, ys in curves.items():
-        ax.plot(range(1, len(ys) + 1), ys, label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if logy:
-        ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    below = any(p.get("legend") == "below" for p in panels)
+    ncols = 2 if len(panels) == 4 else len(panels)
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(6.8, 5.4 * ncols), (4.2 + (0.9 if below else 0)) * nrows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        if "paired_diff_of" in panel:
+            src = panels[panel["paired_diff_of"]]["series"]
+            ref = next(s["runs"] for s in src if s["label"] == panel["reference"])
+            panel = {**panel, "series": [
+                {**s, "runs": [[a - b for a, b in zip(run, ref_run)] for run, ref_run in zip(s["runs"], ref)],
+                 "color": s.get("color", f"C{j}"), "ls": s.get("ls", _STYLES[j % len(_STYLES)][0])}
+                for j, s in enumerate(src) if s["label"] != panel["reference"]]}
+        values = []
+        nruns = 1
+        for i, series in enumerate(panel["series"]):
+            runs = [_smooth(r, panel["smooth"]) for r in series["runs"]] if panel.get("smooth") else series["runs"]
+            nruns = max(nruns, len(runs))
+            x = series.get("x") or list(range(1, len(runs[0]) + 1))
+            mean = [statistics.mean(col) for col in zip(*runs)]
+            values += [v for run in runs for v in run]
+            ls, marker = _STYLES[i % len(_STYLES)]
+            (line,) = ax.plot(x, mean, ls=series.get("ls", ls), lw=1.6, label=series["label"], color=series.get("color", f"C{i}"),
+                              marker=marker if len(x) <= 20 else None, markersize=4, markevery=1)
+            if band and len(runs) > 1:
+                ax.fill_between(x, [min(c) for c in zip(*runs)], [max(c) for c in zip(*runs)],
+                                color=line.get_color(), alpha=0.18, lw=0)
+        for y, label in panel.get("hlines", []):
+            ax.axhline(y, color="0.45", lw=0.9, ls=(0, (4, 3)), zorder=0)
+            ax.annotate(label, (0.995, y), xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=7.5,
+                        color="0.35")
+        logy = panel.get("logy")
+        if logy is None:
+            pos = [v for v in values if v > 0]
+            logy = len(pos) == len(values) and bool(pos) and max(pos) / min(pos) >= 10
+        if logy:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        if panel.get("ymin") is not None:
+            ax.set_ylim(bottom=panel["ymin"])
+        title = panel["title"]
+        if band and nruns > 1:
+            title += f"\nline: mean of {nruns} seeds; band: min–max over seeds"
+        ax.set_title(title, fontsize=9.5)
+        ax.set_xlabel(panel["xlabel"])
+        ax.set_ylabel(panel["ylabel"], fontsize=9)
+        ax.grid(True, which="major", alpha=0.3)
+        if panel.get("legend") == "below":
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+        else:
+            ax.legend(fontsize=8, framealpha=0.85)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def replot() -> None:
+    """Redraw every figure stored in `CURVES` (no training); rewrites the file in the compact format."""
+    data = json.loads(CURVES.read_text())
+    for key, fig in data.items():
+        _compact(fig["panels"])
+        path = Path(key) if Path(key).is_absolute() else ROOT / key
+        _draw(path, fig["panels"], fig.get("band", True))
+        print(f"redrew {key}", flush=True)
+    _write_curves(data)
 
 
 def main() -> None:
@@ -684,9 +970,20 @@ def main() -> None:
     parser.add_argument("--router-arms", default="adamw,aurora", help="router arms: adamw|aurora, optionally :lr")
     parser.add_argument("--router-aux", default="0.001,0", help="router_aux_loss_coef values (0 = no aux loss)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--neuron-steps", type=int, default=1000, help="section 7 (`neurons`): steps per run")
+    parser.add_argument("--neuron-mlp", default="32x512", help="section 7: HIDDENxMLP_WIDTH of the dense model")
+    parser.add_argument("--neuron-arms", default="AdamW:0.003,Muon:0.01,Muon:0.02,Aurora:0.01,Aurora:0.02",
+                        help="section 7: optimizer:lr arms (AdamW|Muon|Aurora)")
+    parser.add_argument("--neuron-scan", default="64x512@0.02,64x1024@0.02,32x256@0.02,32x512@0.01,32x512@0.02,32x512@0.05,32x1024@0.02",
+                        help="section 7b: HIDDENxMLP@LR settings, Muon vs Aurora, seed 0 ('' to skip)")
+    parser.add_argument("--neuron-scan-steps", type=int, default=500)
+    parser.add_argument("--replot", action="store_true", help=f"only redraw the PNGs from {CURVES.relative_to(ROOT)}")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared CPU was oversubscribed)")
     parser.add_argument("--output", default=str(DOCS / "aurora_bench.md"))
     args = parser.parse_args()
+    if args.replot:
+        replot()
+        return
     torch.set_num_threads(args.threads)
     parts = args.parts.split(",")
     import transformers
@@ -726,6 +1023,9 @@ def main() -> None:
             tok = _tokenizer(text, 512)
             ids = _ids(tok, text)
         bench_lora(tok, ids, args.lm_steps, args.lora_steps, args.seeds)
+    if "neurons" in parts:
+        bench_neurons(args.neuron_steps, args.seeds, args.neuron_mlp, _parse_opt_arms(args.neuron_arms),
+                      [x for x in args.neuron_scan.split(",") if x], args.neuron_scan_steps)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     out(f"Total wall time: {time.time() - t0:.0f} s; load average at the end {load:.1f}.")
     Path(args.output).write_text("\n".join(LINES) + "\n")
