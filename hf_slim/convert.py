@@ -399,6 +399,10 @@ def to_hf(model: SlimMoeForCausalLM, model_type: str, keep_mtp: bool = True) -> 
             not convert) or the SlimMoe config uses a feature that family cannot express (the message names the
             field).
     """
+    if not isinstance(model, SlimMoeForCausalLM):
+        raise TypeError(
+            f"model must be a SlimMoeForCausalLM (from_hf converts the other way), got {type(model).__name__}."
+        )
     config = stock_config_for_export(model.config, model_type, keep_mtp)
     with _built_in(model.dtype):
         stock = _family(model_type).model_class(config).to(device=model.device)

@@ -309,6 +309,7 @@ def _file_calls(tiny, tmp_path):
                            CheckpointError, r"nope' does not exist: no such local folder"),
         "to_hf": (lambda: to_hf(model, "llama"), ValueError, r"Unsupported model_type 'llama'; hf_slim.convert supports"),
         "from_hf_slim": (lambda: from_hf(model), ValueError, r"Unsupported model_type 'slim_moe'"),
+        "to_hf_not_slim": (lambda: to_hf("x", "qwen3_moe"), TypeError, r"model must be a SlimMoeForCausalLM .* got str"),
         "shard_bogus": (lambda: save_for_hub(model, tmp_path / "h", max_shard_size="bogus"), ValueError,
                         r"max_shard_size='bogus' is not a size; give a positive number of bytes"),
         "shard_zero": (lambda: save_for_hub(model, tmp_path / "h", max_shard_size=0), ValueError, r"max_shard_size=0 is not a size"),
@@ -393,3 +394,4 @@ def test_aurora_empty_preset_and_lora():
     _raises(lambda: Aurora([]), ValueError, r"params is empty: Aurora needs at least one parameter")
     _raises(lambda: Aurora.from_preset(p, "bogus"), ValueError, r"preset='bogus' is not known; valid")
     _raises(lambda: AuroraLoRA(p, lora_damping=-1.0), ValueError, r"lora_damping")
+    _raises(lambda: Aurora(p, nesterov="no"), TypeError, r"nesterov='no' must be True or False")

@@ -356,6 +356,8 @@ def _validate_group(group: Mapping[str, Any]) -> None:
     mom = group["momentum"]
     if not isinstance(mom, (int, float)) or not 0.0 <= mom < 1.0:
         raise ValueError(f"momentum={mom!r} must be in [0, 1)")
+    if not isinstance(group["nesterov"], bool):  # bool("no") is True: a string would silently mean Nesterov
+        raise TypeError(f"nesterov={group['nesterov']!r} must be True or False")
     if group["ns_schedule"] not in NS_SCHEDULES:
         raise ValueError(f"ns_schedule={group['ns_schedule']!r} is not a known schedule; valid: {sorted(NS_SCHEDULES)}")
     ns_coefficients(group["ns_schedule"], group["ns_steps"])
@@ -462,7 +464,7 @@ class Aurora(torch.optim.Optimizer):
         defaults = {
             "lr": lr,
             "momentum": momentum,
-            "nesterov": bool(nesterov),
+            "nesterov": nesterov,
             "weight_decay": weight_decay,
             "ns_schedule": ns_schedule,
             "ns_steps": ns_steps,
