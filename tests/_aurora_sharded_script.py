@@ -6,6 +6,7 @@ Writes `OUT_DIR/rank{r}.json`.
 
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -285,6 +286,12 @@ def main(out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result, indent=1))
     dist.barrier()
     dist.destroy_process_group()
+    # The result is written and every rank got here. Leave without the interpreter's teardown: on a loaded machine a
+    # gloo thread of the device-mesh subgroups (check_bad_layouts' 2-D mesh) was once still running there, and a rank
+    # aborted with "terminate called without an active exception" after its work was done (CI run of 2026-11-29).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
