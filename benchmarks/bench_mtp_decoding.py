@@ -207,7 +207,7 @@ def stage_elastic(args, work: Path, tokenizer, source: Path):
 
 
 MARK_START, MARK_END = "<!-- bench_mtp_decoding:start -->", "<!-- bench_mtp_decoding:end -->"
-GRID = (1, 2, 3, 5, 8)  # draft tokens per step tried on the tuning prompts (elastic draft, prompt lookup)
+GRID = (1, 2, 3, 5, 8, 12, 16, 24)  # draft tokens per step tried on the tuning prompts (elastic draft, prompt lookup)
 
 
 def _prompts(args, tokenizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

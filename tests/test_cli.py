@@ -84,49 +84,30 @@ def test_help_of_every_command(command, capsys):
     assert shown.startswith(f"usage: hf-slim {command}") and COMMANDS[command] in shown
 
 
-def test_every_help_is_quick_and_quiet():
+def test_every_help_imports_nothing_heavy_and_is_quiet():
     """`hf-slim --help` and each command's `--help`, in a fresh process as the console script runs them: no torch,
-    transformers, trl, bitsandbytes or pipeline module imported, nothing on stderr (no library warning), and well
-    under 2 s each even on the shared 2-core machine (the imports are what took 7-9 s)."""
-    commands = [c for c in COMMANDS if c != "distill"]  # distill: see test_distill_help_is_quick_and_quiet
+    transformers, trl, bitsandbytes or pipeline module imported (those imports are what took 7-9 s; the times are
+    measured in the README, never asserted here) and nothing on stderr (no library warning)."""
+    commands = list(COMMANDS)
     done = _python(
         f"""
-        import contextlib, io, json, sys, time
+        import contextlib, io, json, sys
         from hf_slim.cli import main
-        heavy, seconds = {{}}, {{}}
+        heavy = {{}}
         for argv in [["--help"]] + [[command, "--help"] for command in {commands!r}]:
-            start = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()) as shown:
                 try:
                     main(argv)
                 except SystemExit as exit:
                     assert exit.code == 0, (argv, exit.code)
-            seconds[argv[0]] = time.perf_counter() - start
             assert shown.getvalue().startswith("usage: hf-slim"), argv
             heavy[argv[0]] = [name for name in {HEAVY!r} if name in sys.modules]
-        print(json.dumps({{"heavy": heavy, "seconds": seconds}}))
+        print(json.dumps(heavy))
         """
     )
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["heavy"] == {argv: [] for argv in ["--help", *commands]}
+    heavy = json.loads(done.stdout.strip().splitlines()[-1])
+    assert heavy == {argv: [] for argv in ["--help", *commands]}
     assert done.stderr == ""
-    assert max(result["seconds"].values()) < 2.0, result["seconds"]  # parse + format only: milliseconds here
-
-
-def test_distill_help_is_quick_and_quiet():
-    done = _python(
-        f"""
-        import contextlib, io, sys
-        from hf_slim.cli import main
-        with contextlib.redirect_stdout(io.StringIO()):
-            try:
-                main(["distill", "--help"])
-            except SystemExit:
-                pass
-        print([name for name in {HEAVY!r} if name in sys.modules])
-        """
-    )
-    assert done.stdout.strip() == "[]" and done.stderr == ""
 
 
 def test_top_level_help_lists_every_command(capsys):
