@@ -206,6 +206,129 @@ def stage_elastic(args, work: Path, tokenizer, source: Path):
     return folder
 
 
+def stage_elastic_trained(args, work: Path, tokenizer, source: Path):
+    """The `elastic` model with its variants trained jointly (Star Elastic): `SlimDistillationTrainer` with sandwich
+    sampling, the full variant distilled from a frozen copy of itself (λ = 1, so it stays what the drafts are verified
+    against) and `small` from the full variant (`elastic_teacher="full"`); MTP terms off (β = 0)."""
+    from hf_slim.models.slim_moe import SlimMoeForCausalLM
+    from trainers import SlimDistillationConfig, SlimDistillationTrainer
+
+    folder = work / "elastic_trained"
+    if (folder / "config.json").exists():
+        return folder
+    student = SlimMoeForCausalLM.from_pretrained(source)
+    teacher = SlimMoeForCausalLM.from_pretrained(source).eval()
+    config = SlimDistillationConfig(
+        output_dir=str(work / "runs" / "elastic_trained"), max_steps=args.elastic_steps,
+        per_device_train_batch_size=args.batch, learning_rate=args.elastic_lr, lr_scheduler_type="cosine",
+        warmup_steps=max(1, args.elastic_steps // 20), lambda_start=1.0, lambda_end=1.0, beta_start=0.0,
+        beta_end=0.0, elastic_sampling="sandwich", elastic_teacher="full", max_length=args.block, logging_steps=5,
+        save_strategy="no", report_to=[], use_cpu=True, bf16=False, activation_checkpointing=False,
+        dataset_num_proc=None, seed=args.seed, disable_tqdm=True,
+    )  # fmt: skip
+    _log(f"elastic_trained: {args.elastic_steps} steps of {args.batch}x{args.block} tokens, lr {args.elastic_lr}")
+    trainer = SlimDistillationTrainer(model=student, teacher_model=teacher, args=config,
+                                      train_dataset=_dataset(args, tokenizer), processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    for entry in trainer.state.log_history:
+        if "loss" in entry:
+            _log("elastic_trained " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if isinstance(v, float)))
+    student.config.use_cache = True
+    student.eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+MARK_TRAINED = "<!-- bench_mtp_decoding_trained_draft:start -->", "<!-- bench_mtp_decoding_trained_draft:end -->"
+
+
+def measure_trained_draft(args, work: Path, tokenizer) -> None:
+    """The `small` variant drafting for its full model, nested only (`elastic`) and trained jointly
+    (`elastic_trained`): each draft's output checked against its own model's plain greedy, k tuned on the tuning
+    prompts, then the four runs timed in alternated order."""
+    import transformers
+
+    from hf_slim.models.slim_moe import SlimMoeForCausalLM
+
+    load_before = load_average()
+    dtype = getattr(torch, args.dtype)
+    models = {kind: SlimMoeForCausalLM.from_pretrained(work / kind, dtype=dtype).eval()
+              for kind in ("elastic", "elastic_trained")}  # fmt: skip
+    report, tune = _prompts(args, tokenizer)
+    n = args.new_tokens
+    greedy = {"do_sample": False, "max_new_tokens": n, "min_new_tokens": n, "use_cache": True,
+              "pad_token_id": tokenizer.pad_token_id}
+
+    def run(kind: str, k: int | None, prompts):
+        model = models[kind]
+        draft = model.as_draft("small", num_assistant_tokens=k) if k else None
+        outputs, steps, seconds = [], [], 0.0
+        with torch.no_grad():
+            for ids in prompts:
+                start = time.perf_counter()
+                outputs.append(model.generate(ids, **({"assistant_model": draft} if draft else {}), **greedy))
+                seconds += time.perf_counter() - start
+                steps.append(draft.stats.tokens_per_step if draft else 1.0)
+        return seconds, outputs, steps
+
+    tuned, grids, differ = {}, {}, {}
+    for kind in models:
+        _, plain, _ = run(kind, None, report + tune)
+        rates = {}
+        for k in GRID:
+            seconds, outputs, _ = run(kind, k, tune)
+            rates[k] = len(tune) * n / seconds
+        grids[kind], tuned[kind] = rates, max(rates, key=rates.get)
+        _, outputs, _ = run(kind, tuned[kind], report)
+        differ[kind] = sum(not torch.equal(a, b) for a, b in zip(outputs, plain[: len(report)]))
+        if differ[kind] and args.dtype == "float32":
+            raise SystemExit(f"{kind}: the draft's output differs from plain greedy on {differ[kind]} prompts")
+        _log(f"{kind}: k = {tuned[kind]}; tuning tokens/s " + ", ".join(f"{k}: {r:.1f}" for k, r in rates.items()))
+
+    steps = {}
+
+    def timed(kind: str, drafted: bool):
+        def fn():
+            seconds, _, per_step = run(kind, tuned[kind] if drafted else None, report)
+            steps[(kind, drafted)] = per_step
+            return len(report) * n / seconds
+
+        return fn
+
+    runs = [(f"{kind}/{'draft' if drafted else 'greedy'}", timed(kind, drafted)) for kind in models
+            for drafted in (False, True)]  # fmt: skip
+    rates = alternate(runs, args.repeats)
+    load_after = load_average()
+    lines = [
+        f"Measured by `python benchmarks/bench_mtp_decoding.py --trained-draft` ({time.strftime('%Y-%m-%d')}; "
+        f"{machine_note(args.threads, load_before, load_after)} torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, {args.threads} threads, {args.dtype}, batch 1.) Joint training: "
+        f"{args.elastic_steps} steps of {args.batch}x{args.block} tokens, lr {args.elastic_lr}, sandwich sampling, "
+        "full variant distilled from a frozen copy of itself (λ = 1), `small` from the full variant.",
+        "",
+        f"{len(report)} held-out prompts, {n} new tokens, {args.repeats} alternated repeats. Outputs differing from "
+        f"their own model's plain greedy: {differ} (bf16 rounding at near-ties; fp32 aborts on any).",
+        "",
+        "| draft of the full model | k (tuned) | tokens/s ÷ the same model's plain greedy: median (min–max) | "
+        "tokens per verification step |",
+        "|---|---:|---:|---:|",
+    ]
+    names = {"elastic": "`small`, nested by importance, not trained as a variant",
+             "elastic_trained": "`small`, trained jointly with the full variant"}  # fmt: skip
+    for kind in models:
+        r = ratios(rates[f"{kind}/draft"], rates[f"{kind}/greedy"])
+        lines.append(f"| {names[kind]} | {tuned[kind]} | {median(r):.2f} ({spread(r, '{:.2f}')}) | "
+                     f"{statistics.mean(steps[(kind, True)]):.2f} |")
+    lines += ["", "Tuning (tokens/s per k): " + "; ".join(
+        f"{kind}: " + ", ".join(f"{k}: {r:.1f}" for k, r in grids[kind].items()) for kind in models) + "."]
+    body = "\n".join(lines)
+    print(body)
+    if not args.no_write:
+        from _docs import write_marked_block
+
+        write_marked_block(args.output, *MARK_TRAINED, body, "Multi-token prediction (MTP)")
+
+
 MARK_START, MARK_END = "<!-- bench_mtp_decoding:start -->", "<!-- bench_mtp_decoding:end -->"
 GRID = (1, 2, 3, 5, 8, 12, 16, 24)  # draft tokens per step tried on the tuning prompts (elastic draft, prompt lookup)
 
@@ -487,6 +610,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the timed models")
+    parser.add_argument("--trained-draft", action="store_true",
+                        help="train the variants jointly (stage elastic_trained, cached) and measure both drafts")
+    parser.add_argument("--elastic-steps", type=int, default=60)
+    parser.add_argument("--elastic-lr", type=float, default=2e-4)
     parser.add_argument("--verify-cost", action="store_true",
                         help="only time cached forwards of 1-6 new tokens on the trained model (after the stages)")
     args = parser.parse_args()
@@ -494,6 +621,10 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.verify_cost:
         return verify_cost(args, args.workdir)
+    if args.trained_draft:
+        tokenizer = stage_tokenizer(args, args.workdir)
+        stage_elastic_trained(args, args.workdir, tokenizer, args.workdir / "elastic")
+        return measure_trained_draft(args, args.workdir, tokenizer)
     last = STAGES.index(args.stage) if args.stage else len(STAGES) - 1
     tokenizer = stage_tokenizer(args, args.workdir)
     if last < 1:
