@@ -91,27 +91,33 @@ class _RegisterAfterTransformers:
             return None
         self._busy.add(fullname)
         try:
-            for finder in sys.meta_path:
-                if finder is self or not hasattr(finder, "find_spec"):
-                    continue
-                spec = finder.find_spec(fullname, path, target)
-                if spec is not None:
-                    break
-            else:
-                return None
+            return spec_running_after(self, fullname, path, target, lambda name: register_if_loaded(loading=name))
         finally:
             self._busy.discard(fullname)
-        loader = spec.loader
-        if loader is None or not hasattr(loader, "exec_module"):
-            return spec
-        original = loader.exec_module
 
-        def exec_module(module: Any) -> None:
-            original(module)
-            register_if_loaded(loading=fullname)
 
-        loader.exec_module = exec_module
+def spec_running_after(finder: Any, fullname: str, path: Any, target: Any, after: Any) -> Any:
+    """The spec the other `sys.meta_path` finders give `fullname`, its loader made to call `after(fullname)` once the
+    module has executed: how a finder acts right after an import (here and in `integrations.transformers_optim`)."""
+    for other in sys.meta_path:
+        if other is finder or not hasattr(other, "find_spec"):
+            continue
+        spec = other.find_spec(fullname, path, target)
+        if spec is not None:
+            break
+    else:
+        return None
+    loader = spec.loader
+    if loader is None or not hasattr(loader, "exec_module"):
         return spec
+    original = loader.exec_module
+
+    def exec_module(module: Any) -> None:
+        original(module)
+        after(fullname)
+
+    loader.exec_module = exec_module
+    return spec
 
 
 def _remove_hook() -> None:

@@ -30,6 +30,7 @@ from typing import Any
 
 from transformers.utils import logging
 
+from .._registration import spec_running_after
 from . import TransformersCompatError
 
 
@@ -188,22 +189,4 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
         if fullname not in _WATCHED:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        loader = spec.loader
-        if loader is None or not hasattr(loader, "exec_module"):
-            return spec
-        original = loader.exec_module
-
-        def exec_module(module: Any) -> None:
-            original(module)
-            _after_load(fullname)
-
-        loader.exec_module = exec_module
-        return spec
+        return spec_running_after(self, fullname, path, target, _after_load)

@@ -536,11 +536,11 @@ class SlimMoeMtpLayer(SlimMoeMtpLayerMixin, SlimMoeDecoderLayer):
 
 
 def _refuse_sharded_variant(config: SlimMoeConfig, name: str) -> None:
-    """Raise `NotImplementedError` for a variant of a model sharded by tensor or expert parallelism: a variant is a
+    """Raise `ValueError` for a variant of a model sharded by tensor or expert parallelism: a variant is a
     prefix view of whole tensors, which a rank's shard is not (FSDP gathers whole tensors, so it is fine)."""
     distributed = getattr(config, "distributed_config", None)
     if name != FULL_VARIANT and distributed is not None and max(distributed.tp_size, distributed.ep_size) > 1:
-        raise NotImplementedError(
+        raise ValueError(
             f"Elastic variant {name!r} of a model sharded with tensor or expert parallelism: variants are prefix views "
             "of whole tensors. Slice the variant first (slice_variant + save_pretrained), then load that sharded."
         )
@@ -738,8 +738,7 @@ class SlimMoeForCausalLM(SlimMoePreTrainedModel, SlimMoeMtpGenerationMixin, Slim
 
         Raises:
             `KeyError`: unknown `name` (the message lists the variants).
-            `ValueError`: the model has no `config.elastic`.
-            `NotImplementedError`: the model is sharded with tensor or expert parallelism.
+            `ValueError`: the model has no `config.elastic`, or is sharded with tensor or expert parallelism.
         """
         previous = self.model._variant_plan
         self.model._variant_plan = None if name == FULL_VARIANT else self._plan_for(name)
