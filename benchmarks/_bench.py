@@ -85,3 +85,20 @@ def machine_note(threads: int, load_before: float | None, load_after: float | No
                 "compare medians and look at the spread.")
     return (f"{text}: little other load by that measure (it lags by about a minute; the min–max shows any "
             "bursts from other jobs on this shared machine).")
+
+
+def environment() -> dict:
+    """The machine and the versions a benchmark table states: CPU, cores, RAM, Python, torch, transformers, TRL."""
+    import torch
+    import transformers
+    import trl
+
+    try:
+        with open("/proc/meminfo") as f:
+            mem_gib = int(f.readline().split()[1]) / 2**20
+    except OSError:
+        mem_gib = float("nan")
+    return {
+        "cpu": cpu_model(), "cores": os.cpu_count(), "mem_gib": mem_gib, "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+    }  # fmt: skip

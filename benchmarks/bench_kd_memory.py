@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -39,7 +38,7 @@ import threading
 import time
 from pathlib import Path
 
-from _bench import cpu_model, load_average, machine_note
+from _bench import environment, load_average, machine_note
 from _docs import write_marked_block
 
 
@@ -303,27 +302,6 @@ def _run_one(method: str, args: argparse.Namespace) -> dict:
     raise RuntimeError(f"worker {method} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
-def _environment() -> dict:
-    import torch
-    import transformers
-    import trl
-
-    try:
-        with open("/proc/meminfo") as f:
-            mem_gib = int(f.readline().split()[1]) / 2**20
-    except OSError:
-        mem_gib = float("nan")
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "mem_gib": mem_gib,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-    }
-
-
 def _mib(n: float) -> str:
     return f"{n / 2**20:,.0f}"
 
@@ -460,7 +438,7 @@ def main() -> None:
             )
     print(f"total wall time {time.perf_counter() - start:.0f} s")
     note = machine_note(args.threads, load_before, load_average())
-    block = _report(args, results, _environment(), command.strip(), note)
+    block = _report(args, results, environment(), command.strip(), note)
     print(block)
     if not args.no_write:
         start_mark, end_mark = MARKS[args.terms]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _bench import alternate, cpu_model, load_average, machine_note, median, ratios, spread
+from _bench import alternate, environment, load_average, machine_note, median, ratios, spread
 from _docs import write_marked_block
 
 MARKS = ("<!-- bench_offline_teacher:start -->", "<!-- bench_offline_teacher:end -->")
@@ -261,22 +260,6 @@ def _prepare_rows(args: argparse.Namespace, workdir: Path) -> dict:
     return {"tokenizer_size": len(tokenizer), "rows": needed, "tokens": needed * args.seq}
 
 
-def _environment() -> dict:
-    import torch
-    import transformers
-    import trl
-
-    try:
-        with open("/proc/meminfo") as f:
-            mem_gib = int(f.readline().split()[1]) / 2**20
-    except OSError:
-        mem_gib = float("nan")
-    return {
-        "cpu": cpu_model(), "cores": os.cpu_count(), "mem_gib": mem_gib, "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-    }  # fmt: skip
-
-
 def _layout_bytes(k: int, dtype: str, has_labels: bool) -> int:
     """Bytes per token of the stored tensors: top-k ids (int32) and log-probs, rest log-mass, input_ids (+ labels)."""
     return k * (4 + (4 if dtype == "float32" else 2)) + 4 + 4 + (4 if has_labels else 0)
@@ -470,7 +453,7 @@ def main() -> None:
     if worst > LOSS_RTOL:
         print(f"WARNING: a logged step loss of the timed runs differs by {worst:.1e} relative between (a) and (b)")
     note = machine_note(args.threads, load_before, load_average())
-    block = _report(args, data, prep, results, _environment(), command.strip(), note, wall)
+    block = _report(args, data, prep, results, environment(), command.strip(), note, wall)
     print(block)
     print(f"total wall time {wall:.0f} s")
     if not (args.no_write or args.quick):
