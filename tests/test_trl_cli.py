@@ -86,6 +86,7 @@ def test_parsing_and_passthrough(capsys):
         main(["trl", "--help"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("usage: hf-slim trl")
     assert main(["trl"]) == 0 and "sft" in capsys.readouterr().out  # TRL's own help: its commands
+    assert main(["trl", "env"]) == 0 and "PEFT version" in capsys.readouterr().out  # a non-training command: TRL's CLI
     # TRL's parser now lists hf-slim's optimizers among the --optim choices
     with pytest.raises(SystemExit) as exit_info:
         main(["trl", "sft", "--optim", "nope", "--output_dir", "x"])
