@@ -128,6 +128,7 @@ def test_config_parses_json_strings_like_the_cli(tmp_path):
         (dict(kd_chunk_size=0), r"kd_chunk_size.*0"),
         (dict(teacher_quantization="2bit"), r"teacher_quantization.*4bit.*'2bit'"),
         (dict(mtp_kd_target="mtp"), r"mtp_kd_target.*teacher_main"),
+        (dict(mtp_lambda=1.5), r"mtp_lambda must be a number in \[0, 1\] or None.*1\.5"),
         (dict(elastic_sampling="probabilities", elastic_variant_probabilities={"full": 0.5, "small": 0.3}),
          r"sum to 1.*0\.8"),
         (dict(elastic_sampling="probabilities"), r"elastic_variant_probabilities"),
@@ -182,6 +183,23 @@ def test_training_reduces_every_term_and_logs_them(tmp_path, data):
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     for name, value in params(teacher).items():
         torch.testing.assert_close(value, teacher_before[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mtp_lambda", [0.0, 1.0])
+def test_mtp_lambda_weighs_the_mtp_terms_apart_from_lambda(tmp_path, data, mtp_lambda):
+    """SlimQwen's Table 3 ablations: MTP-LM without MTP-KD (0) and MTP-KD without MTP-LM (1), λ unchanged."""
+    tokenizer, dataset, teacher = data
+    args = distill_args(
+        tmp_path, max_steps=1, lambda_start=0.5, lambda_end=0.5, beta_start=0.5, beta_end=0.5, mtp_lambda=mtp_lambda,
+        router_aux_loss_coef=0.0,
+    )  # fmt: skip
+    trainer = SlimDistillationTrainer(
+        model=tiny_student(len(tokenizer)), teacher_model=teacher, args=args, train_dataset=dataset.select(range(8)),
+        processing_class=tokenizer,
+    )  # fmt: skip
+    terms = _eval_terms(trainer, dataset.select(range(8)))
+    mtp = (1 - mtp_lambda) * terms["mtp_lm"] + mtp_lambda * terms["mtp_kd"]
+    assert terms["loss"] == pytest.approx(0.5 * terms["lm"] + 0.5 * terms["kd"] + 0.5 * mtp, rel=1e-5)
 
 
 def test_kd_is_zero_when_student_is_teacher(tmp_path, data):

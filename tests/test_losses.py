@@ -464,9 +464,24 @@ def test_slimqwen_objective_allows_missing_zero_weight_terms():
     assert total.item() == pytest.approx(3.0 + 0.5 * 5.0)
 
 
+@pytest.mark.parametrize("mtp_lam", [0.0, 0.4, 1.0])
+def test_slimqwen_objective_mtp_lam_replaces_lambda_inside_the_mtp_group(mtp_lam):
+    lm, kd = torch.tensor(2.0), torch.tensor(3.0)
+    mtp_lm, mtp_kd = [torch.tensor(4.0), torch.tensor(6.0)], [torch.tensor(1.0), torch.tensor(3.0)]
+    total, _ = slimqwen_objective(lm, kd, mtp_lm, mtp_kd, lam=0.8, beta=0.25, mtp_lam=mtp_lam)
+    assert total.item() == pytest.approx(0.2 * 2.0 + 0.8 * 3.0 + 0.25 * ((1 - mtp_lam) * 5.0 + mtp_lam * 2.0))
+    # MTP-LM only: the MTP-KD terms may be left out (weight 0) even though λ > 0
+    total, logs = slimqwen_objective(lm, kd, mtp_lm, [], lam=0.8, beta=0.25, mtp_lam=0.0)
+    assert total.item() == pytest.approx(0.2 * 2.0 + 0.8 * 3.0 + 0.25 * 5.0) and "mtp_kd" not in logs
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
+        (
+            dict(lm=torch.tensor(1.0), kd=torch.tensor(1.0), mtp_lm=[], mtp_kd=[], lam=0.5, beta=0.0, mtp_lam=1.5),
+            r"mtp_lam.*\[0, 1\] or None.*1.5",
+        ),
         (dict(lm=None, kd=torch.tensor(1.0), mtp_lm=[], mtp_kd=[], lam=0.9, beta=0.0), "lm is missing.*0.1"),
         (
             dict(lm=torch.tensor(1.0), kd=torch.tensor(1.0), mtp_lm=[], mtp_kd=[], lam=0.9, beta=0.3),
@@ -559,6 +574,21 @@ def test_distillation_objective_is_the_formula_of_full_logit_terms(use_teacher_m
         mean = sum(terms[k][index] / terms[k][2] for k in (1, 2)) / 2
         assert logs[group][0].item() == pytest.approx(mean.item(), rel=1e-6) and logs[group][1].item() == 1
     assert set(logs) == {"lm", "kd", "mtp_lm", "mtp_kd", "mtp_lm_1", "mtp_lm_2", "mtp_kd_1", "mtp_kd_2"}
+
+
+@pytest.mark.parametrize("mtp_lam", [0.0, 1.0, 0.3])
+def test_distillation_objective_mtp_lam_against_full_logit_terms(mtp_lam):
+    hidden, weight, mtp, teacher, teacher_mtp, t_weight, labels = inputs = _objective_inputs()
+    lam, beta = 0.75, 0.3
+    loss, _ = distillation_objective(
+        hidden, weight, teacher, t_weight, [labels] * 3, lam=lam, beta=beta, mtp_lam=mtp_lam, mtp_hidden=mtp,
+        chunk_size=3,
+    )  # fmt: skip
+    lm, kd = zip(*[(ce / count, kl / count) for ce, kl, count in _full_logit_terms(*inputs, False)])
+    mtp_part = (1 - mtp_lam) * (lm[1] + lm[2]) / 2 + mtp_lam * (kd[1] + kd[2]) / 2
+    ref = (1 - lam) * lm[0] + lam * kd[0] + beta * mtp_part
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
+    assert_all_close(grads(loss, [hidden, weight, *mtp]), grads(ref, [hidden, weight, *mtp]), 1e-10)
 
 
 def test_distillation_objective_zero_weight_terms_are_logged_without_a_graph():

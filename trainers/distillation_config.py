@@ -56,6 +56,9 @@ class SlimDistillationConfig(SFTConfig):
         beta_start (`float`, *optional*, defaults to `0.3`): MTP weight β at the start, >= 0.
         beta_end (`float`, *optional*, defaults to `0.1`): MTP weight β at the end, >= 0.
         beta_schedule (`str`, *optional*, defaults to `"cosine"`): `"linear"`, `"cosine"` or `"constant"`.
+        mtp_lambda (`float`, *optional*): The KD share of the MTP terms, in [0, 1], in place of λ:
+            `β·((1 - mtp_lambda)·L_MTP-LM + mtp_lambda·L_MTP-KD)`; 0 trains the MTP heads on MTP-LM only, 1 on MTP-KD
+            only (SlimQwen's Table 3 ablations). None (the default) follows λ, SlimQwen's objective.
 
         > Divergence
 
@@ -143,6 +146,13 @@ class SlimDistillationConfig(SFTConfig):
     beta_schedule: str = field(
         default="cosine",
         metadata={"help": "Shape of β over training.", "choices": list(SCHEDULE_KINDS)},
+    )
+    mtp_lambda: float | None = field(
+        default=None,
+        metadata={
+            "help": "KD share of the MTP terms in [0, 1] instead of λ (0: MTP-LM only, 1: MTP-KD only); None "
+            "follows λ (SlimQwen's objective)."
+        },
     )
     temperature: float = field(
         default=1.0,
@@ -264,6 +274,9 @@ class SlimDistillationConfig(SFTConfig):
     def _validate(self) -> None:
         # the losses check their own settings (ranges, kinds, combinations) with messages naming the field
         self.loss_weight_schedule()
+        m = self.mtp_lambda
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m <= 1.0):
+            raise ValueError(f"mtp_lambda must be a number in [0, 1] or None (follow λ), got {m!r}.")
         check_kd_options(
             self.divergence, self.temperature, self.jsd_beta, self.teacher_top_k, self.kd_chunk_size,
             chunk_size_name="kd_chunk_size",

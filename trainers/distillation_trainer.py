@@ -648,8 +648,9 @@ class SlimDistillationTrainer(SFTTrainer):
                 kd_source = (full_hidden, s_weight.detach(), None if s_bias is None else s_bias.detach(), ())
             kd_hidden, kd_weight, kd_bias, kd_mtp_hidden = kd_source
             loss, raw = distillation_objective(
-                hidden, s_weight, kd_hidden, kd_weight, labels_at, lam=lam, beta=beta, mtp_hidden=mtp_hidden,
-                teacher_mtp_hidden=kd_mtp_hidden, head_bias=s_bias, teacher_head_bias=kd_bias, **options,
+                hidden, s_weight, kd_hidden, kd_weight, labels_at, lam=lam, beta=beta, mtp_lam=args.mtp_lambda,
+                mtp_hidden=mtp_hidden, teacher_mtp_hidden=kd_mtp_hidden, head_bias=s_bias, teacher_head_bias=kd_bias,
+                **options,
             )
             # Like SFTTrainer: `num_items_in_batch` counts the tokens of every rank, and DDP averages the gradients.
             if args.average_tokens_across_devices and num_items_in_batch is not None:

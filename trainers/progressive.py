@@ -656,7 +656,7 @@ def _write_final(model, teacher, tokenizer, script_args, args, results, final_di
 
 
 _RECIPE_FIELDS = (
-    "lambda_start", "lambda_end", "lambda_schedule", "beta_start", "beta_end", "beta_schedule", "temperature",
-    "divergence", "jsd_beta", "teacher_top_k", "mtp_kd_target", "learning_rate", "max_length",
+    "lambda_start", "lambda_end", "lambda_schedule", "beta_start", "beta_end", "beta_schedule", "mtp_lambda",
+    "temperature", "divergence", "jsd_beta", "teacher_top_k", "mtp_kd_target", "learning_rate", "max_length",
     "per_device_train_batch_size", "gradient_accumulation_steps", "router_aux_loss_coef", "seed",
 )  # fmt: skip

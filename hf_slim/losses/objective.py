@@ -25,11 +25,19 @@ from .options import (
 __all__ = ["distillation_objective", "slimqwen_objective"]
 
 
-def _check_weights(lam: float, beta: float) -> None:
+def _check_weights(lam: float, beta: float, mtp_lam: float | None = None) -> float:
+    """Checks λ, β and the MTP terms' KD share; returns the share to use (λ when `mtp_lam` is None)."""
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam (λ, the KD weight) must be a number in [0, 1], got {lam!r}.")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0.0:
         raise ValueError(f"beta (β, the MTP weight) must be a number >= 0, got {beta!r}.")
+    if mtp_lam is None:
+        return lam
+    if isinstance(mtp_lam, bool) or not isinstance(mtp_lam, (int, float)) or not 0.0 <= mtp_lam <= 1.0:
+        raise ValueError(
+            f"mtp_lam (the KD share of the MTP terms) must be a number in [0, 1] or None (follow λ), got {mtp_lam!r}."
+        )
+    return mtp_lam
 
 
 def slimqwen_objective(
@@ -39,6 +47,7 @@ def slimqwen_objective(
     mtp_kd: Sequence[torch.Tensor],
     lam: float,
     beta: float,
+    mtp_lam: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SlimQwen's objective `(1 - λ)·L_LM + λ·L_KD + β·((1 - λ)·L_MTP-LM + λ·L_MTP-KD)`.
 
@@ -53,12 +62,15 @@ def slimqwen_objective(
             its weight `β·λ` is zero; `mtp_lm` may be empty when `β·(1 - λ)` is zero).
         lam (`float`): λ in [0, 1], the KD weight.
         beta (`float`): β >= 0, the MTP weight.
+        mtp_lam (`float`, *optional*): The KD share of the MTP terms, in [0, 1], replacing λ inside the MTP group:
+            `β·((1 - mtp_lam)·L_MTP-LM + mtp_lam·L_MTP-KD)` (0: MTP-LM only, 1: MTP-KD only). None (SlimQwen's
+            objective) uses λ.
 
     Returns:
         `tuple[torch.Tensor, dict[str, torch.Tensor]]`: the total loss, and detached terms for logging: `lm`, `kd`,
         `mtp_lm`, `mtp_kd` (depth means), `mtp_lm_{k}` / `mtp_kd_{k}` per depth `k` (1-based), and `total`.
     """
-    _check_weights(lam, beta)
+    mtp_lam = _check_weights(lam, beta, mtp_lam)
     mtp_lm, mtp_kd = list(mtp_lm), list(mtp_kd)
     if mtp_lm and mtp_kd and len(mtp_lm) != len(mtp_kd):
         raise ValueError(
@@ -67,8 +79,8 @@ def slimqwen_objective(
     weights = {
         "lm": 1.0 - lam,
         "kd": lam,
-        "mtp_lm": beta * (1.0 - lam),
-        "mtp_kd": beta * lam,
+        "mtp_lm": beta * (1.0 - mtp_lam),
+        "mtp_kd": beta * mtp_lam,
     }
     values: dict[str, torch.Tensor | None] = {
         "lm": lm,
@@ -83,7 +95,8 @@ def slimqwen_objective(
             if weights[name] != 0.0:
                 hint = "a loss per MTP depth" if name.startswith("mtp") else "a scalar loss"
                 raise ValueError(
-                    f"{name} is missing but its weight is {weights[name]:g} (lam={lam}, beta={beta}); pass {hint}, "
+                    f"{name} is missing but its weight is {weights[name]:g} (lam={lam}, beta={beta}, "
+                    f"mtp_lam={mtp_lam}); pass {hint}, "
                     "or set the weights so that this term's weight is 0."
                 )
             continue
@@ -160,6 +173,7 @@ def distillation_objective(
     *,
     lam: float,
     beta: float,
+    mtp_lam: float | None = None,
     mtp_hidden: Sequence[torch.Tensor] = (),
     teacher_mtp_hidden: Sequence[torch.Tensor] = (),
     head_bias: torch.Tensor | None = None,
@@ -201,6 +215,7 @@ def distillation_objective(
             a target is not counted (e.g. per depth, targets in another packed document).
         lam (`float`): λ in [0, 1], the KD weight.
         beta (`float`): β >= 0, the MTP weight.
+        mtp_lam (`float`, *optional*): The KD share of the MTP terms (see [`slimqwen_objective`]); None uses λ.
         mtp_hidden (`Sequence[torch.Tensor]`, *optional*): Student MTP hidden states of depth `k = 1, 2, ...`,
             `[B, T - k, H]` each.
         teacher_mtp_hidden (`Sequence[torch.Tensor]`, *optional*): The teacher's, same layout; empty: MTP-KD from
@@ -222,7 +237,7 @@ def distillation_objective(
             f"labels must hold the labels of every depth 0..{len(mtp_hidden)} (one per MTP depth besides the main "
             f"head), got {len(labels)}."
         )
-    _check_weights(lam, beta)
+    mtp_lam = _check_weights(lam, beta, mtp_lam)
     check_kd_options(divergence, temperature, jsd_beta, teacher_top_k, chunk_size)
     _check_num_items(num_items_in_batch)
     student_weight = _head_at(head_weight, hidden)
@@ -254,7 +269,7 @@ def distillation_objective(
         return (mtp_num_items or {}).get(depth, counts[depth]).clamp_min(1).float()
 
     # The objective's weight of each depth's terms: the MTP groups are means over depths.
-    weights = [(1.0 - lam, lam)] + [(beta * (1.0 - lam) / depths, beta * lam / depths) for _ in range(depths)]
+    weights = [(1.0 - lam, lam)] + [(beta * (1.0 - mtp_lam) / depths, beta * mtp_lam / depths) for _ in range(depths)]
     segments, rows, slots = [], [], []  # slots: per depth, (index of its LM+KD terms, of its LM-only term or None)
     n_terms = 0
     for k in range(depths + 1):
