@@ -59,7 +59,7 @@ def slimqwen_objective(
         kd (`torch.Tensor` or `None`): Main-head KD loss (scalar).
         mtp_lm (`Sequence[torch.Tensor]`): MTP-LM loss of each depth 1..D (empty without MTP heads).
         mtp_kd (`Sequence[torch.Tensor]`): MTP-KD loss of each depth 1..D, same length as `mtp_lm` (or empty when
-            its weight `β·λ` is zero; `mtp_lm` may be empty when `β·(1 - λ)` is zero).
+            its weight `β·λ` (`β·mtp_lam` when given) is zero; `mtp_lm` may be empty when `β·(1 - λ)` is zero).
         lam (`float`): λ in [0, 1], the KD weight.
         beta (`float`): β >= 0, the MTP weight.
         mtp_lam (`float`, *optional*): The KD share of the MTP terms, in [0, 1], replacing λ inside the MTP group:
