@@ -56,23 +56,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------ pieces
 
 
-# TRL's trainers switch `config.output_router_logits` on, and then `loss` adds router_aux_loss_coef x the load-balancing
-# loss: every evaluation here asks for the plain next-token cross-entropy.
-PLAIN = {"output_router_logits": False}
-
-
 def curve_callback(rows: torch.Tensor, every: int, offset: int, points: list):
     """Report-split loss at the start of a stage, every `every` steps and at its end, on the global step axis."""
     from transformers import TrainerCallback
 
     class Curve(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            points.append((offset, _common.mean_loss(model, rows, **PLAIN)))
+            points.append((offset, _common.mean_loss(model, rows)))
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             step = offset + state.global_step
             if step % every == 0 or state.global_step == state.max_steps:
-                points.append((step, _common.mean_loss(model, rows, **PLAIN)))
+                points.append((step, _common.mean_loss(model, rows)))
 
     return Curve()
 
@@ -127,7 +122,7 @@ def run_arm(arm: str, teacher, stream, *, lr: float, seed: int, opts, calibratio
 
     student = prune_progressively(copy.deepcopy(teacher), plan, calibrate, after_stage, after_last_stage=True)
     sizes = {k: getattr(student.config, k) for k in FINAL}
-    return {"tune": _common.tune_loss(student, **PLAIN), "report": points[-1][1], "curve": points, "sizes": sizes,
+    return {"tune": _common.tune_loss(student), "report": points[-1][1], "curve": points, "sizes": sizes,
             "stage_steps": steps, "params": sum(p.numel() for p in student.parameters())}  # fmt: skip
 
 
@@ -160,7 +155,7 @@ def main(argv=None) -> None:
             _common.log(f"{arm}: seed {seed} at lr {chosen[arm]:.3g}")
             runs[arm][seed] = run_arm(arm, teacher, stream, lr=chosen[arm], seed=seed, opts=opts, calibration=calibration)
 
-    teacher_report = _common.report_loss(teacher, **PLAIN)
+    teacher_report = _common.report_loss(teacher)
     first = runs["two stages"][opts.seeds[0]]["stage_steps"]
     report.add("SlimQwen (Table 5, progressive pruning): two depth-first stages (40B then 360B tokens, the LR schedule "
                "continuing) beat one-shot pruning to the same size at the same 400B tokens: MMLU 75.86 -> 77.39, "

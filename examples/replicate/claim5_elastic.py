@@ -57,11 +57,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------ pieces
 
 
-# TRL's trainers switch `config.output_router_logits` on, and then `loss` adds router_aux_loss_coef x the load-balancing
-# loss: every evaluation here asks for the plain next-token cross-entropy.
-PLAIN = {"output_router_logits": False}
-
-
 def curve_callback(rows: torch.Tensor, every: int, variants: tuple, points: dict):
     """Report-split loss of each of `variants` (None: the model as is) at the start, every `every` steps and at the
     end."""
@@ -69,7 +64,7 @@ def curve_callback(rows: torch.Tensor, every: int, variants: tuple, points: dict
 
     def measure(model, step):
         for name in variants:
-            kwargs = dict(PLAIN) if name is None else {"elastic_variant": name, **PLAIN}
+            kwargs = {} if name is None else {"elastic_variant": name}
             points.setdefault(name, []).append((step, _common.mean_loss(model, rows, **kwargs)))
 
     class Curve(TrainerCallback):
@@ -109,7 +104,7 @@ def distill(student, teacher, stream, *, lr: float, seed: int, opts, joint: bool
     model = trainer.accelerator.unwrap_model(trainer.model)
     result = {"model": model, "tune": {}, "report": {}, "curve": {}}
     for name in variants:
-        kwargs = dict(PLAIN) if name is None else {"elastic_variant": name, **PLAIN}
+        kwargs = {} if name is None else {"elastic_variant": name}
         key = name or "model"
         result["tune"][key] = _common.tune_loss(model, **kwargs)
         result["report"][key] = points[name][-1][1]
@@ -146,7 +141,7 @@ def main(argv=None) -> None:
     params["full"] = sum(p.numel() for p in elastic.parameters())
 
     # (a) sliced: the untrained elastic model, per variant (deterministic: no seed, no lr)
-    sliced = {name: _common.report_loss(elastic, elastic_variant=name, **PLAIN) for name in NAMES}
+    sliced = {name: _common.report_loss(elastic, elastic_variant=name) for name in NAMES}
     seed0 = opts.seeds[0]
 
     # (b) joint: one lr for the run, chosen by the mean tune loss of the variants
@@ -187,7 +182,7 @@ def main(argv=None) -> None:
     joint_bytes = folder_bytes(elastic)
     alone_bytes = {name: folder_bytes(slice_variant(elastic, name)) for name in TRAINED_ALONE}
     alone_bytes["full"] = folder_bytes(teacher)
-    teacher_report = _common.report_loss(teacher, **PLAIN)
+    teacher_report = _common.report_loss(teacher)
 
     # ---- report
     report.add("Star Elastic / Nemotron Elastic (MatFormer-style nesting): the nested sizes extracted from ONE joint "
